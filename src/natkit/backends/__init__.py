@@ -1,0 +1,98 @@
+"""Backend registry and dispatch.
+
+Each backend is a ``Backend``: a ``can_run`` predicate that returns ``None`` when it
+can run the call or a sentence saying why not, and a ``forward`` returning
+``(out, lse)``. ``backend=None`` picks the first backend of ``PRIORITY`` that can run;
+an explicit backend that cannot run raises a ``ValueError`` with its reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .._checks import NAParams
+
+logger = logging.getLogger("natkit")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    description: str
+    # (params, query, rpb, requires_grad) -> None if runnable, else the reason
+    can_run: Callable[..., Optional[str]]
+    # (query, key, value, params, rpb, additional_keys, additional_values) -> (out, lse)
+    forward: Callable
+
+
+def _reference() -> Backend:
+    from .reference import na_reference
+    return Backend("reference", "dense-mask specification (tests' oracle; O(N^2) memory)",
+                   lambda *a: None,
+                   lambda q, k, v, p, rpb, ak, av: na_reference(q, k, v, p, rpb, ak, av))
+
+
+def _portable() -> Backend:
+    from .portable import na_portable
+    return Backend("torch", "portable PyTorch ops, any device (O(N*K*head_dim) memory)",
+                   lambda *a: None, na_portable)
+
+
+def _optional(module: str) -> Optional[Backend]:
+    """Backends with optional dependencies expose ``BACKEND`` in ``natkit.backends.<module>``."""
+    try:
+        return importlib.import_module(f"{__name__}.{module}").BACKEND
+    except ImportError as err:  # the module itself is missing or its dependency is
+        logger.debug("natkit backend %s unavailable: %s", module, err)
+        return None
+
+
+def _registry() -> dict[str, Backend]:
+    found = [_optional("triton"), _optional("cpu"), _portable(), _reference()]
+    return {b.name: b for b in found if b is not None}
+
+
+_BACKENDS: Optional[dict[str, Backend]] = None
+
+# Order of preference for ``backend=None``; the reference is never picked automatically.
+PRIORITY = ("triton", "cpu", "torch")
+
+
+def backends() -> dict[str, Backend]:
+    global _BACKENDS
+    if _BACKENDS is None:
+        _BACKENDS = _registry()
+    return _BACKENDS
+
+
+def available_backends() -> list[str]:
+    """Names of the backends installed in this environment, fastest first."""
+    names = [n for n in PRIORITY if n in backends()]
+    return names + ["reference"]
+
+
+def choose_backend(name: Optional[str], p: NAParams, query, rpb, requires_grad: bool) -> Backend:
+    """The backend to run this call: ``name`` if given (else ValueError), else the fastest."""
+    registry = backends()
+    if name is not None:
+        if not isinstance(name, str):
+            raise TypeError(f"backend must be a str or None, got {name!r}")
+        if name not in registry:
+            raise ValueError(f"backend={name!r} is not available; available backends: "
+                             f"{available_backends()}")
+        reason = registry[name].can_run(p, query, rpb, requires_grad)
+        if reason is not None:
+            raise ValueError(f"backend={name!r} cannot run this call: {reason}")
+        return registry[name]
+    for candidate in PRIORITY:
+        backend = registry.get(candidate)
+        if backend is None:
+            continue
+        reason = backend.can_run(p, query, rpb, requires_grad)
+        if reason is None:
+            return backend
+        logger.debug("natkit: backend %s refused: %s", candidate, reason)
+    raise AssertionError("the portable backend accepts every validated call")

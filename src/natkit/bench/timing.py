@@ -1,0 +1,36 @@
+"""Timing and memory helpers: medians of repeated runs, same process for every contender."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def time_ms(fn: Callable[[], object], device: str, warmup: int = 3, reps: int = 10) -> float:
+    """Median milliseconds of ``fn()``; on CUDA via ``triton.testing.do_bench`` (L2 flushed)."""
+    if device == "cuda":
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=25 * warmup, rep=100 * reps // 10,
+                              return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
+    """Peak extra CUDA memory of one ``fn()`` call in MiB (None off CUDA)."""
+    if device != "cuda":
+        return None
+    import torch
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20

@@ -1,0 +1,121 @@
+"""Public functional API: ``na1d``, ``na2d``, ``na3d`` share one generic entry.
+
+Pipeline: validate and normalize arguments (``_checks``) -> choose a backend
+(``backends.choose_backend``) -> run it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ._checks import BoolOrTuple, IntOrTuple, check_inputs
+from .backends import choose_backend
+
+
+def neighborhood_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+                           stride: IntOrTuple = 1, is_causal: BoolOrTuple = False,
+                           rpb: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                           additional_keys: Optional[torch.Tensor] = None,
+                           additional_values: Optional[torch.Tensor] = None,
+                           return_lse: bool = False, backend: Optional[str] = None):
+    """Neighborhood attention over a 1-D, 2-D or 3-D token grid (dimension count from ``query``).
+
+    Args:
+        query: ``[batch, *spatial, heads, head_dim]``.
+        key, value: ``[batch, *spatial, kv_heads, head_dim]``; ``heads`` must be a multiple
+            of ``kv_heads`` (grouped-query / multi-query attention).
+        kernel_size: neighborhood size per dimension (int or tuple), ``>= 2``; every query
+            attends exactly ``kernel_size`` keys per dimension (windows shift inward at
+            borders) unless causal.
+        dilation: gap between attended keys per dimension; ``kernel_size * dilation`` must
+            not exceed the spatial size.
+        stride: queries of a ``stride``-block share one window, ``1 <= stride <= kernel_size``
+            (``stride == kernel_size`` is blocked, window-like attention).
+        is_causal: bool or per-dimension tuple; a causal query attends only keys at or
+            before it.
+        rpb: relative positional bias ``[heads, 2k_0-1, ...]`` (odd kernels, non-causal).
+        scale: logit scale, default ``head_dim ** -0.5``.
+        additional_keys, additional_values: ``[batch, n_extra, kv_heads, head_dim]`` tokens
+            attended by every query, in one softmax with its neighborhood.
+        return_lse: also return the log-sum-exp of the logits, ``[batch, *spatial, heads]``
+            (float32; float64 for float64 inputs), for ``merge_attentions``.
+        backend: ``None`` picks the fastest available backend; or a name from
+            ``natkit.available_backends()``.
+
+    Returns:
+        ``out`` shaped like ``query``, or ``(out, lse)`` when ``return_lse``.
+    """
+    if not isinstance(query, torch.Tensor):
+        raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
+    nd = query.dim() - 3
+    if nd not in (1, 2, 3):
+        raise ValueError(f"query must be [batch, *spatial, heads, head_dim] with 1 to 3 "
+                         f"spatial dims, got shape {tuple(query.shape)}")
+    return _run(nd, query, key, value, kernel_size, dilation, stride, is_causal, rpb, scale,
+                additional_keys, additional_values, return_lse, backend)
+
+
+def _run(nd, query, key, value, kernel_size, dilation, stride, is_causal, rpb, scale,
+         additional_keys, additional_values, return_lse, backend):
+    p = check_inputs(nd, query, key, value, kernel_size, dilation, stride, is_causal, rpb,
+                     scale, additional_keys, additional_values)
+    tensors = (query, key, value, rpb, additional_keys, additional_values)
+    requires_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
+    impl = choose_backend(backend, p, query, rpb, requires_grad)
+    out, lse = impl.forward(query, key, value, p, rpb, additional_keys, additional_values)
+    return (out, lse) if return_lse else out
+
+
+def _make_na(nd: int):
+    def na(query, key, value, kernel_size, dilation=1, stride=1, is_causal=False, rpb=None,
+           scale=None, additional_keys=None, additional_values=None, return_lse=False,
+           backend=None):
+        return _run(nd, query, key, value, kernel_size, dilation, stride, is_causal, rpb,
+                    scale, additional_keys, additional_values, return_lse, backend)
+
+    na.__name__ = na.__qualname__ = f"na{nd}d"
+    spatial = ("length", "height, width", "depth, height, width")[nd - 1]
+    na.__doc__ = (f"{nd}-D neighborhood attention: ``query`` is ``[batch, {spatial}, heads, "
+                  f"head_dim]``.\n\n" + neighborhood_attention.__doc__.split("\n\n", 1)[1])
+    return na
+
+
+na1d = _make_na(1)
+na2d = _make_na(2)
+na3d = _make_na(3)
+
+
+def merge_attentions(outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]):
+    """Merges attentions over disjoint key sets exactly, using their log-sum-exps.
+
+    Args:
+        outputs: tensors ``[batch, *tokens, heads, head_dim]`` of one shape.
+        lses: matching log-sum-exps ``[batch, *tokens, heads]``.
+
+    Returns:
+        ``(out, lse)``: the attention over the union of the key sets (dtype of ``outputs``)
+        and its log-sum-exp (float32, or float64 for float64 inputs).
+    """
+    outputs, lses = list(outputs), list(lses)
+    if len(outputs) != len(lses) or not outputs:
+        raise ValueError(f"merge_attentions needs matching non-empty lists, got "
+                         f"{len(outputs)} outputs and {len(lses)} lses")
+    for i, (o, l) in enumerate(zip(outputs, lses)):
+        if not isinstance(o, torch.Tensor) or not isinstance(l, torch.Tensor):
+            raise TypeError(f"outputs[{i}] and lses[{i}] must be tensors")
+        if o.shape != outputs[0].shape:
+            raise ValueError(f"outputs[{i}] shape {tuple(o.shape)} differs from outputs[0] "
+                             f"shape {tuple(outputs[0].shape)}")
+        if l.shape != o.shape[:-1]:
+            raise ValueError(f"lses[{i}] must have shape {tuple(o.shape[:-1])}, got "
+                             f"{tuple(l.shape)}")
+    compute = torch.float64 if outputs[0].dtype == torch.float64 else torch.float32
+    lse_all = torch.stack([l.to(compute) for l in lses])
+    lse = torch.logsumexp(lse_all, dim=0)
+    weights = torch.exp(lse_all - lse)[..., None]
+    out = sum(w * o.to(compute) for w, o in zip(weights, outputs))
+    return out.to(outputs[0].dtype), lse

@@ -1,0 +1,125 @@
+"""``NeighborhoodAttention1D/2D/3D``: qkv projection, neighborhood attention, output projection.
+
+Parameter names (``qkv``, ``rpb``, ``proj``) match the official NAT/DiNAT checkpoints.
+Inputs are channels-last ``[batch, *spatial, dim]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._checks import _tuple, check_inputs
+from .backends.portable import na_portable
+from .functional import neighborhood_attention
+
+
+def _pad_spatial(x: torch.Tensor, pads: tuple[int, ...], value: float = 0.0) -> torch.Tensor:
+    """Pads the spatial dims of ``[B, *spatial, H, D]`` at their end (right/bottom/back)."""
+    widths = []
+    for pad in reversed(pads):  # F.pad lists the last dim first; skip H and D
+        widths += [0, pad]
+    return F.pad(x, [0, 0, 0, 0] + widths, value=value)
+
+
+class _NeighborhoodAttention(nn.Module):
+    ndim: int
+
+    def __init__(self, dim: int, num_heads: int, kernel_size, dilation=1, stride=1,
+                 is_causal=False, rel_pos_bias: bool = False, qkv_bias: bool = True,
+                 qk_scale=None, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        nd = self.ndim
+        if not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if not isinstance(num_heads, int) or num_heads <= 0 or dim % num_heads:
+            raise ValueError(f"num_heads must be a positive int dividing dim={dim}, "
+                             f"got {num_heads!r}")
+        self.kernel_size = _tuple("kernel_size", kernel_size, nd, int)
+        self.dilation = _tuple("dilation", dilation, nd, int)
+        self.stride = _tuple("stride", stride, nd, int)
+        self.is_causal = _tuple("is_causal", is_causal, nd, bool)
+        if any(k < 2 for k in self.kernel_size):
+            raise ValueError(f"kernel_size must be >= 2, got {kernel_size!r}")
+        if any(d < 1 for d in self.dilation):
+            raise ValueError(f"dilation must be >= 1, got {dilation!r}")
+        if any(not 1 <= s <= k for s, k in zip(self.stride, self.kernel_size)):
+            raise ValueError(f"stride must satisfy 1 <= stride <= kernel_size, got {stride!r}")
+        if rel_pos_bias and (any(k % 2 == 0 for k in self.kernel_size) or any(self.is_causal)):
+            raise ValueError(f"rel_pos_bias needs odd kernel sizes and no causal masking, got "
+                             f"kernel_size={kernel_size!r}, is_causal={is_causal!r}")
+        self.dim, self.num_heads = dim, num_heads
+        self.head_dim = dim // num_heads
+        self.scale = qk_scale if qk_scale is not None else self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        if rel_pos_bias:
+            self.rpb = nn.Parameter(torch.zeros(num_heads, *(2 * k - 1 for k in self.kernel_size)))
+            nn.init.trunc_normal_(self.rpb, std=0.02, a=-2.0, b=2.0)
+        else:
+            self.register_parameter("rpb", None)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
+                f"dilation={self.dilation}, stride={self.stride}, is_causal={self.is_causal}, "
+                f"rel_pos_bias={self.rpb is not None}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nd = self.ndim
+        if x.dim() != nd + 2 or x.shape[-1] != self.dim:
+            raise ValueError(f"input must be [batch, *spatial({nd} dims), dim={self.dim}], got "
+                             f"shape {tuple(x.shape)}")
+        batch, *spatial, _ = x.shape
+        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))
+        q, k, v = qkv.unbind(-3)  # strided views: no copy
+        pads = tuple(max(kk * d - s, 0) for kk, d, s in zip(self.kernel_size, self.dilation,
+                                                             spatial))
+        if any(pads):
+            q, k, v = _masked_padding(q, k, v, pads)
+        args = dict(kernel_size=self.kernel_size, dilation=self.dilation, stride=self.stride,
+                    is_causal=self.is_causal, rpb=self.rpb, scale=self.scale)
+        if self.training and self.attn_drop > 0:
+            # probability dropout needs the probabilities: only the portable path has them
+            p = check_inputs(nd, q, k, v, args["kernel_size"], args["dilation"], args["stride"],
+                             args["is_causal"], self.rpb, self.scale, None, None)
+            out, _ = na_portable(q, k, v, p, self.rpb, dropout_p=self.attn_drop)
+        else:
+            out = neighborhood_attention(q, k, v, **args)
+        if any(pads):
+            out = out[(slice(None), *(slice(0, s) for s in spatial))][..., :self.head_dim]
+        out = out.reshape(batch, *spatial, self.dim)
+        return self.proj_drop(self.proj(out))
+
+
+def _masked_padding(q, k, v, pads):
+    """Pads q/k/v so every spatial size reaches ``kernel * dilation`` and masks padded keys.
+
+    The mask rides on one extra channel: queries carry 1 there, real keys 0 and padded
+    keys a huge negative number, so a padded key's logit underflows to probability 0
+    exactly, on every backend, without a mask argument in the op. Values get a zero
+    channel, cropped by the caller along with the padded queries.
+    """
+    big = 1e30 if q.dtype in (torch.float32, torch.float64) else torch.finfo(q.dtype).max / 4
+    ones = q.new_ones(q.shape[:-1] + (1,))
+    q = _pad_spatial(torch.cat([q, ones], -1), pads)
+    k = torch.cat([_pad_spatial(k, pads), _pad_spatial(ones * 0, pads, value=-big)], -1)
+    v = _pad_spatial(torch.cat([v, ones * 0], -1), pads)
+    return q, k, v
+
+
+class NeighborhoodAttention1D(_NeighborhoodAttention):
+    """1-D neighborhood attention module over ``[batch, length, dim]``."""
+    ndim = 1
+
+
+class NeighborhoodAttention2D(_NeighborhoodAttention):
+    """2-D neighborhood attention module over ``[batch, height, width, dim]``."""
+    ndim = 2
+
+
+class NeighborhoodAttention3D(_NeighborhoodAttention):
+    """3-D neighborhood attention module over ``[batch, depth, height, width, dim]``."""
+    ndim = 3

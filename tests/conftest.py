@@ -1,0 +1,12 @@
+import os
+
+import pytest
+import torch
+
+# Size of the random sweeps: NATKIT_SWEEP=500 for a thorough local run; CI uses the default.
+SWEEP = int(os.environ.get("NATKIT_SWEEP", "60"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
