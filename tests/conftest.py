@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's CPU interpreter (must be set before import).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Size of the random sweeps: NATKIT_SWEEP=500 for a thorough local run; CI uses the default.
 SWEEP = int(os.environ.get("NATKIT_SWEEP", "60"))
 
