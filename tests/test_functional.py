@@ -200,3 +200,17 @@ def test_torch_compile_fullgraph(compiler):
     torch.testing.assert_close(out, fn(q, k, v, rpb), atol=1e-5, rtol=0)
     out.sum().backward()
     assert q.grad is not None and rpb.grad is not None
+
+
+def test_dispatch_explains_refusals(monkeypatch):
+    """An explicit backend that cannot run raises with its reason; auto-dispatch skips it."""
+    from natkit import backends as registry
+    refusing = registry.Backend("triton", "test double", lambda *a: "inputs are not on CUDA",
+                                lambda *a: (_ for _ in ()).throw(AssertionError("ran")))
+    monkeypatch.setattr(registry, "_BACKENDS", {**registry.backends(), "triton": refusing})
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(ValueError, match="backend='triton' cannot run this call: inputs are "
+                                         "not on CUDA"):
+        natkit.na1d(q, q, q, 3, backend="triton")
+    torch.testing.assert_close(natkit.na1d(q, q, q, 3),
+                               natkit.na1d(q, q, q, 3, backend="reference"))
