@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import sys
 import types
-import warnings
 
 import pytest
 import torch
