@@ -18,8 +18,8 @@ gradient of the returned log-sum-exp in (``d lse / d s = P``).
 import triton
 import triton.language as tl
 
-from .window import (group_len, key_range, query_range, rpb_index, tile_coords, tile_index,
-                     win_end, win_start)
+from .window import (group_len, key_range, query_range, rpb_center, rpb_flat, tile_coords,
+                     tile_index, win_end, win_start, window_lengths, window_mask)
 
 
 @triton.jit
@@ -39,29 +39,19 @@ def delta_kernel(O, DO, LSE_GRAD, DELTA, rows, HEAD_DIM: tl.constexpr, BLOCK_D: 
 
 
 @triton.jit
-def _window_mask(valid, i0, i1, i2, j0, j1, j2, ws0, we0, ws1, we1, ws2, we2):
-    """``valid`` and-ed with "key j in the window of query i"; operands pre-broadcast."""
-    valid = valid & (j0 >= ws0) & (j0 < we0)
-    valid = valid & (j1 >= ws1) & (j1 < we1)
-    valid = valid & (j2 >= ws2) & (j2 < we2)
-    return valid
-
-
-@triton.jit
-def _dq_step(dq, q, do, lse2, delta, k, vT, qk_scale, bias_ptr, drpb_ptr,
-             i0, i1, i2, j0, j1, j2, ws0, we0, ws1, we1, ws2, we2, qvalid, kvalid, K0, K1, K2,
+def _dq_step(dq, q, do, lse2, delta, k, vT, qk_scale, bias_ptr, drpb_ptr, qidx, kidx,
+             j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, evalid,
              HAS_RPB: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr,
-             PRECISION: tl.constexpr):
+             ND: tl.constexpr, PRECISION: tl.constexpr):
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
-        valid = qvalid[:, None] & kvalid[None, :]
         if WINDOW:
-            valid = _window_mask(valid, i0[:, None], i1[:, None], i2[:, None], j0[None, :],
-                                 j1[None, :], j2[None, :], ws0[:, None], we0[:, None],
-                                 ws1[:, None], we1[:, None], ws2[:, None], we2[:, None])
+            valid = window_mask(j0[None, :], j1[None, :], j2[None, :], ws0[:, None], wl0[:, None],
+                                ws1[:, None], wl1[:, None], ws2[:, None], wl2[:, None], ND)
+        else:
+            valid = evalid[None, :] & (qidx[:, None] >= 0)
     if HAS_RPB:
-        idx = rpb_index(i0[:, None], i1[:, None], i2[:, None], j0[None, :], j1[None, :],
-                        j2[None, :], K0, K1, K2)
+        idx = kidx[None, :] - qidx[:, None]
         if MASKED:
             bias = tl.load(bias_ptr + idx, mask=valid, other=0.0)
         else:
@@ -93,7 +83,7 @@ def na_bwd_dq_kernel(
         sevb, sevn, sevh, sevd,
         L0, L1, L2, K0, K1, K2, S0, S1, S2, D0, D1, D2,
         NT1, NT2, H, G, E, qk_scale, scale, NCOPY,
-        C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+        C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, ND: tl.constexpr,
         BQ0: tl.constexpr, BQ1: tl.constexpr, BQ2: tl.constexpr,
         BK0: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -128,11 +118,12 @@ def na_bwd_dq_kernel(
     delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
 
     ws0 = win_start(i0, Lg0, K0, S0, C0)
-    we0 = win_end(i0, ws0, K0, C0)
+    wl0 = window_lengths(i0, ws0, Lg0, K0, C0)
     ws1 = win_start(i1, Lg1, K1, S1, C1)
-    we1 = win_end(i1, ws1, K1, C1)
+    wl1 = window_lengths(i1, ws1, Lg1, K1, C1)
     ws2 = win_start(i2, Lg2, K2, S2, C2)
-    we2 = win_end(i2, ws2, K2, C2)
+    wl2 = tl.where(qvalid, window_lengths(i2, ws2, Lg2, K2, C2), 0)
+    qidx = tl.where(qvalid, rpb_flat(i0, i1, i2, K1, K2), -1)
     lo0, hi0, flo0, fhi0 = key_range(tl.minimum(a0, Lg0 - 1), tl.minimum(a0 + BQ0, Lg0) - 1, Lg0, K0, S0, C0)
     lo1, hi1, flo1, fhi1 = key_range(tl.minimum(a1, Lg1 - 1), tl.minimum(a1 + BQ1, Lg1) - 1, Lg1, K1, S1, C1)
     lo2, hi2, flo2, fhi2 = key_range(tl.minimum(a2, Lg2 - 1), tl.minimum(a2 + BQ2, Lg2) - 1, Lg2, K2, S2, C2)
@@ -142,8 +133,8 @@ def na_bwd_dq_kernel(
     qfull = (a0 + BQ0 <= Lg0) & (a1 + BQ1 <= Lg1) & (a2 + BQ2 <= Lg2)
 
     table = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
-    bias_ptr = RPB + h * table
-    drpb_ptr = DRPB + ((pid % NCOPY) * H + h) * table
+    bias_ptr = RPB + h * table + rpb_center(K0, K1, K2)
+    drpb_ptr = DRPB + ((pid % NCOPY) * H + h) * table + rpb_center(K0, K1, K2)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BQ0 * BQ1 * BQ2, BLOCK_D], tl.float32)
@@ -152,6 +143,7 @@ def na_bwd_dq_kernel(
         c1 = lo1 + ((t // nk2) % nk1) * BK1
         c2 = lo2 + (t % nk2) * BK2
         j0, j1, j2 = tile_coords(c0, c1, c2, BK0, BK1, BK2)
+        kidx = rpb_flat(j0, j1, j2, K1, K2)
         koff = (j0 * D0 + g0) * sk0 + (j1 * D1 + g1) * sk1 + (j2 * D2 + g2) * sk2
         voff = (j0 * D0 + g0) * sv0 + (j1 * D1 + g1) * sv1 + (j2 * D2 + g2) * sv2
         kvalid = (j0 < Lg0) & (j1 < Lg1) & (j2 < Lg2)
@@ -164,17 +156,17 @@ def na_bwd_dq_kernel(
             else:
                 k = tl.load(k_base + koff[:, None] + dd[None, :] * skd, mask=dmask[None, :], other=0.0)
                 vT = tl.load(v_base + voff[None, :] + dd[:, None] * svd, mask=dmask[:, None], other=0.0)
-            dq = _dq_step(dq, q, do, lse2, delta, k, vT, qk_scale, bias_ptr, drpb_ptr,
-                          i0, i1, i2, j0, j1, j2, ws0, we0, ws1, we1, ws2, we2, qvalid, kvalid,
-                          K0, K1, K2, HAS_RPB, False, True, PRECISION)
+            dq = _dq_step(dq, q, do, lse2, delta, k, vT, qk_scale, bias_ptr, drpb_ptr, qidx, kidx,
+                          j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, kvalid,
+                          HAS_RPB, False, True, ND, PRECISION)
         else:
             k = tl.load(k_base + koff[:, None] + dd[None, :] * skd,
                         mask=kvalid[:, None] & dmask[None, :], other=0.0)
             vT = tl.load(v_base + voff[None, :] + dd[:, None] * svd,
                          mask=kvalid[None, :] & dmask[:, None], other=0.0)
-            dq = _dq_step(dq, q, do, lse2, delta, k, vT, qk_scale, bias_ptr, drpb_ptr,
-                          i0, i1, i2, j0, j1, j2, ws0, we0, ws1, we1, ws2, we2, qvalid, kvalid,
-                          K0, K1, K2, HAS_RPB, True, True, PRECISION)
+            dq = _dq_step(dq, q, do, lse2, delta, k, vT, qk_scale, bias_ptr, drpb_ptr, qidx, kidx,
+                          j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, kvalid,
+                          HAS_RPB, True, True, ND, PRECISION)
     if HAS_EXTRA:
         ek_base = EK + b * sekb + hk * sekh
         ev_base = EV + b * sevb + hk * sevh
@@ -185,28 +177,27 @@ def na_bwd_dq_kernel(
                         mask=evalid[:, None] & dmask[None, :], other=0.0)
             vT = tl.load(ev_base + n[None, :] * sevn + dd[:, None] * sevd,
                          mask=evalid[None, :] & dmask[:, None], other=0.0)
-            dq = _dq_step(dq, q, do, lse2, delta, k, vT, qk_scale, bias_ptr, drpb_ptr,
-                          i0, i1, i2, n, n, n, ws0, we0, ws1, we1, ws2, we2, qvalid, evalid,
-                          K0, K1, K2, False, True, False, PRECISION)
+            dq = _dq_step(dq, q, do, lse2, delta, k, vT, qk_scale, bias_ptr, drpb_ptr, qidx, n,
+                          n, n, n, ws0, wl0, ws1, wl1, ws2, wl2, evalid,
+                          False, True, False, ND, PRECISION)
     tl.store(DQ + b * sdqb + h * sdqh + r0[:, None] * sdq0 + r1[:, None] * sdq1
              + r2[:, None] * sdq2 + dd[None, :] * sdqd, (dq * scale).to(DQ.dtype.element_ty), mask=qm)
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, bias_ptr,
-               i0, i1, i2, j0, j1, j2, ws0, we0, ws1, we1, ws2, we2, valid, K0, K1, K2,
+def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, bias_ptr, qidx, kidx,
+               j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, valid,
                HAS_RPB: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr,
-               PRECISION: tl.constexpr):
-    """Transposed layout: rows are keys ``j``, columns queries ``i``; ``valid`` is ``[N, M]``."""
+               ND: tl.constexpr, PRECISION: tl.constexpr):
+    """Transposed layout: rows are keys, columns queries (``valid``: ``[N, M]``, used
+    as given when ``WINDOW`` is false)."""
     qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
     if MASKED:
         if WINDOW:
-            valid = _window_mask(valid, i0[None, :], i1[None, :], i2[None, :], j0[:, None],
-                                 j1[:, None], j2[:, None], ws0[None, :], we0[None, :],
-                                 ws1[None, :], we1[None, :], ws2[None, :], we2[None, :])
+            valid = window_mask(j0[:, None], j1[:, None], j2[:, None], ws0[None, :], wl0[None, :],
+                                ws1[None, :], wl1[None, :], ws2[None, :], wl2[None, :], ND)
     if HAS_RPB:
-        idx = rpb_index(i0[None, :], i1[None, :], i2[None, :], j0[:, None], j1[:, None],
-                        j2[:, None], K0, K1, K2)
+        idx = kidx[:, None] - qidx[None, :]
         if MASKED:
             bias = tl.load(bias_ptr + idx, mask=valid, other=0.0)
         else:
@@ -233,7 +224,7 @@ def na_bwd_dkdv_kernel(
         sdvb, sdv0, sdv1, sdv2, sdvh, sdvd,
         L0, L1, L2, K0, K1, K2, S0, S1, S2, D0, D1, D2,
         NT1, NT2, H, HK, G, qk_scale, scale,
-        C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+        C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, ND: tl.constexpr,
         BQ0: tl.constexpr, BQ1: tl.constexpr, BQ2: tl.constexpr,
         BK0: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -253,6 +244,7 @@ def na_bwd_dkdv_kernel(
     c2 = t2 * BK2
     j0, j1, j2 = tile_coords(c0, c1, c2, BK0, BK1, BK2)
     kvalid = (j0 < Lg0) & (j1 < Lg1) & (j2 < Lg2)
+    kidx = rpb_flat(j0, j1, j2, K1, K2)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < HEAD_DIM
     s0 = j0 * D0 + g0
@@ -277,7 +269,7 @@ def na_bwd_dkdv_kernel(
     NQ = L0 * L1 * L2
     for gi in range(0, G):
         h = hk * G + gi
-        bias_ptr = RPB + h * table
+        bias_ptr = RPB + h * table + rpb_center(K0, K1, K2)
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
         for t in range(0, nq0 * nq1 * nq2):
@@ -292,11 +284,10 @@ def na_bwd_dkdv_kernel(
             dooff = r0 * sdo0 + r1 * sdo1 + r2 * sdo2
             row = (b * NQ + (r0 * L1 + r1) * L2 + r2) * H + h
             ws0 = win_start(i0, Lg0, K0, S0, C0)
-            we0 = win_end(i0, ws0, K0, C0)
+            wl0 = window_lengths(i0, ws0, Lg0, K0, C0)
             ws1 = win_start(i1, Lg1, K1, S1, C1)
-            we1 = win_end(i1, ws1, K1, C1)
+            wl1 = window_lengths(i1, ws1, Lg1, K1, C1)
             ws2 = win_start(i2, Lg2, K2, S2, C2)
-            we2 = win_end(i2, ws2, K2, C2)
             # every query of the tile valid and attending every key of the key tile
             sa0 = win_start(a0, Lg0, K0, S0, C0)
             sa1 = win_start(a1, Lg1, K1, S1, C1)
@@ -317,9 +308,10 @@ def na_bwd_dkdv_kernel(
                     do = tl.load(do_base + dooff[:, None] + dd[None, :] * sdod, mask=dmask[None, :], other=0.0)
                 lse2 = tl.load(LSE + row) * 1.4426950408889634
                 delta = tl.load(DELTA + row)
-                dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, bias_ptr,
-                                    i0, i1, i2, j0, j1, j2, ws0, we0, ws1, we1, ws2, we2, kvalid,
-                                    K0, K1, K2, HAS_RPB, False, True, PRECISION)
+                qidx = rpb_flat(i0, i1, i2, K1, K2)
+                dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, bias_ptr, qidx,
+                                    kidx, j0, j1, j2, ws0, wl0, ws1, wl1, ws2, ws2, kvalid,
+                                    HAS_RPB, False, True, ND, PRECISION)
             else:
                 qvalid = (i0 < Lg0) & (i1 < Lg1) & (i2 < Lg2)
                 qm = qvalid[:, None] & dmask[None, :]
@@ -327,10 +319,11 @@ def na_bwd_dkdv_kernel(
                 do = tl.load(do_base + dooff[:, None] + dd[None, :] * sdod, mask=qm, other=0.0)
                 lse2 = tl.load(LSE + row, mask=qvalid, other=0.0) * 1.4426950408889634
                 delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
-                valid = kvalid[:, None] & qvalid[None, :]
-                dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, bias_ptr,
-                                    i0, i1, i2, j0, j1, j2, ws0, we0, ws1, we1, ws2, we2, valid,
-                                    K0, K1, K2, HAS_RPB, True, True, PRECISION)
+                wl2 = tl.where(qvalid, window_lengths(i2, ws2, Lg2, K2, C2), 0)
+                qidx = tl.where(qvalid, rpb_flat(i0, i1, i2, K1, K2), -1)
+                dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, bias_ptr, qidx,
+                                    kidx, j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, kvalid,
+                                    HAS_RPB, True, True, ND, PRECISION)
     tl.store(DK + b * sdkb + hk * sdkh + s0[:, None] * sdk0 + s1[:, None] * sdk1
              + s2[:, None] * sdk2 + dd[None, :] * sdkd, (dk * scale).to(DK.dtype.element_ty), mask=km)
     tl.store(DV + b * sdvb + hk * sdvh + s0[:, None] * sdv0 + s1[:, None] * sdv1
@@ -380,9 +373,9 @@ def na_bwd_dkdv_extra_kernel(
             lse2 = tl.load(LSE + row, mask=qvalid, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
             valid = evalid[:, None] & qvalid[None, :]
-            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, EK,
-                                m, m, m, n, n, n, m, m, m, m, m, m, valid, 1, 1, 1,
-                                False, True, False, PRECISION)
+            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, EK, m, n,
+                                n, n, n, m, m, m, m, m, m, valid,
+                                False, True, False, 3, PRECISION)
     tl.store(DEK + b * sdekb + hk * sdekh + n[:, None] * sdekn + dd[None, :] * sdekd,
              (dk * scale).to(DEK.dtype.element_ty), mask=em)
     tl.store(DEV + b * sdevb + hk * sdevh + n[:, None] * sdevn + dd[None, :] * sdevd,

@@ -59,15 +59,11 @@ def sanitize(cfg: TileConfig, group_lengths) -> TileConfig:
 
 # Candidates per spatial rank: (q_tile, k_tile, warps, stages). The first is the default.
 _CANDIDATES: dict[int, list[TileConfig]] = {
-    1: [TileConfig((1, 1, 64), (1, 1, 64), 4, 2), TileConfig((1, 1, 128), (1, 1, 64), 8, 2),
-        TileConfig((1, 1, 128), (1, 1, 128), 8, 2), TileConfig((1, 1, 64), (1, 1, 32), 4, 2),
-        TileConfig((1, 1, 128), (1, 1, 32), 4, 2)],
-    2: [TileConfig((1, 8, 16), (1, 8, 8), 4, 2), TileConfig((1, 8, 16), (1, 8, 16), 8, 2),
-        TileConfig((1, 8, 8), (1, 8, 8), 4, 2), TileConfig((1, 16, 16), (1, 8, 16), 8, 2),
-        TileConfig((1, 8, 16), (1, 4, 16), 4, 2), TileConfig((1, 16, 8), (1, 8, 8), 4, 2)],
-    3: [TileConfig((4, 4, 8), (4, 4, 4), 4, 2), TileConfig((4, 4, 8), (4, 4, 8), 8, 2),
-        TileConfig((2, 8, 8), (2, 4, 8), 4, 2), TileConfig((4, 8, 8), (2, 8, 8), 8, 2),
-        TileConfig((2, 4, 8), (2, 4, 8), 4, 2)],
+    1: [TileConfig((1, 1, 128), (1, 1, 64), 8, 2), TileConfig((1, 1, 64), (1, 1, 64), 4, 2),
+        TileConfig((1, 1, 128), (1, 1, 128), 8, 2)],
+    2: [TileConfig((1, 8, 16), (1, 8, 8), 4, 2), TileConfig((1, 8, 8), (1, 16, 16), 4, 2),
+        TileConfig((1, 16, 16), (1, 8, 16), 8, 2)],
+    3: [TileConfig((4, 4, 8), (4, 4, 4), 4, 2), TileConfig((4, 4, 8), (4, 4, 8), 8, 2)],
 }
 
 

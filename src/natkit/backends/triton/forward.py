@@ -10,29 +10,25 @@ the tile run the unmasked inner step; only boundary tiles pay for the window mas
 import triton
 import triton.language as tl
 
-from .window import group_len, key_range, rpb_index, tile_coords, tile_index, win_end, win_start
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from .window import (group_len, key_range, rpb_center, rpb_flat, tile_coords, tile_index,
+                     win_start, window_lengths, window_mask)
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, kT, v, qk_scale, bias_ptr, i0, i1, i2, j0, j1, j2,
-            ws0, we0, ws1, we1, ws2, we2, qvalid, kvalid, K0, K1, K2,
+def _attend(acc, m_i, l_i, q, kT, v, qk_scale, bias_ptr, qidx, kidx, j0, j1, j2,
+            ws0, wl0, ws1, wl1, ws2, wl2, evalid,
             HAS_RPB: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr,
-            PRECISION: tl.constexpr):
+            ND: tl.constexpr, PRECISION: tl.constexpr):
     """One online-softmax step over a key tile (``WINDOW=False``: extra tokens, no window)."""
     qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
     if MASKED:
-        # rows past the group end get no keys: their bias index could leave the table
-        valid = qvalid[:, None] & kvalid[None, :]
         if WINDOW:
-            valid = valid & (j0[None, :] >= ws0[:, None]) & (j0[None, :] < we0[:, None])
-            valid = valid & (j1[None, :] >= ws1[:, None]) & (j1[None, :] < we1[:, None])
-            valid = valid & (j2[None, :] >= ws2[:, None]) & (j2[None, :] < we2[:, None])
+            valid = window_mask(j0[None, :], j1[None, :], j2[None, :], ws0[:, None], wl0[:, None],
+                                ws1[:, None], wl1[:, None], ws2[:, None], wl2[:, None], ND)
+        else:
+            valid = evalid[None, :] & (qidx[:, None] >= 0)
     if HAS_RPB:
-        idx = rpb_index(i0[:, None], i1[:, None], i2[:, None], j0[None, :], j1[None, :],
-                        j2[None, :], K0, K1, K2)
+        idx = kidx[None, :] - qidx[:, None]
         if MASKED:
             bias = tl.load(bias_ptr + idx, mask=valid, other=0.0)
         else:
@@ -63,7 +59,7 @@ def na_fwd_kernel(
         sevb, sevn, sevh, sevd,
         L0, L1, L2, K0, K1, K2, S0, S1, S2, D0, D1, D2,
         NT1, NT2, H, G, E, qk_scale,
-        C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+        C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, ND: tl.constexpr,
         BQ0: tl.constexpr, BQ1: tl.constexpr, BQ2: tl.constexpr,
         BK0: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -86,17 +82,21 @@ def na_fwd_kernel(
     qvalid = (i0 < Lg0) & (i1 < Lg1) & (i2 < Lg2)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < HEAD_DIM
-    q_ptrs = (Q + b * sqb + h * sqh + (i0 * D0 + g0)[:, None] * sq0 + (i1 * D1 + g1)[:, None] * sq1
-              + (i2 * D2 + g2)[:, None] * sq2 + dd[None, :] * sqd)
-    q = tl.load(q_ptrs, mask=qvalid[:, None] & dmask[None, :], other=0.0)
+    r0 = i0 * D0 + g0
+    r1 = i1 * D1 + g1
+    r2 = i2 * D2 + g2
+    q = tl.load(Q + b * sqb + h * sqh + r0[:, None] * sq0 + r1[:, None] * sq1 + r2[:, None] * sq2
+                + dd[None, :] * sqd, mask=qvalid[:, None] & dmask[None, :], other=0.0)
 
-    # per-query windows (masked tiles) and the tile's key box per dimension
+    # per-query windows (masked tiles); invalid queries get an empty window
     ws0 = win_start(i0, Lg0, K0, S0, C0)
-    we0 = win_end(i0, ws0, K0, C0)
+    wl0 = window_lengths(i0, ws0, Lg0, K0, C0)
     ws1 = win_start(i1, Lg1, K1, S1, C1)
-    we1 = win_end(i1, ws1, K1, C1)
+    wl1 = window_lengths(i1, ws1, Lg1, K1, C1)
     ws2 = win_start(i2, Lg2, K2, S2, C2)
-    we2 = win_end(i2, ws2, K2, C2)
+    wl2 = tl.where(qvalid, window_lengths(i2, ws2, Lg2, K2, C2), 0)
+    qidx = tl.where(qvalid, rpb_flat(i0, i1, i2, K1, K2), -1)
+    # the tile's key box per dimension, and the keys every query of the tile attends
     lo0, hi0, flo0, fhi0 = key_range(tl.minimum(a0, Lg0 - 1), tl.minimum(a0 + BQ0, Lg0) - 1, Lg0, K0, S0, C0)
     lo1, hi1, flo1, fhi1 = key_range(tl.minimum(a1, Lg1 - 1), tl.minimum(a1 + BQ1, Lg1) - 1, Lg1, K1, S1, C1)
     lo2, hi2, flo2, fhi2 = key_range(tl.minimum(a2, Lg2 - 1), tl.minimum(a2 + BQ2, Lg2) - 1, Lg2, K2, S2, C2)
@@ -108,7 +108,7 @@ def na_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    bias_ptr = RPB + h * ((2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1))
+    bias_ptr = RPB + h * ((2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)) + rpb_center(K0, K1, K2)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     for t in range(0, nk0 * nk1 * nk2):
@@ -116,11 +116,11 @@ def na_fwd_kernel(
         c1 = lo1 + ((t // nk2) % nk1) * BK1
         c2 = lo2 + (t % nk2) * BK2
         j0, j1, j2 = tile_coords(c0, c1, c2, BK0, BK1, BK2)
+        kidx = rpb_flat(j0, j1, j2, K1, K2)
         koff = (j0 * D0 + g0) * sk0 + (j1 * D1 + g1) * sk1 + (j2 * D2 + g2) * sk2
         voff = (j0 * D0 + g0) * sv0 + (j1 * D1 + g1) * sv1 + (j2 * D2 + g2) * sv2
-        kvalid = (j0 < Lg0) & (j1 < Lg1) & (j2 < Lg2)
         inside = qfull & ((c0 >= flo0) & (c0 + BK0 <= fhi0) & (c1 >= flo1) & (c1 + BK1 <= fhi1)
-                  & (c2 >= flo2) & (c2 + BK2 <= fhi2))
+                          & (c2 >= flo2) & (c2 + BK2 <= fhi2))
         if inside:
             if BLOCK_D == HEAD_DIM:
                 kT = tl.load(k_base + koff[None, :] + dd[:, None] * skd)
@@ -128,17 +128,18 @@ def na_fwd_kernel(
             else:
                 kT = tl.load(k_base + koff[None, :] + dd[:, None] * skd, mask=dmask[:, None], other=0.0)
                 v = tl.load(v_base + voff[:, None] + dd[None, :] * svd, mask=dmask[None, :], other=0.0)
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, kT, v, qk_scale, bias_ptr, i0, i1, i2,
-                                    j0, j1, j2, ws0, we0, ws1, we1, ws2, we2, qvalid, kvalid, K0, K1, K2,
-                                    HAS_RPB, False, True, PRECISION)
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, kT, v, qk_scale, bias_ptr, qidx, kidx,
+                                    j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, qvalid,
+                                    HAS_RPB, False, True, ND, PRECISION)
         else:
+            kvalid = (j0 < Lg0) & (j1 < Lg1) & (j2 < Lg2)
             kT = tl.load(k_base + koff[None, :] + dd[:, None] * skd,
                          mask=kvalid[None, :] & dmask[:, None], other=0.0)
             v = tl.load(v_base + voff[:, None] + dd[None, :] * svd,
                         mask=kvalid[:, None] & dmask[None, :], other=0.0)
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, kT, v, qk_scale, bias_ptr, i0, i1, i2,
-                                    j0, j1, j2, ws0, we0, ws1, we1, ws2, we2, qvalid, kvalid, K0, K1, K2,
-                                    HAS_RPB, True, True, PRECISION)
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, kT, v, qk_scale, bias_ptr, qidx, kidx,
+                                    j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, qvalid,
+                                    HAS_RPB, True, True, ND, PRECISION)
     if HAS_EXTRA:
         ek_base = EK + b * sekb + hk * sekh
         ev_base = EV + b * sevb + hk * sevh
@@ -149,16 +150,13 @@ def na_fwd_kernel(
                          mask=evalid[None, :] & dmask[:, None], other=0.0)
             v = tl.load(ev_base + n[:, None] * sevn + dd[None, :] * sevd,
                         mask=evalid[:, None] & dmask[None, :], other=0.0)
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, kT, v, qk_scale, bias_ptr, i0, i1, i2,
-                                    n, n, n, ws0, we0, ws1, we1, ws2, we2, qvalid, evalid, K0, K1, K2,
-                                    False, True, False, PRECISION)
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, kT, v, qk_scale, bias_ptr, qidx, n,
+                                    n, n, n, ws0, wl0, ws1, wl1, ws2, wl2, evalid,
+                                    False, True, False, ND, PRECISION)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
-    r0 = i0 * D0 + g0
-    r1 = i1 * D1 + g1
-    r2 = i2 * D2 + g2
     o_ptrs = (O + b * sob + h * soh + r0[:, None] * so0 + r1[:, None] * so1 + r2[:, None] * so2
               + dd[None, :] * sod)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=qvalid[:, None] & dmask[None, :])

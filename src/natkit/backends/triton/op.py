@@ -119,7 +119,7 @@ def forward(q, k, v, rpb, ek, ev, g: Geometry, scale: float):
             *_strides(q, nd), *_strides(k, nd), *_strides(v, nd), *_strides(out, nd),
             *_extra_strides(ek), *_extra_strides(ev),
             *_common_args(g), slots[1], slots[2], h, h // hk, n_extra, scale * LOG2E,
-            *g.C, *cfg.q_tile, *cfg.k_tile, hd, block_d,
+            *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, block_d,
             rpb is not None, ek is not None, _precision(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -168,7 +168,7 @@ def backward(dout, dlse, q, k, v, out, lse, rpb, ek, ev, g: Geometry, scale: flo
             *_strides(q, nd), *_strides(k, nd), *_strides(v, nd), *_strides(dout, nd),
             *_strides(dq, nd), *_extra_strides(ek), *_extra_strides(ev),
             *_common_args(g), slots[1], slots[2], h, h // hk, n_extra, scale * LOG2E, scale,
-            ncopy[0], *g.C, *cfg.q_tile, *cfg.k_tile, hd, block_d,
+            ncopy[0], *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, block_d,
             rpb is not None, ek is not None, prec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -180,7 +180,7 @@ def backward(dout, dlse, q, k, v, out, lse, rpb, ek, ev, g: Geometry, scale: flo
             *_strides(q, nd), *_strides(k, nd), *_strides(v, nd), *_strides(dout, nd),
             *_strides(dk, nd), *_strides(dv, nd),
             *_common_args(g), slots[1], slots[2], h, hk, h // hk, scale * LOG2E, scale,
-            *g.C, *cfg.q_tile, *cfg.k_tile, hd, block_d, rpb is not None, prec,
+            *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, block_d, rpb is not None, prec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     for kind, launch in (("dq", launch_dq), ("dkdv", launch_dkdv)):

@@ -1,0 +1,220 @@
+"""GPU benchmark of the Triton backend against Swin WSA, full SDPA and Flex NA (BENCH.md shapes).
+
+One run checks natkit against a baseline on every shape (max |diff|), then times forward
+and forward+backward (``triton.testing.do_bench`` median, L2 flushed), reports effective
+TFLOP/s (attended pairs only: 4·B·H·N·K·D forward, 3.5x that for forward+backward),
+ratios against the baselines, the FLOP bound on the large shapes, and peak extra memory.
+Prints a table last and writes every number to a CSV.
+
+    PYTHONPATH=src python benchmarks/bench_gpu.py --csv bench_gpu.csv [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+import traceback
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import natkit
+from natkit.bench.baselines import full_attention, relative_bias_table, window_attention
+from natkit.bench.flex import FlexNA
+from natkit.bench.timing import peak_memory_mb, time_ms
+
+# name, batch, spatial, heads, dim, kernel, passes, rpb variants
+SHAPES = [
+    ("NAT-Tiny s1", 64, (56, 56), 2, 32, (7, 7), ("fwd", "fwd+bwd"), (False, True)),
+    ("NAT-Tiny s3", 64, (14, 14), 8, 32, (7, 7), ("fwd", "fwd+bwd"), (False, True)),
+    ("2D 128² k13", 1, (128, 128), 8, 128, (13, 13), ("fwd", "fwd+bwd"), (False,)),
+    ("2D 256² k31", 1, (256, 256), 8, 128, (31, 31), ("fwd", "fwd+bwd"), (False,)),
+    ("1D 32768 k2048", 1, (32768,), 24, 128, (2048,), ("fwd",), (False,)),
+    ("2D FLUX k80", 1, (256, 256), 24, 128, (80, 80), ("fwd",), (False,)),
+    ("3D video", 1, (30, 48, 80), 24, 128, (18, 24, 24), ("fwd",), (False,)),
+]
+
+
+def fwd_flops(b, spatial, h, d, kernel):
+    return 4 * b * h * math.prod(spatial) * math.prod(kernel) * d
+
+
+def make(fn_fwd, inputs, bwd: bool):
+    """A closure running forward (and backward via autograd.grad, no .grad accumulation)."""
+    if not bwd:
+        def run():
+            with torch.no_grad():
+                return fn_fwd(*inputs)
+        return run
+    out = fn_fwd(*inputs)
+    grad = torch.randn_like(out)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def run():
+        o = fn_fwd(*inputs)
+        return torch.autograd.grad(o, leaves, grad)
+    return run
+
+
+def full_sdpa(kind):
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[kind]
+
+    def fn(q, k, v):
+        with sdpa_kernel(backend):
+            return full_attention(q, k, v)
+    return fn
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--csv", default="bench_gpu.csv")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--only", default="", help="comma-separated substrings of shape names")
+    ap.add_argument("--no-flex", action="store_true")
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    dev = "cuda"
+    rows = []
+
+    fields = ["shape", "rpb", "pass_", "impl", "ms", "tflops", "peak_mb", "note"]
+    raw = open(args.csv, "w", newline="")
+    writer = csv.DictWriter(raw, fieldnames=fields)
+    writer.writeheader()
+
+    def record(shape, rpb, pas, impl, ms, flops, mem=None, note=""):
+        tf = flops / (ms * 1e-3) / 1e12 if ms and flops else None
+        rows.append(dict(shape=shape, rpb=rpb, pass_=pas, impl=impl, ms=ms, tflops=tf,
+                         peak_mb=mem, note=note))
+        writer.writerow(rows[-1])
+        raw.flush()
+        print(f"  {shape:16s} rpb={int(rpb)} {pas:8s} {impl:12s} "
+              f"{'' if ms is None else f'{ms:9.4f} ms'} "
+              f"{'' if tf is None else f'{tf:7.1f} TFLOP/s'} "
+              f"{'' if mem is None else f'{mem:9.1f} MiB'} {note}", flush=True)
+
+    def bench(shape, rpb, pas, impl, fn, inputs, flops, memory=True):
+        try:
+            run = make(fn, inputs, pas == "fwd+bwd")
+            ms = time_ms(run, dev)
+            mem = peak_memory_mb(run, dev) if memory else None
+            record(shape, rpb, pas, impl, ms, flops, mem)
+            return ms
+        except Exception as err:  # noqa: BLE001 - a baseline failing (OOM) is a result
+            msg = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
+            record(shape, rpb, pas, impl, None, None, None, msg)
+            torch.cuda.empty_cache()
+            return None
+
+    only = [s for s in args.only.split(",") if s]
+    for name, b, spatial, h, d, kernel, passes, rpbs in SHAPES:
+        if only and not any(o in name for o in only):
+            continue
+        print(f"== {name}: B={b} spatial={spatial} heads={h} dim={d} kernel={kernel}", flush=True)
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(b, *spatial, h, d, device=dev, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        flops = fwd_flops(b, spatial, h, d, kernel)
+        n = math.prod(spatial)
+        large = b == 1
+        for rpb in rpbs:
+            table = (torch.randn(h, *(2 * x - 1 for x in kernel), device=dev, dtype=dtype) * 0.5
+                     ).requires_grad_() if rpb else None
+
+            def na(q, k, v, table=table):
+                return natkit.neighborhood_attention(q, k, v, kernel, rpb=table, backend="triton")
+
+            # correctness on this very shape vs an independent implementation
+            with torch.no_grad():
+                out = na(q, k, v)
+                if not large:
+                    ref = natkit.neighborhood_attention(q[:2], k[:2], v[:2], kernel, rpb=table,
+                                                        backend="torch")
+                    err = (out[:2].float() - ref.float()).abs().max().item()
+                    record(name, rpb, "check", "vs torch", None, None, None, f"max|diff|={err:.2e}")
+            flex = None
+            if not args.no_flex:
+                try:
+                    flex = FlexNA(spatial, kernel, rpb=table.detach() if rpb else None, device=dev)
+                    qt, kt, vt = (flex.to_tiled(t.detach()).requires_grad_() for t in (q, k, v))
+                    with torch.no_grad():
+                        fo = flex.from_tiled(flex(qt, kt, vt))
+                        err = (fo.float() - out.float()).abs().max().item()
+                    record(name, rpb, "check", "vs flex", None, None, None, f"max|diff|={err:.2e}")
+                    del fo
+                except Exception as err:  # noqa: BLE001
+                    record(name, rpb, "check", "flex", None, None, None,
+                           f"{type(err).__name__}: {str(err).splitlines()[0][:80]}")
+                    flex = None
+                    torch.cuda.empty_cache()
+            del out
+            for pas in passes:
+                f = flops * (3.5 if pas == "fwd+bwd" else 1.0)
+                inputs = (q, k, v) if not rpb else (q, k, v, table)
+                bench(name, rpb, pas, "natkit", (lambda q, k, v, t=None: na(q, k, v, t)) if rpb
+                      else na, inputs, f)
+                if not large:
+                    bias = relative_bias_table(table.detach(), kernel).requires_grad_() if rpb else None
+                    win_in = (q, k, v, bias) if rpb else (q, k, v)
+                    bench(name, rpb, pas, "swin_wsa",
+                          lambda q, k, v, bias=None: window_attention(q, k, v, kernel, bias),
+                          win_in, None)
+                if flex is not None:
+                    bench(name, rpb, pas, "flex_na", flex, (qt, kt, vt), f)
+                if not rpb:
+                    for kind in ("cudnn", "flash"):
+                        full_f = 4 * b * h * n * n * d * (3.5 if pas == "fwd+bwd" else 1.0)
+                        bench(name, rpb, pas, f"full_{kind}", full_sdpa(kind), (q, k, v), full_f)
+            del flex
+            torch.cuda.empty_cache()
+        del q, k, v
+        torch.cuda.empty_cache()
+
+    # derived: ratios and FLOP bound
+    def get(shape, rpb, pas, impl):
+        for r in rows:
+            if (r["shape"], r["rpb"], r["pass_"], r["impl"]) == (shape, rpb, pas, impl):
+                return r["ms"]
+        return None
+
+    summary = []
+    for name, b, spatial, h, d, kernel, passes, rpbs in SHAPES:
+        if only and not any(o in name for o in only):
+            continue
+        kfrac = math.prod(kernel) / math.prod(spatial)
+        for rpb in rpbs:
+            for pas in passes:
+                nat = get(name, rpb, pas, "natkit")
+                swin = get(name, rpb, pas, "swin_wsa")
+                flex = get(name, rpb, pas, "flex_na")
+                fulls = [x for x in (get(name, False, pas, "full_cudnn"),
+                                     get(name, False, pas, "full_flash")) if x]
+                full = min(fulls) if fulls else None
+                line = dict(shape=name, rpb=rpb, pass_=pas, natkit_ms=nat,
+                            vs_swin=(nat / swin) if nat and swin else None,
+                            flex_speedup=(flex / nat) if nat and flex else None,
+                            full_speedup=(full / nat) if nat and full else None,
+                            bound_speedup=(1 / kfrac) if b == 1 else None,
+                            pct_bound=((full * kfrac) / nat) if nat and full and b == 1 else None)
+                summary.append(line)
+
+    raw.close()
+    with open(args.csv.replace(".csv", "_summary.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(summary[0].keys()))
+        w.writeheader()
+        w.writerows(summary)
+
+    fmt = lambda x, f="{:.2f}": "–" if x is None else f.format(x)  # noqa: E731
+    print(f"\n{torch.cuda.get_device_name()}, {args.dtype}, torch {torch.__version__}")
+    print("| shape | rpb | pass | natkit ms | natkit / Swin | Flex / natkit | full / natkit | FLOP bound | % of bound |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for s in summary:
+        print(f"| {s['shape']} | {'yes' if s['rpb'] else 'no'} | {s['pass_']} | "
+              f"{fmt(s['natkit_ms'], '{:.3f}')} | {fmt(s['vs_swin'])} | {fmt(s['flex_speedup'])}x | "
+              f"{fmt(s['full_speedup'])}x | {fmt(s['bound_speedup'], '{:.1f}')}x | "
+              f"{fmt(None if s['pct_bound'] is None else 100 * s['pct_bound'], '{:.0f}%')} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
