@@ -57,34 +57,53 @@ def sanitize(cfg: TileConfig, group_lengths) -> TileConfig:
     return replace(cfg, q_tile=fit(cfg.q_tile, group_lengths), k_tile=fit(cfg.k_tile, group_lengths))
 
 
-# Candidates per spatial rank: (q_tile, k_tile, warps, stages). The first is the default.
-_CANDIDATES: dict[int, list[TileConfig]] = {
-    1: [TileConfig((1, 1, 128), (1, 1, 64), 8, 2), TileConfig((1, 1, 64), (1, 1, 64), 4, 2),
-        TileConfig((1, 1, 128), (1, 1, 128), 8, 2)],
-    2: [TileConfig((1, 8, 16), (1, 8, 8), 4, 2), TileConfig((1, 8, 8), (1, 16, 16), 4, 2),
-        TileConfig((1, 16, 16), (1, 8, 16), 8, 2)],
-    3: [TileConfig((4, 4, 8), (4, 4, 4), 4, 2), TileConfig((4, 4, 8), (4, 4, 8), 8, 2)],
+# Candidates per (rank, kind, rpb), default first. Chosen by register pressure (ptxas -v for
+# sm_90: the RPB gather's per-element 64-bit addresses spill at 4 warps on 128x64 tiles) and
+# H100 timings; autotuning picks among them per shape bucket.
+def _c(q, k, warps, stages):
+    return TileConfig(q, k, warps, stages)
+
+
+_CANDIDATES: dict[tuple, list[TileConfig]] = {
+    (1, "fwd", False): [_c((1, 1, 128), (1, 1, 64), 8, 2), _c((1, 1, 64), (1, 1, 64), 4, 2)],
+    (1, "fwd", True): [_c((1, 1, 128), (1, 1, 32), 8, 1), _c((1, 1, 64), (1, 1, 64), 8, 1)],
+    (1, "dkdv", False): [_c((1, 1, 64), (1, 1, 32), 4, 2), _c((1, 1, 64), (1, 1, 64), 4, 2)],
+    (1, "dkdv", True): [_c((1, 1, 64), (1, 1, 64), 8, 1), _c((1, 1, 64), (1, 1, 32), 4, 1)],
+    (2, "fwd", False): [_c((1, 8, 16), (1, 8, 8), 8, 2), _c((1, 8, 8), (1, 8, 8), 4, 2)],
+    (2, "fwd", True): [_c((1, 8, 16), (1, 4, 8), 8, 1), _c((1, 8, 8), (1, 8, 8), 8, 1)],
+    (2, "dkdv", False): [_c((1, 8, 16), (1, 8, 8), 8, 2), _c((1, 8, 8), (1, 4, 8), 4, 2)],
+    (2, "dkdv", True): [_c((1, 8, 8), (1, 8, 8), 8, 1), _c((1, 8, 8), (1, 4, 8), 4, 1)],
+    (3, "fwd", False): [_c((4, 4, 8), (4, 4, 4), 8, 2), _c((2, 4, 8), (4, 4, 4), 4, 2)],
+    (3, "fwd", True): [_c((4, 4, 8), (2, 4, 4), 8, 1), _c((2, 4, 8), (2, 4, 8), 8, 1)],
+    (3, "dkdv", False): [_c((2, 4, 8), (2, 4, 4), 4, 2), _c((4, 4, 8), (4, 4, 4), 8, 2)],
+    (3, "dkdv", True): [_c((2, 4, 8), (2, 4, 8), 8, 1), _c((2, 4, 8), (2, 4, 4), 4, 1)],
 }
 
 
-def _shrink_for_head_dim(cfg: TileConfig, block_d: int) -> TileConfig:
-    """Large head dims: cap tiles at 64 tokens to stay within registers / shared memory."""
-    if block_d < 256:
-        return cfg
+def _shrink_for_head_dim(cfg: TileConfig, block_d: int, kind: str) -> TileConfig:
+    """Large head dims: fewer tokens per tile to stay within registers / shared memory
+    (dK/dV holds two ``[keys, head_dim]`` fp32 accumulators)."""
+    limit = 64 if block_d >= 256 else (32 if kind == "dkdv" and block_d >= 128 else 1 << 30)
+    q_limit = 64 if block_d >= 256 else 1 << 30
 
-    def cap(tile):
+    def cap(tile, n):
         tile = list(tile)
-        while math.prod(tile) > 64:
+        while math.prod(tile) > n:
             i = max(range(3), key=lambda d: tile[d])
             tile[i] //= 2
         return tuple(tile)
-    return replace(cfg, q_tile=cap(cfg.q_tile), k_tile=cap(cfg.k_tile), num_stages=1)
+    k_tile = cap(cfg.k_tile, limit)
+    q_tile = cap(cfg.q_tile, q_limit)
+    return replace(cfg, q_tile=q_tile, k_tile=k_tile,
+                   num_stages=1 if block_d >= 256 else cfg.num_stages)
 
 
-def candidates(ndim: int, block_d: int, group_lengths) -> list[TileConfig]:
+def candidates(ndim: int, block_d: int, group_lengths, kind: str = "fwd",
+               has_rpb: bool = False) -> list[TileConfig]:
+    table_kind = "fwd" if kind == "dq" else kind  # dQ walks the forward's key box
     seen, out = set(), []
-    for cfg in _CANDIDATES[ndim]:
-        cfg = sanitize(_shrink_for_head_dim(cfg, block_d), group_lengths)
+    for cfg in _CANDIDATES[(ndim, table_kind, has_rpb)]:
+        cfg = sanitize(_shrink_for_head_dim(cfg, block_d, kind), group_lengths)
         if cfg not in seen:
             seen.add(cfg)
             out.append(cfg)
@@ -125,14 +144,15 @@ def autotune_enabled(device_type: str) -> bool:
 
 
 def choose(kind: str, key: tuple, ndim: int, block_d: int, group_lengths,
-           device_type: str, bench: Callable[[TileConfig], float]) -> TileConfig:
+           device_type: str, bench: Callable[[TileConfig], float],
+           has_rpb: bool = False) -> TileConfig:
     """The config for one launch; ``bench(cfg)`` times a candidate (used only when tuning)."""
     if kind in _OVERRIDE:
         return sanitize(_OVERRIDE[kind], group_lengths)
     full_key = (kind,) + key
     if full_key in _CACHE:
         return _CACHE[full_key]
-    cands = candidates(ndim, block_d, group_lengths)
+    cands = candidates(ndim, block_d, group_lengths, kind, has_rpb)
     best = cands[0]
     if autotune_enabled(device_type) and len(cands) > 1:
         timings = []

@@ -125,7 +125,7 @@ def forward(q, k, v, rpb, ek, ev, g: Geometry, scale: float):
 
     cfg = configs.choose("fwd", _tune_key(g, q, rpb is not None, ek is not None, h // hk), nd,
                          block_d, g.group_lengths, q.device.type,
-                         lambda c: _bench(lambda: launch(c)))
+                         lambda c: _bench(lambda: launch(c)), rpb is not None)
     launch(cfg)
     return out, lse
 
@@ -185,7 +185,7 @@ def backward(dout, dlse, q, k, v, out, lse, rpb, ek, ev, g: Geometry, scale: flo
 
     for kind, launch in (("dq", launch_dq), ("dkdv", launch_dkdv)):
         cfg = configs.choose(kind, key, nd, block_d, g.group_lengths, q.device.type,
-                             lambda c, launch=launch: _bench(lambda: launch(c)))
+                             lambda c, launch=launch: _bench(lambda: launch(c)), rpb is not None)
         launch(cfg)
 
     drpb = (drpb_buf[0].sum(0).view(rpb.shape).to(rpb.dtype) if rpb is not None

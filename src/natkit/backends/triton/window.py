@@ -128,34 +128,4 @@ def rpb_flat(i0, i1, i2, K1, K2):
 
 @triton.jit
 def rpb_center(K0, K1, K2):
-    return ((K0 - 1) * (2 * K1 - 1) + (K1 - 1)) * (2 * K2 - 1) + (K2 - 1)@triton.jit
-def window_lengths(i, ws, L, K, CAUSAL: tl.constexpr):
-    """Per-query window length (``end' - start'``)."""
-    return win_end(i, ws, K, CAUSAL) - ws
-
-
-@triton.jit
-def window_mask(j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, ND: tl.constexpr):
-    """``start' <= j < start' + length`` in every active dimension (one unsigned compare each).
-
-    Operands come pre-broadcast. Keys past the group end never pass for a valid query (its
-    window lies inside the group); invalid queries carry ``wl2 == 0`` and attend nothing.
-    """
-    valid = (j2 - ws2).to(tl.uint32, bitcast=True) < wl2.to(tl.uint32, bitcast=True)
-    if ND >= 2:
-        valid = valid & ((j1 - ws1).to(tl.uint32, bitcast=True) < wl1.to(tl.uint32, bitcast=True))
-    if ND == 3:
-        valid = valid & ((j0 - ws0).to(tl.uint32, bitcast=True) < wl0.to(tl.uint32, bitcast=True))
-    return valid
-
-
-@triton.jit
-def rpb_flat(i0, i1, i2, K1, K2):
-    """Token coordinates flattened with the bias table's strides: the bias index of a pair is
-    ``rpb_flat(j) - rpb_flat(i) + rpb_center`` (one subtraction per pair)."""
-    return (i0 * (2 * K1 - 1) + i1) * (2 * K2 - 1) + i2
-
-
-@triton.jit
-def rpb_center(K0, K1, K2):
     return ((K0 - 1) * (2 * K1 - 1) + (K1 - 1)) * (2 * K2 - 1) + (K2 - 1)
