@@ -226,10 +226,10 @@ def test_gpu_sweep_half(dtype):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
-def test_gpu_autotuned_and_large_head_dim():
+def test_gpu_autotuned_and_large_head_dim(monkeypatch):
     """Autotuning picks a config per shape bucket; head dims up to 256 compile and match."""
-    os.environ["NATKIT_TRITON_AUTOTUNE"] = "1"
+    monkeypatch.setenv("NATKIT_TRITON_AUTOTUNE", "1")
     check(cfg((20, 24), 7, rpb=True, head_dim=64, batch=2))
-    os.environ["NATKIT_TRITON_AUTOTUNE"] = "0"
+    monkeypatch.setenv("NATKIT_TRITON_AUTOTUNE", "0")
     check(cfg((12, 13), 5, head_dim=256))
     check(cfg((300,), 33, head_dim=128, causal=True))

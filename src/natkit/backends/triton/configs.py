@@ -58,8 +58,10 @@ def sanitize(cfg: TileConfig, group_lengths) -> TileConfig:
 
 
 # Candidates per (rank, kind, rpb), default first. Chosen by register pressure (ptxas -v for
-# sm_90: the RPB gather's per-element 64-bit addresses spill at 4 warps on 128x64 tiles) and
-# H100 timings; autotuning picks among them per shape bucket.
+# sm_90: the RPB gather's per-element 64-bit addresses spilled up to 4 KB per thread at 4 warps
+# on 128x64 tiles; the RPB candidates below compile without spills) and by H100 timings
+# (2-D without RPB: 8x16 query / 8x8 key tiles at 4 warps measured fastest on NAT-Tiny
+# stage 1); autotuning picks among them per shape bucket.
 def _c(q, k, warps, stages):
     return TileConfig(q, k, warps, stages)
 
@@ -69,9 +71,11 @@ _CANDIDATES: dict[tuple, list[TileConfig]] = {
     (1, "fwd", True): [_c((1, 1, 128), (1, 1, 32), 8, 1), _c((1, 1, 64), (1, 1, 64), 8, 1)],
     (1, "dkdv", False): [_c((1, 1, 64), (1, 1, 32), 4, 2), _c((1, 1, 64), (1, 1, 64), 4, 2)],
     (1, "dkdv", True): [_c((1, 1, 64), (1, 1, 64), 8, 1), _c((1, 1, 64), (1, 1, 32), 4, 1)],
-    (2, "fwd", False): [_c((1, 8, 16), (1, 8, 8), 8, 2), _c((1, 8, 8), (1, 8, 8), 4, 2)],
+    (2, "fwd", False): [_c((1, 8, 16), (1, 8, 8), 4, 2), _c((1, 8, 16), (1, 8, 8), 8, 2),
+                        _c((1, 8, 8), (1, 8, 8), 4, 2)],
     (2, "fwd", True): [_c((1, 8, 16), (1, 4, 8), 8, 1), _c((1, 8, 8), (1, 8, 8), 8, 1)],
-    (2, "dkdv", False): [_c((1, 8, 16), (1, 8, 8), 8, 2), _c((1, 8, 8), (1, 4, 8), 4, 2)],
+    (2, "dkdv", False): [_c((1, 8, 16), (1, 8, 8), 4, 2), _c((1, 8, 16), (1, 8, 8), 8, 2),
+                         _c((1, 8, 8), (1, 4, 8), 4, 2)],
     (2, "dkdv", True): [_c((1, 8, 8), (1, 8, 8), 8, 1), _c((1, 8, 8), (1, 4, 8), 4, 1)],
     (3, "fwd", False): [_c((4, 4, 8), (4, 4, 4), 8, 2), _c((2, 4, 8), (4, 4, 4), 4, 2)],
     (3, "fwd", True): [_c((4, 4, 8), (2, 4, 4), 8, 1), _c((2, 4, 8), (2, 4, 8), 8, 1)],
