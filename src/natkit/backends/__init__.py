@@ -18,6 +18,11 @@ from .._checks import NAParams
 logger = logging.getLogger("natkit")
 
 
+def _compiling() -> bool:
+    import torch
+    return torch.compiler.is_compiling()
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -92,5 +97,6 @@ def choose_backend(name: Optional[str], p: NAParams, query, rpb, requires_grad: 
         reason = backend.can_run(p, query, rpb, requires_grad)
         if reason is None:
             return backend
-        logger.debug("natkit: backend %s refused: %s", candidate, reason)
+        if not _compiling():  # logging calls break torch.compile(fullgraph=True) graphs
+            logger.debug("natkit: backend %s refused: %s", candidate, reason)
     raise AssertionError("the portable backend accepts every validated call")
