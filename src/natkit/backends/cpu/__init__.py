@@ -1,0 +1,137 @@
+"""Fused CPU neighborhood attention (backend name ``"cpu"``).
+
+A C++ kernel compiled at first use (``_build.py``; source and algorithm in ``_source.py``):
+no tensor of ``N x K`` scores or gathered keys exists in the forward (scores live in SIMD
+registers, a chunk of at most 8 keys at a time, merged by an online softmax); the
+log-sum-exp is saved and the backward recomputes the probabilities (FlashAttention-2
+style) with O(N * head_dim) extra memory. Multithreaded over ``(batch, kv_head)`` with
+``at::parallel_for`` (respects ``torch.set_num_threads``). float16/bfloat16 inputs are
+computed in float32 (converted on entry, output cast back); float64 is left to the
+portable backend, which computes it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..._checks import NAParams
+from ..._window import window_1d
+from .. import Backend
+from . import _build
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _tables(p: NAParams) -> tuple[list[torch.Tensor], list[int]]:
+    """Per dimension (padded to 3-D with size-1 leading dims) an ``int32[5, L]`` table:
+    first key, key count, ``i div d``, first query attending the key, query count; and the
+    flat ``[k0, d0, k1, d1, k2, d2]``."""
+    pad = 3 - p.ndim
+    dims = [(1, 1, 1, 1, False)] * pad + list(zip(p.spatial, p.kernel_size, p.stride,
+                                                  p.dilation, p.is_causal))
+    tables, kd = [], []
+    for length, k, s, d, causal in dims:
+        first, count, pos = window_1d(length, k, s, d, causal)
+        qlo = torch.zeros(length, dtype=torch.long)
+        qcnt = torch.zeros(length, dtype=torch.long)
+        # The queries attending key j form an interval of j's dilation group (window
+        # starts and ends are monotone in the query position).
+        for g in range(min(d, length)):
+            qi = torch.arange(g, length, d)
+            start_g = (first[qi] - g) // d
+            end_g = start_g + count[qi]
+            kj = torch.arange(len(qi))
+            lo = torch.searchsorted(end_g, kj, right=True)
+            hi = torch.searchsorted(start_g, kj, right=True) - 1
+            n = (hi - lo + 1).clamp_min(0)
+            qlo[qi] = (lo.clamp(0, len(qi) - 1)) * d + g
+            qcnt[qi] = n
+        tables.append(torch.stack([first, count, pos, qlo, qcnt]).to(torch.int32).contiguous())
+        kd += [k, d]
+    return tables, kd
+
+
+_TABLE_CACHE: dict = {}
+
+
+def _cached_tables(p: NAParams):
+    key = (p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal)
+    hit = _TABLE_CACHE.get(key)
+    if hit is None:
+        if len(_TABLE_CACHE) > 256:
+            _TABLE_CACHE.clear()
+        hit = _TABLE_CACHE[key] = _tables(p)
+    return hit
+
+
+def _view6(t: torch.Tensor, p: NAParams) -> torch.Tensor:
+    """``[B, *spatial, H, D]`` float32 contiguous as ``[B, z, y, x, H, D]``."""
+    spatial = (1,) * (3 - p.ndim) + tuple(p.spatial)
+    return t.to(torch.float32).contiguous().view(t.shape[0], *spatial, *t.shape[-2:])
+
+
+def _rpb_table(rpb: torch.Tensor, p: NAParams) -> torch.Tensor:
+    return (rpb.to(torch.float32) * (1 / math.log(2))).contiguous().view(p.heads, -1)
+
+
+class _FusedNA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, value, rpb, extra_k, extra_v, p):
+        mod = _build.load()
+        tables, kd = _cached_tables(p)
+        q, k, v = (_view6(t, p) for t in (query, key, value))
+        table = _rpb_table(rpb, p) if rpb is not None else None
+        ek = extra_k.to(torch.float32).contiguous() if extra_k is not None else None
+        ev = extra_v.to(torch.float32).contiguous() if extra_v is not None else None
+        out, lse = mod.na_forward(q, k, v, table, ek, ev, tables, kd, p.scale)
+        ctx.save_for_backward(q, k, v, table, ek, ev, out, lse)
+        ctx.p, ctx.tables, ctx.kd = p, tables, kd
+        ctx.dtypes = (query.dtype, key.dtype, value.dtype,
+                      rpb.dtype if rpb is not None else None,
+                      extra_k.dtype if extra_k is not None else None)
+        out = out.view(query.shape).to(query.dtype)
+        lse = lse.view(query.shape[:-1])
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        mod = _build.load()
+        q, k, v, table, ek, ev, out, lse = ctx.saved_tensors
+        p = ctx.p
+        g = torch.zeros_like(out) if grad_out is None else _view6(grad_out, p)
+        gl = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
+        dq, dk, dv, drpb, dek, dev = mod.na_backward(q, k, v, table, ek, ev, ctx.tables, ctx.kd,
+                                                     p.scale, out, lse, g, gl)
+        qd, kd_, vd, rd, ed = ctx.dtypes
+        shape_q = (p.batch, *p.spatial, p.heads, p.head_dim)
+        shape_k = (p.batch, *p.spatial, p.kv_heads, p.head_dim)
+        grads = [dq.view(shape_q).to(qd), dk.view(shape_k).to(kd_), dv.view(shape_k).to(vd)]
+        grads.append(None if drpb is None else
+                     drpb.sum(0).view(p.heads, *(2 * kk - 1 for kk in p.kernel_size)).to(rd))
+        grads += [None if dek is None else dek.to(ed), None if dev is None else dev.to(ed)]
+        return (*grads, None)
+
+
+def na_cpu(query, key, value, p: NAParams, rpb=None, additional_keys=None,
+           additional_values=None):
+    """Fused CPU neighborhood attention; returns ``(out, lse)`` (lse float32)."""
+    return _FusedNA.apply(query, key, value, rpb, additional_keys, additional_values, p)
+
+
+def can_run(p: NAParams, query: torch.Tensor, rpb, requires_grad: bool) -> Optional[str]:
+    """None if the fused CPU kernel can run this call, else why not (one sentence)."""
+    if query.device.type != "cpu":
+        return f"the fused CPU kernel needs CPU tensors, got device {query.device}"
+    if query.dtype not in _DTYPES:
+        return (f"the fused CPU kernel computes in float32 and accepts float32/float16/bfloat16; "
+                f"dtype {query.dtype} runs on the portable backend")
+    if p.num_tokens * max(p.heads, p.kv_heads) * p.head_dim >= 2**31:
+        return "the input is too large for the fused CPU kernel's 32-bit indexing"
+    return _build.build_error()
+
+
+BACKEND = Backend("cpu", "fused C++ CPU kernel, compiled at first use (O(N*head_dim) memory)",
+                  can_run, na_cpu)

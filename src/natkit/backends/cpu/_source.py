@@ -1,0 +1,643 @@
+"""C++ source of the fused CPU kernels (compiled at first use by ``_build.py``).
+
+Layout and algorithm
+--------------------
+Every problem is viewed as 3-D ``(z, y, x)`` (1-D/2-D inputs get leading dims of size 1,
+kernel 1). One task is one ``(batch, kv_head)`` pair; it copies its keys, values and
+queries (all query heads of the GQA group) into thread-local *transposed slabs*
+``[head_dim][tokens]`` so that ``VL`` consecutive tokens along ``x`` are one SIMD vector.
+
+SIMD runs over ``VL`` queries of one row (16 with AVX-512, 8 otherwise; GCC vector
+extensions, so the same code compiles for any ISA). Queries of one row share their ``z``
+and ``y`` windows; along ``x`` a tile is *contiguous* when the lanes' windows start at
+consecutive keys (the interior of every row when stride is 1): then the ``t``-th key of
+every lane is one unaligned vector load. Other tiles (borders, stride > 1, causal starts)
+gather per lane. Scores exist only for a chunk of at most 8 keys per lane, in registers,
+merged by an online softmax in base 2 (the query slab is pre-scaled by
+``scale * log2(e)``, the bias table by ``log2(e)``).
+
+Backward (FlashAttention-2 style, no atomics): a *query pass* per query tile recomputes
+the probabilities from the saved log-sum-exp and accumulates dQ, the bias gradient and the
+extra-token gradients; a *key pass* per key tile walks the queries that attend those keys
+(the inverse neighborhood is separable per dimension and an interval per dilation group)
+and accumulates dK and dV in registers. Both passes only read shared data, so tasks never
+write the same memory and results do not depend on the thread count.
+"""
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#if defined(__AVX512F__)
+#define NK_VL 16
+#else
+#define NK_VL 8
+#endif
+constexpr int VL = NK_VL;
+constexpr int CH = 8;            // keys per chunk (scores of a chunk live in registers)
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+constexpr float NEG = -1e30f;    // finite "minus infinity" for running maxima
+
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef float vfu __attribute__((vector_size(VL * 4), aligned(4)));
+typedef int vi __attribute__((vector_size(VL * 4)));
+
+static inline vf ld(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+static inline void st(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+static inline vf splat(float x) { vf r; for (int l = 0; l < VL; ++l) r[l] = x; return r; }
+static inline vi splati(int x) { vi r; for (int l = 0; l < VL; ++l) r[l] = x; return r; }
+static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+static inline float hsum(vf v) { float s = 0.f; for (int l = 0; l < VL; ++l) s += v[l]; return s; }
+static inline vf gather(const float* base, const vi& idx) {
+  vf r; for (int l = 0; l < VL; ++l) r[l] = base[idx[l]]; return r;
+}
+
+// 2^x for x <= 126 (x < -126, including -inf, gives exactly 0); relative error ~2e-7.
+static inline vf vexp2(vf x) {
+  vi dead = x < splat(-126.f);
+  x = dead ? splat(-126.f) : x;
+  x = x > splat(126.f) ? splat(126.f) : x;
+  vf xr = x + splat(0.5f);
+  vi n = __builtin_convertvector(xr, vi);
+  vf nf = __builtin_convertvector(n, vf);
+  n = nf > xr ? n - splati(1) : n;                 // floor(x + 0.5)
+  vf f = x - __builtin_convertvector(n, vf);        // in [-0.5, 0.5]
+  vf p = splat(1.5252733e-5f);
+  p = p * f + splat(1.5403530e-4f);
+  p = p * f + splat(1.3333558e-3f);
+  p = p * f + splat(9.6181291e-3f);
+  p = p * f + splat(5.5504109e-2f);
+  p = p * f + splat(2.4022651e-1f);
+  p = p * f + splat(6.9314718e-1f);
+  p = p * f + splat(1.0f);
+  vi bits = (vi)p + (n << 23);
+  return (vf)(bits & ~dead);
+}
+
+struct Dim {
+  int L, K, dil, R;              // R = 2K - 1 (bias table extent)
+  const int *start, *count, *pos, *qlo, *qcnt;
+};
+
+struct Prob {
+  int B, H, Hk, G, D, E, N, NP;  // G = H / Hk, NP = slab plane stride (N + padding)
+  Dim dim[3];
+  int Rt;                        // bias table entries per head
+  const float* rpb;              // [H, Rt], pre-scaled by log2(e); null without bias
+};
+
+static Prob make_prob(const torch::Tensor& q, const torch::Tensor& k,
+                      const std::vector<torch::Tensor>& tables, std::vector<int64_t> kd,
+                      const torch::Tensor& rpb, int64_t E) {
+  Prob p;
+  p.B = q.size(0); p.H = q.size(4); p.Hk = k.size(4); p.G = p.H / p.Hk; p.D = q.size(5);
+  p.E = (int)E;
+  p.N = q.size(1) * q.size(2) * q.size(3);
+  p.NP = p.N + 2 * VL;
+  for (int i = 0; i < 3; ++i) {
+    Dim& d = p.dim[i];
+    d.L = q.size(1 + i); d.K = kd[2 * i]; d.dil = kd[2 * i + 1]; d.R = 2 * d.K - 1;
+    const torch::Tensor& t = tables[i];   // int32 [5, L]
+    const int* b = t.data_ptr<int>();
+    d.start = b; d.count = b + d.L; d.pos = b + 2 * d.L; d.qlo = b + 3 * d.L; d.qcnt = b + 4 * d.L;
+  }
+  p.Rt = p.dim[0].R * p.dim[1].R * p.dim[2].R;
+  p.rpb = rpb.defined() ? rpb.data_ptr<float>() : nullptr;
+  return p;
+}
+
+// Thread-local scratch that grows and is reused across calls (no allocation per call).
+static float* scratch(std::vector<float>& buf, size_t n) {
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+// src [N, stride_tok] (token-major, head_dim contiguous) -> dst [D][NP] (scaled); pad zeroed.
+static void to_slab(const float* src, int64_t tok_stride, int N, int D, int NP, float mul, float* dst) {
+  for (int n = 0; n < N; ++n) {
+    const float* s = src + n * tok_stride;
+    for (int d = 0; d < D; ++d) dst[(size_t)d * NP + n] = s[d] * mul;
+  }
+  for (int d = 0; d < D; ++d) std::fill(dst + (size_t)d * NP + N, dst + (size_t)(d + 1) * NP, 0.f);
+}
+
+// Per-lane description of a row tile along x: where each lane's keys start and how many.
+struct Lanes {
+  int nv;             // valid lanes
+  bool contig;        // lane l's t-th key is lane 0's t-th key + l
+  int tmax;           // most keys per lane along x
+  int first[VL], cnt[VL], rb[VL];  // first key, count, bias base (x part)
+  bool rb_uniform;
+};
+
+// Query tile of the forward / query pass: windows of queries x0 .. x0+nv-1.
+static void query_lanes(const Dim& X, int x0, Lanes& ln) {
+  ln.nv = std::min(VL, X.L - x0);
+  ln.contig = true; ln.tmax = 0; ln.rb_uniform = true;
+  for (int l = 0; l < VL; ++l) {
+    int x = x0 + std::min(l, ln.nv - 1);
+    ln.first[l] = X.start[x]; ln.cnt[l] = X.count[x];
+    ln.rb[l] = X.start[x] / X.dil - X.pos[x] + X.K - 1;
+    if (l < ln.nv) {
+      ln.tmax = std::max(ln.tmax, ln.cnt[l]);
+      if (ln.first[l] != ln.first[0] + l || ln.cnt[l] != X.K) ln.contig = false;
+      if (ln.rb[l] != ln.rb[0]) ln.rb_uniform = false;
+    }
+  }
+}
+
+// Key tile of the key pass: the queries attending keys x0 .. x0+nv-1.
+static void key_lanes(const Dim& X, int x0, Lanes& ln) {
+  ln.nv = std::min(VL, X.L - x0);
+  ln.contig = true; ln.tmax = 0; ln.rb_uniform = true;
+  int c0 = X.qcnt[x0];
+  for (int l = 0; l < VL; ++l) {
+    int x = x0 + std::min(l, ln.nv - 1);
+    ln.first[l] = X.qlo[x]; ln.cnt[l] = X.qcnt[x];
+    // bias x index for query offset u: (x div d) - (qlo div d) - u + K - 1
+    ln.rb[l] = x / X.dil - X.qlo[x] / X.dil + X.K - 1;
+    if (l < ln.nv) {
+      ln.tmax = std::max(ln.tmax, ln.cnt[l]);
+      if (ln.first[l] != ln.first[0] + l || ln.cnt[l] != c0) ln.contig = false;
+      if (ln.rb[l] != ln.rb[0]) ln.rb_uniform = false;
+    }
+  }
+}
+
+// Indices and validity of chunk entries t0 .. t0+NJ-1 in gather mode (clamped in range).
+template <int NJ>
+static inline void gather_idx(const Lanes& ln, int rowoff, int dil, int t0, vi* idx, vi* ok) {
+  for (int j = 0; j < NJ; ++j)
+    for (int l = 0; l < VL; ++l) {
+      int t = t0 + j;
+      int c = ln.cnt[l];
+      ok[j][l] = t < c ? -1 : 0;
+      int tc = std::max(0, std::min(t, c - 1));
+      idx[j][l] = rowoff + ln.first[l] + tc * dil;
+    }
+}
+
+// Bias of chunk entries (x index rb[l] + sgn * (t0 + j)) from one bias row.
+template <int NJ>
+static inline void bias_chunk(const Lanes& ln, const float* row, int t0, int sgn, vf* bias) {
+  for (int j = 0; j < NJ; ++j) {
+    if (ln.rb_uniform) bias[j] = splat(row[ln.rb[0] + sgn * (t0 + j)]);
+    else for (int l = 0; l < VL; ++l) bias[j][l] = row[ln.rb[l] + sgn * (t0 + j)];
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward: one chunk of NJ keys for one query tile. MODE 0: contiguous keys (offset `off`,
+// step `step` between entries); 1: gathered (idx/ok); 2: extra tokens (same key for every
+// lane: kb[j * step + d * kds]).
+template <int NJ, int MODE>
+static inline void fwd_chunk(const float* Q, int NP, const float* Kb, const float* Vb, int kds,
+                             int off, int step, const vi* idx, const vi* ok, const vf* bias,
+                             int D, vf& m, vf& lsum, float* O) {
+  vf s[NJ];
+  for (int j = 0; j < NJ; ++j) s[j] = splat(0.f);
+  for (int d = 0; d < D; ++d) {
+    vf qd = ld(Q + (size_t)d * NP);
+    const float* kd = Kb + (size_t)d * kds;
+    for (int j = 0; j < NJ; ++j) {
+      vf kv = MODE == 0 ? ld(kd + off + j * step) : MODE == 1 ? gather(kd, idx[j]) : splat(kd[j * step]);
+      s[j] += qd * kv;
+    }
+  }
+  if (bias) for (int j = 0; j < NJ; ++j) s[j] += bias[j];
+  if (MODE == 1) for (int j = 0; j < NJ; ++j) s[j] = ok[j] ? s[j] : splat(-INFINITY);
+  vf mx = m;
+  for (int j = 0; j < NJ; ++j) mx = vmax(mx, s[j]);
+  vf alpha = vexp2(m - mx);
+  lsum *= alpha;
+  for (int j = 0; j < NJ; ++j) { s[j] = vexp2(s[j] - mx); lsum += s[j]; }
+  bool rescale = false;
+  for (int l = 0; l < VL; ++l) rescale |= alpha[l] != 1.f;
+  for (int d = 0; d < D; ++d) {
+    vf o = ld(O + d * VL);
+    if (rescale) o *= alpha;
+    const float* vd = Vb + (size_t)d * kds;
+    for (int j = 0; j < NJ; ++j) {
+      vf vv = MODE == 0 ? ld(vd + off + j * step) : MODE == 1 ? gather(vd, idx[j]) : splat(vd[j * step]);
+      o += s[j] * vv;
+    }
+    st(O + d * VL, o);
+  }
+  m = mx;
+}
+
+// ---------------------------------------------------------------------------------------
+// Query pass of the backward: probabilities from the saved lse, dQ (+ bias / extra grads).
+struct QPass {
+  const float *Q, *dO;          // tile pointers into the slabs (lane 0)
+  int NP, D;
+  vf lse2, delta;               // per lane; invalid lanes have lse2 = +big (P = 0)
+  float* dQ;                    // [D][VL] accumulator (unscaled: dS . K)
+  float* drpb_row;              // bias-gradient row (x part added per entry) or null
+  const Lanes* ln;
+  float* dek; float* dev;       // extra tokens: [E][D][VL] accumulators (MODE 2)
+};
+
+template <int NJ, int MODE>
+static inline void qpass_chunk(QPass& c, const float* Kb, const float* Vb, int kds, int off, int step,
+                               const vi* idx, const vi* ok, const vf* bias, int t0, int e0) {
+  const int D = c.D, NP = c.NP;
+  vf s[NJ], dp[NJ];
+  for (int j = 0; j < NJ; ++j) { s[j] = splat(0.f); dp[j] = splat(0.f); }
+  for (int d = 0; d < D; ++d) {
+    vf qd = ld(c.Q + (size_t)d * NP), gd = ld(c.dO + (size_t)d * NP);
+    const float* kd = Kb + (size_t)d * kds;
+    const float* vd = Vb + (size_t)d * kds;
+    for (int j = 0; j < NJ; ++j) {
+      vf kv = MODE == 0 ? ld(kd + off + j * step) : MODE == 1 ? gather(kd, idx[j]) : splat(kd[j * step]);
+      vf vv = MODE == 0 ? ld(vd + off + j * step) : MODE == 1 ? gather(vd, idx[j]) : splat(vd[j * step]);
+      s[j] += qd * kv;
+      dp[j] += gd * vv;
+    }
+  }
+  if (bias) for (int j = 0; j < NJ; ++j) s[j] += bias[j];
+  if (MODE == 1) for (int j = 0; j < NJ; ++j) s[j] = ok[j] ? s[j] : splat(-INFINITY);
+  vf p[NJ], ds[NJ];
+  for (int j = 0; j < NJ; ++j) { p[j] = vexp2(s[j] - c.lse2); ds[j] = p[j] * (dp[j] - c.delta); }
+  for (int d = 0; d < D; ++d) {
+    vf acc = ld(c.dQ + d * VL);
+    const float* kd = Kb + (size_t)d * kds;
+    for (int j = 0; j < NJ; ++j) {
+      vf kv = MODE == 0 ? ld(kd + off + j * step) : MODE == 1 ? gather(kd, idx[j]) : splat(kd[j * step]);
+      acc += ds[j] * kv;
+    }
+    st(c.dQ + d * VL, acc);
+  }
+  if (c.drpb_row && MODE != 2) {
+    const Lanes& ln = *c.ln;
+    for (int j = 0; j < NJ; ++j) {
+      if (ln.rb_uniform) c.drpb_row[ln.rb[0] + t0 + j] += hsum(ds[j]);
+      else for (int l = 0; l < VL; ++l) c.drpb_row[ln.rb[l] + t0 + j] += ds[j][l];
+    }
+  }
+  if (MODE == 2) {
+    for (int j = 0; j < NJ; ++j) {
+      float* ek = c.dek + (size_t)(e0 + j) * D * VL;
+      float* ev = c.dev + (size_t)(e0 + j) * D * VL;
+      for (int d = 0; d < D; ++d) {
+        st(ek + d * VL, ld(ek + d * VL) + ds[j] * ld(c.Q + (size_t)d * NP));
+        st(ev + d * VL, ld(ev + d * VL) + p[j] * ld(c.dO + (size_t)d * NP));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Key pass: lanes are keys; entries are the queries attending them. MODE 0 contiguous
+// queries (offset `off`, step `step`), 1 gathered.
+struct KPass {
+  const float *K, *V;            // key tile pointers into the K/V slabs (lane 0)
+  const float *Q, *dO, *lse2, *delta;   // query slabs of the current head
+  int NP, D;
+  float *dK, *dV;                // [D][VL] accumulators
+};
+
+template <int NJ, int MODE>
+static inline void kpass_chunk(KPass& c, int off, int step, const vi* idx, const vi* ok, const vf* bias) {
+  const int D = c.D, NP = c.NP;
+  vf s[NJ], dp[NJ], l2[NJ], dl[NJ];
+  for (int j = 0; j < NJ; ++j) {
+    s[j] = splat(0.f); dp[j] = splat(0.f);
+    l2[j] = MODE == 0 ? ld(c.lse2 + off + j * step) : gather(c.lse2, idx[j]);
+    dl[j] = MODE == 0 ? ld(c.delta + off + j * step) : gather(c.delta, idx[j]);
+  }
+  for (int d = 0; d < D; ++d) {
+    vf kd = ld(c.K + (size_t)d * NP), vd = ld(c.V + (size_t)d * NP);
+    const float* qd = c.Q + (size_t)d * NP;
+    const float* gd = c.dO + (size_t)d * NP;
+    for (int j = 0; j < NJ; ++j) {
+      vf qv = MODE == 0 ? ld(qd + off + j * step) : gather(qd, idx[j]);
+      vf gv = MODE == 0 ? ld(gd + off + j * step) : gather(gd, idx[j]);
+      s[j] += qv * kd;
+      dp[j] += gv * vd;
+    }
+  }
+  if (bias) for (int j = 0; j < NJ; ++j) s[j] += bias[j];
+  if (MODE == 1) for (int j = 0; j < NJ; ++j) s[j] = ok[j] ? s[j] : splat(-INFINITY);
+  vf p[NJ], ds[NJ];
+  for (int j = 0; j < NJ; ++j) { p[j] = vexp2(s[j] - l2[j]); ds[j] = p[j] * (dp[j] - dl[j]); }
+  for (int d = 0; d < D; ++d) {
+    vf ak = ld(c.dK + d * VL), av = ld(c.dV + d * VL);
+    const float* qd = c.Q + (size_t)d * NP;
+    const float* gd = c.dO + (size_t)d * NP;
+    for (int j = 0; j < NJ; ++j) {
+      vf qv = MODE == 0 ? ld(qd + off + j * step) : gather(qd, idx[j]);
+      vf gv = MODE == 0 ? ld(gd + off + j * step) : gather(gd, idx[j]);
+      ak += ds[j] * qv;
+      av += p[j] * gv;
+    }
+    st(c.dK + d * VL, ak); st(c.dV + d * VL, av);
+  }
+}
+
+// Calls F.template operator()<NJ>() for the runtime chunk size n (1..CH).
+template <typename F>
+static inline void dispatch_nj(int n, F&& f) {
+  switch (n) {
+    case 1: f.template operator()<1>(); break;
+    case 2: f.template operator()<2>(); break;
+    case 3: f.template operator()<3>(); break;
+    case 4: f.template operator()<4>(); break;
+    case 5: f.template operator()<5>(); break;
+    case 6: f.template operator()<6>(); break;
+    case 7: f.template operator()<7>(); break;
+    default: f.template operator()<8>(); break;
+  }
+}
+
+static thread_local std::vector<float> tl_k, tl_v, tl_q, tl_g, tl_ls, tl_dl, tl_acc, tl_ex;
+
+// Loads the task's K and V slabs (and Q slabs of all G heads, scaled) into scratch.
+static void load_slabs(const Prob& p, int b, int hk, const float* q, const float* k, const float* v,
+                       float qmul, float** Ks, float** Vs, float** Qs) {
+  size_t plane = (size_t)p.D * p.NP;
+  *Ks = scratch(tl_k, plane); *Vs = scratch(tl_v, plane);
+  *Qs = scratch(tl_q, plane * p.G);
+  int64_t kv_tok = (int64_t)p.Hk * p.D, q_tok = (int64_t)p.H * p.D;
+  to_slab(k + (int64_t)b * p.N * kv_tok + hk * p.D, kv_tok, p.N, p.D, p.NP, 1.f, *Ks);
+  to_slab(v + (int64_t)b * p.N * kv_tok + hk * p.D, kv_tok, p.N, p.D, p.NP, 1.f, *Vs);
+  for (int g = 0; g < p.G; ++g)
+    to_slab(q + (int64_t)b * p.N * q_tok + (hk * p.G + g) * p.D, q_tok, p.N, p.D, p.NP, qmul,
+            *Qs + plane * g);
+}
+
+static torch::Tensor opt(const std::optional<torch::Tensor>& t) { return t.has_value() ? *t : torch::Tensor(); }
+
+std::vector<torch::Tensor> na_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                      std::optional<torch::Tensor> rpb_o, std::optional<torch::Tensor> ek_o,
+                                      std::optional<torch::Tensor> ev_o,
+                                      std::vector<torch::Tensor> tables, std::vector<int64_t> kd,
+                                      double scale) {
+  torch::Tensor rpb = opt(rpb_o), ek = opt(ek_o), ev = opt(ev_o);
+  const int64_t E = ek.defined() ? ek.size(1) : 0;
+  Prob p = make_prob(q, k, tables, kd, rpb, E);
+  auto out = torch::empty_like(q);
+  auto lse = torch::empty({p.B, p.N, p.H}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float* ekp = E ? ek.data_ptr<float>() : nullptr;
+  const float* evp = E ? ev.data_ptr<float>() : nullptr;
+  float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  const float qmul = (float)scale * LOG2E;
+  {
+  pybind11::gil_scoped_release nogil;
+  at::parallel_for(0, (int64_t)p.B * p.Hk, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      const int b = task / p.Hk, hk = task % p.Hk;
+      float *Ks, *Vs, *Qs;
+      load_slabs(p, b, hk, qp, kp, vp, qmul, &Ks, &Vs, &Qs);
+      float* O = scratch(tl_acc, (size_t)p.D * VL);
+      const Dim &Z = p.dim[0], &Y = p.dim[1], &X = p.dim[2];
+      const int64_t ex_tok = (int64_t)p.Hk * p.D;
+      const float* ekb = E ? ekp + (int64_t)b * E * ex_tok + hk * p.D : nullptr;
+      const float* evb = E ? evp + (int64_t)b * E * ex_tok + hk * p.D : nullptr;
+      for (int g = 0; g < p.G; ++g) {
+        const int h = hk * p.G + g;
+        const float* Qh = Qs + (size_t)p.D * p.NP * g;
+        for (int z = 0; z < Z.L; ++z)
+        for (int y = 0; y < Y.L; ++y)
+        for (int x0 = 0; x0 < X.L; x0 += VL) {
+          Lanes ln; query_lanes(X, x0, ln);
+          const int n0 = (z * Y.L + y) * X.L + x0;
+          const float* Qt = Qh + n0;
+          vf m = splat(NEG), lsum = splat(0.f);
+          std::fill(O, O + (size_t)p.D * VL, 0.f);
+          for (int tz = 0; tz < Z.count[z]; ++tz) {
+            const int kz = Z.start[z] + tz * Z.dil;
+            const int rz = kz / Z.dil - Z.pos[z] + Z.K - 1;
+            for (int ty = 0; ty < Y.count[y]; ++ty) {
+              const int ky = Y.start[y] + ty * Y.dil;
+              const int ry = ky / Y.dil - Y.pos[y] + Y.K - 1;
+              const int rowoff = (kz * Y.L + ky) * X.L;
+              const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + (rz * Y.R + ry) * X.R : nullptr;
+              for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
+                const int nj = std::min(CH, ln.tmax - t0);
+                dispatch_nj(nj, [&]<int NJ>() {
+                  vf bias[NJ];
+                  if (brow) bias_chunk<NJ>(ln, brow, t0, 1, bias);
+                  if (ln.contig) {
+                    fwd_chunk<NJ, 0>(Qt, p.NP, Ks, Vs, p.NP, rowoff + ln.first[0] + t0 * X.dil, X.dil,
+                                     nullptr, nullptr, brow ? bias : nullptr, p.D, m, lsum, O);
+                  } else {
+                    vi idx[NJ], ok[NJ];
+                    gather_idx<NJ>(ln, rowoff, X.dil, t0, idx, ok);
+                    fwd_chunk<NJ, 1>(Qt, p.NP, Ks, Vs, p.NP, 0, 0, idx, ok, brow ? bias : nullptr,
+                                     p.D, m, lsum, O);
+                  }
+                });
+              }
+            }
+          }
+          for (int e0 = 0; e0 < E; e0 += CH) {
+            const int nj = std::min<int>(CH, E - e0);
+            dispatch_nj(nj, [&]<int NJ>() {
+              fwd_chunk<NJ, 2>(Qt, p.NP, ekb + e0 * ex_tok, evb + e0 * ex_tok, 1, 0, ex_tok,
+                               nullptr, nullptr, nullptr, p.D, m, lsum, O);
+            });
+          }
+          vf inv = splat(1.f) / lsum;
+          for (int l = 0; l < ln.nv; ++l) {
+            const int64_t n = (int64_t)b * p.N + n0 + l;
+            float* o = op + (n * p.H + h) * p.D;
+            for (int d = 0; d < p.D; ++d) o[d] = O[d * VL + l] * inv[l];
+            lp[n * p.H + h] = (m[l] + std::log2(lsum[l])) * LN2;
+          }
+        }
+      }
+    }
+  });
+  }
+  return {out, lse};
+}
+
+// grads: dq, dk, dv, drpb [B, H, Rt] (summed over batch by the caller), dek, dev
+std::vector<std::optional<torch::Tensor>> na_backward(
+    torch::Tensor q, torch::Tensor k, torch::Tensor v, std::optional<torch::Tensor> rpb_o,
+    std::optional<torch::Tensor> ek_o, std::optional<torch::Tensor> ev_o,
+    std::vector<torch::Tensor> tables, std::vector<int64_t> kd, double scale, torch::Tensor out,
+    torch::Tensor lse, torch::Tensor dout, std::optional<torch::Tensor> dlse_o) {
+  torch::Tensor rpb = opt(rpb_o), ek = opt(ek_o), ev = opt(ev_o), dlse = opt(dlse_o);
+  const int64_t E = ek.defined() ? ek.size(1) : 0;
+  Prob p = make_prob(q, k, tables, kd, rpb, E);
+  auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
+  torch::Tensor drpb, dek, dev;
+  if (p.rpb) drpb = torch::zeros({p.B, p.H, p.Rt}, q.options());
+  if (E) { dek = torch::empty_like(ek); dev = torch::empty_like(ev); }
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *opp = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  const float *gp = dout.data_ptr<float>();
+  const float *glp = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
+  const float* ekp = E ? ek.data_ptr<float>() : nullptr;
+  const float* evp = E ? ev.data_ptr<float>() : nullptr;
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  float* drp = p.rpb ? drpb.data_ptr<float>() : nullptr;
+  float* dekp = E ? dek.data_ptr<float>() : nullptr;
+  float* devp = E ? dev.data_ptr<float>() : nullptr;
+  const float qmul = (float)scale * LOG2E;
+  {
+  pybind11::gil_scoped_release nogil;
+  at::parallel_for(0, (int64_t)p.B * p.Hk, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      const int b = task / p.Hk, hk = task % p.Hk;
+      const size_t plane = (size_t)p.D * p.NP;
+      float *Ks, *Vs, *Qs;
+      load_slabs(p, b, hk, qp, kp, vp, qmul, &Ks, &Vs, &Qs);
+      // dO slabs, lse (base 2) and delta = rowsum(dO * O) - dlse, per head of the group
+      float* Gs = scratch(tl_g, plane * p.G);
+      float* L2 = scratch(tl_ls, (size_t)p.NP * p.G);
+      float* DL = scratch(tl_dl, (size_t)p.NP * p.G);
+      const int64_t q_tok = (int64_t)p.H * p.D;
+      for (int g = 0; g < p.G; ++g) {
+        const int h = hk * p.G + g;
+        to_slab(gp + (int64_t)b * p.N * q_tok + h * p.D, q_tok, p.N, p.D, p.NP, 1.f, Gs + plane * g);
+        for (int n = 0; n < p.N; ++n) {
+          const int64_t r = ((int64_t)b * p.N + n) * p.H + h;
+          const float *o = opp + r * p.D, *go = gp + r * p.D;
+          float acc = 0.f;
+          for (int d = 0; d < p.D; ++d) acc += o[d] * go[d];
+          DL[(size_t)g * p.NP + n] = acc - (glp ? glp[r] : 0.f);
+          L2[(size_t)g * p.NP + n] = lp[r] * LOG2E;
+        }
+        std::fill(DL + (size_t)g * p.NP + p.N, DL + (size_t)(g + 1) * p.NP, 0.f);
+        std::fill(L2 + (size_t)g * p.NP + p.N, L2 + (size_t)(g + 1) * p.NP, 0.f);
+      }
+      float* acc = scratch(tl_acc, (size_t)p.D * VL * 2);
+      float* accB = acc + (size_t)p.D * VL;
+      float* exa = nullptr;
+      if (E) { exa = scratch(tl_ex, (size_t)2 * E * p.D * VL); std::fill(exa, exa + (size_t)2 * E * p.D * VL, 0.f); }
+      const Dim &Z = p.dim[0], &Y = p.dim[1], &X = p.dim[2];
+      const int64_t ex_tok = (int64_t)p.Hk * p.D;
+      const float* ekb = E ? ekp + (int64_t)b * E * ex_tok + hk * p.D : nullptr;
+      const float* evb = E ? evp + (int64_t)b * E * ex_tok + hk * p.D : nullptr;
+      const float inv_log2e = 1.f / LOG2E;
+
+      // ---- query pass: dQ, bias gradient, extra-token gradients
+      for (int g = 0; g < p.G; ++g) {
+        const int h = hk * p.G + g;
+        for (int z = 0; z < Z.L; ++z)
+        for (int y = 0; y < Y.L; ++y)
+        for (int x0 = 0; x0 < X.L; x0 += VL) {
+          Lanes ln; query_lanes(X, x0, ln);
+          const int n0 = (z * Y.L + y) * X.L + x0;
+          QPass c;
+          c.Q = Qs + plane * g + n0; c.dO = Gs + plane * g + n0; c.NP = p.NP; c.D = p.D;
+          c.ln = &ln; c.dQ = acc; c.dek = exa; c.dev = E ? exa + (size_t)E * p.D * VL : nullptr;
+          vf l2 = ld(L2 + (size_t)g * p.NP + n0), dl = ld(DL + (size_t)g * p.NP + n0);
+          for (int l = ln.nv; l < VL; ++l) { l2[l] = 1e30f; dl[l] = 0.f; }
+          c.lse2 = l2; c.delta = dl;
+          std::fill(acc, acc + (size_t)p.D * VL, 0.f);
+          for (int tz = 0; tz < Z.count[z]; ++tz) {
+            const int kz = Z.start[z] + tz * Z.dil;
+            const int rz = kz / Z.dil - Z.pos[z] + Z.K - 1;
+            for (int ty = 0; ty < Y.count[y]; ++ty) {
+              const int ky = Y.start[y] + ty * Y.dil;
+              const int ry = ky / Y.dil - Y.pos[y] + Y.K - 1;
+              const int rowoff = (kz * Y.L + ky) * X.L;
+              const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + (rz * Y.R + ry) * X.R : nullptr;
+              c.drpb_row = p.rpb ? drp + ((size_t)b * p.H + h) * p.Rt + (rz * Y.R + ry) * X.R : nullptr;
+              for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
+                const int nj = std::min(CH, ln.tmax - t0);
+                dispatch_nj(nj, [&]<int NJ>() {
+                  vf bias[NJ];
+                  if (brow) bias_chunk<NJ>(ln, brow, t0, 1, bias);
+                  if (ln.contig) {
+                    qpass_chunk<NJ, 0>(c, Ks, Vs, p.NP, rowoff + ln.first[0] + t0 * X.dil, X.dil,
+                                       nullptr, nullptr, brow ? bias : nullptr, t0, 0);
+                  } else {
+                    vi idx[NJ], ok[NJ];
+                    gather_idx<NJ>(ln, rowoff, X.dil, t0, idx, ok);
+                    qpass_chunk<NJ, 1>(c, Ks, Vs, p.NP, 0, 0, idx, ok, brow ? bias : nullptr, t0, 0);
+                  }
+                });
+              }
+            }
+          }
+          c.drpb_row = nullptr;
+          for (int e0 = 0; e0 < E; e0 += CH) {
+            const int nj = std::min<int>(CH, E - e0);
+            dispatch_nj(nj, [&]<int NJ>() {
+              qpass_chunk<NJ, 2>(c, ekb + e0 * ex_tok, evb + e0 * ex_tok, 1, 0, ex_tok,
+                                 nullptr, nullptr, nullptr, 0, e0);
+            });
+          }
+          for (int l = 0; l < ln.nv; ++l) {
+            float* o = dqp + (((int64_t)b * p.N + n0 + l) * p.H + h) * p.D;
+            for (int d = 0; d < p.D; ++d) o[d] = acc[d * VL + l] * (float)scale;
+          }
+        }
+      }
+      if (E) {
+        for (int e = 0; e < E; ++e)
+          for (int d = 0; d < p.D; ++d) {
+            const int64_t r = ((int64_t)b * E + e) * ex_tok + hk * p.D + d;
+            dekp[r] = hsum(ld(exa + ((size_t)e * p.D + d) * VL)) * inv_log2e;
+            devp[r] = hsum(ld(exa + ((size_t)(E + e) * p.D + d) * VL));
+          }
+      }
+
+      // ---- key pass: dK, dV (summed over the heads of the group)
+      for (int kz = 0; kz < Z.L; ++kz)
+      for (int ky = 0; ky < Y.L; ++ky)
+      for (int x0 = 0; x0 < X.L; x0 += VL) {
+        Lanes ln; key_lanes(X, x0, ln);
+        const int n0 = (kz * Y.L + ky) * X.L + x0;
+        std::fill(acc, acc + (size_t)p.D * VL * 2, 0.f);
+        KPass c;
+        c.K = Ks + n0; c.V = Vs + n0; c.NP = p.NP; c.D = p.D; c.dK = acc; c.dV = accB;
+        for (int g = 0; g < p.G; ++g) {
+          const int h = hk * p.G + g;
+          c.Q = Qs + plane * g; c.dO = Gs + plane * g;
+          c.lse2 = L2 + (size_t)g * p.NP; c.delta = DL + (size_t)g * p.NP;
+          for (int uz = 0; uz < Z.qcnt[kz]; ++uz) {
+            const int qz = Z.qlo[kz] + uz * Z.dil;
+            const int rz = kz / Z.dil - qz / Z.dil + Z.K - 1;
+            for (int uy = 0; uy < Y.qcnt[ky]; ++uy) {
+              const int qy = Y.qlo[ky] + uy * Y.dil;
+              const int ry = ky / Y.dil - qy / Y.dil + Y.K - 1;
+              const int rowoff = (qz * Y.L + qy) * X.L;
+              const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + (rz * Y.R + ry) * X.R : nullptr;
+              for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
+                const int nj = std::min(CH, ln.tmax - t0);
+                dispatch_nj(nj, [&]<int NJ>() {
+                  vf bias[NJ];
+                  if (brow) bias_chunk<NJ>(ln, brow, t0, -1, bias);
+                  if (ln.contig) {
+                    kpass_chunk<NJ, 0>(c, rowoff + ln.first[0] + t0 * X.dil, X.dil, nullptr, nullptr,
+                                       brow ? bias : nullptr);
+                  } else {
+                    vi idx[NJ], ok[NJ];
+                    gather_idx<NJ>(ln, rowoff, X.dil, t0, idx, ok);
+                    kpass_chunk<NJ, 1>(c, 0, 0, idx, ok, brow ? bias : nullptr);
+                  }
+                });
+              }
+            }
+          }
+        }
+        for (int l = 0; l < ln.nv; ++l) {
+          const int64_t r = (((int64_t)b * p.N + n0 + l) * p.Hk + hk) * p.D;
+          for (int d = 0; d < p.D; ++d) {
+            dkp[r + d] = acc[d * VL + l] * inv_log2e;
+            dvp[r + d] = accB[d * VL + l];
+          }
+        }
+      }
+    }
+  });
+  }
+  auto o = [](const torch::Tensor& t) { return t.defined() ? std::optional<torch::Tensor>(t) : std::nullopt; };
+  return {dq, dk, dv, o(drpb), o(dek), o(dev)};
+}
+
+int64_t lanes() { return VL; }
+"""
+
+FUNCTIONS = ["na_forward", "na_backward", "lanes"]
