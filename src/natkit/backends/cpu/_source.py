@@ -56,6 +56,25 @@ static inline vf gather(const float* base, const vi& idx) {
   vf r; for (int l = 0; l < VL; ++l) r[l] = base[idx[l]]; return r;
 }
 
+// Where the keys (or queries) of chunk entry j are, per lane. MODE 0: contiguous at
+// off + j*step; 1: gathered at idx[j]; 2: one token for every lane at off + j*step;
+// 3/4: a permutation `perm` of the one/two vectors at off + j*step (borders, stride, causal).
+struct Src { int off, step; const vi* idx; vi perm; };
+
+template <int MODE>
+static inline vf load(const float* base, const Src& s, int j) {
+  const float* p = base + s.off + j * s.step;
+  if constexpr (MODE == 0) return ld(p);
+  else if constexpr (MODE == 1) return gather(base, s.idx[j]);
+  else if constexpr (MODE == 2) return splat(*p);
+#if defined(__clang__)
+  else { vf r; for (int l = 0; l < VL; ++l) r[l] = p[s.perm[l]]; return r; }
+#else
+  else if constexpr (MODE == 3) return __builtin_shuffle(ld(p), s.perm);
+  else return __builtin_shuffle(ld(p), ld(p + VL), s.perm);
+#endif
+}
+
 // 2^x for x <= 126 (x < -126, including -inf, gives exactly 0); relative error ~2e-7.
 static inline vf vexp2(vf x) {
   vi dead = x < splat(-126.f);
@@ -97,7 +116,7 @@ static Prob make_prob(const torch::Tensor& q, const torch::Tensor& k,
   p.B = q.size(0); p.H = q.size(4); p.Hk = k.size(4); p.G = p.H / p.Hk; p.D = q.size(5);
   p.E = (int)E;
   p.N = q.size(1) * q.size(2) * q.size(3);
-  p.NP = p.N + 2 * VL;
+  p.NP = p.N + 4 * VL + 3 * (int)(kd[4] * kd[5]);
   for (int i = 0; i < 3; ++i) {
     Dim& d = p.dim[i];
     d.L = q.size(1 + i); d.K = kd[2 * i]; d.dil = kd[2 * i + 1]; d.R = 2 * d.K - 1;
@@ -132,7 +151,23 @@ struct Lanes {
   int tmax;           // most keys per lane along x
   int first[VL], cnt[VL], rb[VL];  // first key, count, bias base (x part)
   bool rb_uniform;
+  bool full;          // every lane has tmax entries (no masking needed)
+  int mode, base;     // load mode of the tile and its lane-0 base (see Src)
+  vi perm;
 };
+
+static void finish_lanes(Lanes& ln) {
+  ln.full = true;
+  int lo = ln.first[0], hi = ln.first[0];
+  for (int l = 0; l < ln.nv; ++l) {
+    ln.full &= ln.cnt[l] == ln.tmax;
+    lo = std::min(lo, ln.first[l]); hi = std::max(hi, ln.first[l]);
+  }
+  if (ln.contig) { ln.mode = 0; ln.base = ln.first[0]; return; }
+  ln.base = lo;
+  for (int l = 0; l < VL; ++l) ln.perm[l] = ln.first[l] - lo;
+  ln.mode = hi - lo < VL ? 3 : hi - lo < 2 * VL ? 4 : 1;
+}
 
 // Query tile of the forward / query pass: windows of queries x0 .. x0+nv-1.
 static void query_lanes(const Dim& X, int x0, Lanes& ln) {
@@ -148,6 +183,7 @@ static void query_lanes(const Dim& X, int x0, Lanes& ln) {
       if (ln.rb[l] != ln.rb[0]) ln.rb_uniform = false;
     }
   }
+  finish_lanes(ln);
 }
 
 // Key tile of the key pass: the queries attending keys x0 .. x0+nv-1.
@@ -166,6 +202,7 @@ static void key_lanes(const Dim& X, int x0, Lanes& ln) {
       if (ln.rb[l] != ln.rb[0]) ln.rb_uniform = false;
     }
   }
+  finish_lanes(ln);
 }
 
 // Indices and validity of chunk entries t0 .. t0+NJ-1 in gather mode (clamped in range).
@@ -181,6 +218,12 @@ static inline void gather_idx(const Lanes& ln, int rowoff, int dil, int t0, vi* 
     }
 }
 
+template <int NJ>
+static inline void chunk_mask(const Lanes& ln, int t0, vi* ok) {
+  for (int j = 0; j < NJ; ++j)
+    for (int l = 0; l < VL; ++l) ok[j][l] = t0 + j < ln.cnt[l] ? -1 : 0;
+}
+
 // Bias of chunk entries (x index rb[l] + sgn * (t0 + j)) from one bias row.
 template <int NJ>
 static inline void bias_chunk(const Lanes& ln, const float* row, int t0, int sgn, vf* bias) {
@@ -191,25 +234,20 @@ static inline void bias_chunk(const Lanes& ln, const float* row, int t0, int sgn
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward: one chunk of NJ keys for one query tile. MODE 0: contiguous keys (offset `off`,
-// step `step` between entries); 1: gathered (idx/ok); 2: extra tokens (same key for every
-// lane: kb[j * step + d * kds]).
+// Forward: one chunk of NJ keys for one query tile; scores stay in registers.
 template <int NJ, int MODE>
 static inline void fwd_chunk(const float* Q, int NP, const float* Kb, const float* Vb, int kds,
-                             int off, int step, const vi* idx, const vi* ok, const vf* bias,
+                             const Src& src, const vi* ok, const vf* bias,
                              int D, vf& m, vf& lsum, float* O) {
   vf s[NJ];
   for (int j = 0; j < NJ; ++j) s[j] = splat(0.f);
   for (int d = 0; d < D; ++d) {
     vf qd = ld(Q + (size_t)d * NP);
     const float* kd = Kb + (size_t)d * kds;
-    for (int j = 0; j < NJ; ++j) {
-      vf kv = MODE == 0 ? ld(kd + off + j * step) : MODE == 1 ? gather(kd, idx[j]) : splat(kd[j * step]);
-      s[j] += qd * kv;
-    }
+    for (int j = 0; j < NJ; ++j) s[j] += qd * load<MODE>(kd, src, j);
   }
   if (bias) for (int j = 0; j < NJ; ++j) s[j] += bias[j];
-  if (MODE == 1) for (int j = 0; j < NJ; ++j) s[j] = ok[j] ? s[j] : splat(-INFINITY);
+  if (ok) for (int j = 0; j < NJ; ++j) s[j] = ok[j] ? s[j] : splat(-INFINITY);
   vf mx = m;
   for (int j = 0; j < NJ; ++j) mx = vmax(mx, s[j]);
   vf alpha = vexp2(m - mx);
@@ -221,10 +259,7 @@ static inline void fwd_chunk(const float* Q, int NP, const float* Kb, const floa
     vf o = ld(O + d * VL);
     if (rescale) o *= alpha;
     const float* vd = Vb + (size_t)d * kds;
-    for (int j = 0; j < NJ; ++j) {
-      vf vv = MODE == 0 ? ld(vd + off + j * step) : MODE == 1 ? gather(vd, idx[j]) : splat(vd[j * step]);
-      o += s[j] * vv;
-    }
+    for (int j = 0; j < NJ; ++j) o += s[j] * load<MODE>(vd, src, j);
     st(O + d * VL, o);
   }
   m = mx;
@@ -243,8 +278,8 @@ struct QPass {
 };
 
 template <int NJ, int MODE>
-static inline void qpass_chunk(QPass& c, const float* Kb, const float* Vb, int kds, int off, int step,
-                               const vi* idx, const vi* ok, const vf* bias, int t0, int e0) {
+static inline void qpass_chunk(QPass& c, const float* Kb, const float* Vb, int kds, const Src& src,
+                               const vi* ok, const vf* bias, int t0, int e0) {
   const int D = c.D, NP = c.NP;
   vf s[NJ], dp[NJ];
   for (int j = 0; j < NJ; ++j) { s[j] = splat(0.f); dp[j] = splat(0.f); }
@@ -253,23 +288,18 @@ static inline void qpass_chunk(QPass& c, const float* Kb, const float* Vb, int k
     const float* kd = Kb + (size_t)d * kds;
     const float* vd = Vb + (size_t)d * kds;
     for (int j = 0; j < NJ; ++j) {
-      vf kv = MODE == 0 ? ld(kd + off + j * step) : MODE == 1 ? gather(kd, idx[j]) : splat(kd[j * step]);
-      vf vv = MODE == 0 ? ld(vd + off + j * step) : MODE == 1 ? gather(vd, idx[j]) : splat(vd[j * step]);
-      s[j] += qd * kv;
-      dp[j] += gd * vv;
+      s[j] += qd * load<MODE>(kd, src, j);
+      dp[j] += gd * load<MODE>(vd, src, j);
     }
   }
   if (bias) for (int j = 0; j < NJ; ++j) s[j] += bias[j];
-  if (MODE == 1) for (int j = 0; j < NJ; ++j) s[j] = ok[j] ? s[j] : splat(-INFINITY);
+  if (ok) for (int j = 0; j < NJ; ++j) s[j] = ok[j] ? s[j] : splat(-INFINITY);
   vf p[NJ], ds[NJ];
   for (int j = 0; j < NJ; ++j) { p[j] = vexp2(s[j] - c.lse2); ds[j] = p[j] * (dp[j] - c.delta); }
   for (int d = 0; d < D; ++d) {
     vf acc = ld(c.dQ + d * VL);
     const float* kd = Kb + (size_t)d * kds;
-    for (int j = 0; j < NJ; ++j) {
-      vf kv = MODE == 0 ? ld(kd + off + j * step) : MODE == 1 ? gather(kd, idx[j]) : splat(kd[j * step]);
-      acc += ds[j] * kv;
-    }
+    for (int j = 0; j < NJ; ++j) acc += ds[j] * load<MODE>(kd, src, j);
     st(c.dQ + d * VL, acc);
   }
   if (c.drpb_row && MODE != 2) {
@@ -292,8 +322,7 @@ static inline void qpass_chunk(QPass& c, const float* Kb, const float* Vb, int k
 }
 
 // ---------------------------------------------------------------------------------------
-// Key pass: lanes are keys; entries are the queries attending them. MODE 0 contiguous
-// queries (offset `off`, step `step`), 1 gathered.
+// Key pass: lanes are keys; entries are the queries attending them.
 struct KPass {
   const float *K, *V;            // key tile pointers into the K/V slabs (lane 0)
   const float *Q, *dO, *lse2, *delta;   // query slabs of the current head
@@ -302,27 +331,25 @@ struct KPass {
 };
 
 template <int NJ, int MODE>
-static inline void kpass_chunk(KPass& c, int off, int step, const vi* idx, const vi* ok, const vf* bias) {
+static inline void kpass_chunk(KPass& c, const Src& src, const vi* ok, const vf* bias) {
   const int D = c.D, NP = c.NP;
   vf s[NJ], dp[NJ], l2[NJ], dl[NJ];
   for (int j = 0; j < NJ; ++j) {
     s[j] = splat(0.f); dp[j] = splat(0.f);
-    l2[j] = MODE == 0 ? ld(c.lse2 + off + j * step) : gather(c.lse2, idx[j]);
-    dl[j] = MODE == 0 ? ld(c.delta + off + j * step) : gather(c.delta, idx[j]);
+    l2[j] = load<MODE>(c.lse2, src, j);
+    dl[j] = load<MODE>(c.delta, src, j);
   }
   for (int d = 0; d < D; ++d) {
     vf kd = ld(c.K + (size_t)d * NP), vd = ld(c.V + (size_t)d * NP);
     const float* qd = c.Q + (size_t)d * NP;
     const float* gd = c.dO + (size_t)d * NP;
     for (int j = 0; j < NJ; ++j) {
-      vf qv = MODE == 0 ? ld(qd + off + j * step) : gather(qd, idx[j]);
-      vf gv = MODE == 0 ? ld(gd + off + j * step) : gather(gd, idx[j]);
-      s[j] += qv * kd;
-      dp[j] += gv * vd;
+      s[j] += load<MODE>(qd, src, j) * kd;
+      dp[j] += load<MODE>(gd, src, j) * vd;
     }
   }
   if (bias) for (int j = 0; j < NJ; ++j) s[j] += bias[j];
-  if (MODE == 1) for (int j = 0; j < NJ; ++j) s[j] = ok[j] ? s[j] : splat(-INFINITY);
+  if (ok) for (int j = 0; j < NJ; ++j) s[j] = ok[j] ? s[j] : splat(-INFINITY);
   vf p[NJ], ds[NJ];
   for (int j = 0; j < NJ; ++j) { p[j] = vexp2(s[j] - l2[j]); ds[j] = p[j] * (dp[j] - dl[j]); }
   for (int d = 0; d < D; ++d) {
@@ -330,12 +357,50 @@ static inline void kpass_chunk(KPass& c, int off, int step, const vi* idx, const
     const float* qd = c.Q + (size_t)d * NP;
     const float* gd = c.dO + (size_t)d * NP;
     for (int j = 0; j < NJ; ++j) {
-      vf qv = MODE == 0 ? ld(qd + off + j * step) : gather(qd, idx[j]);
-      vf gv = MODE == 0 ? ld(gd + off + j * step) : gather(gd, idx[j]);
-      ak += ds[j] * qv;
-      av += p[j] * gv;
+      ak += ds[j] * load<MODE>(qd, src, j);
+      av += p[j] * load<MODE>(gd, src, j);
     }
     st(c.dK + d * VL, ak); st(c.dV + d * VL, av);
+  }
+}
+
+// Runs `f.template operator()<NJ, MODE>(src, ok)` for entries t0 .. t0+nj-1 of a tile's
+// row at `rowoff`, choosing the load mode of the tile.
+template <typename F>
+static inline void run_chunk(const Lanes& ln, int rowoff, int dil, int t0, int nj, F&& f);
+
+template <int NJ, typename F>
+static inline void run_chunk_nj(const Lanes& ln, int rowoff, int dil, int t0, F& f) {
+  vi okv[NJ];
+  const vi* ok = nullptr;
+  if (!ln.full && ln.mode != 1) { chunk_mask<NJ>(ln, t0, okv); ok = okv; }
+  Src src;
+  src.step = dil; src.idx = nullptr; src.perm = ln.perm;
+  src.off = rowoff + ln.base + t0 * dil;
+  switch (ln.mode) {
+    case 0: f.template operator()<NJ, 0>(src, ok); break;
+    case 3: f.template operator()<NJ, 3>(src, ok); break;
+    case 4: f.template operator()<NJ, 4>(src, ok); break;
+    default: {
+      vi idx[NJ];
+      gather_idx<NJ>(ln, rowoff, dil, t0, idx, okv);
+      src.off = 0; src.step = 0; src.idx = idx;
+      f.template operator()<NJ, 1>(src, (const vi*)okv);
+    }
+  }
+}
+
+template <typename F>
+static inline void run_chunk(const Lanes& ln, int rowoff, int dil, int t0, int nj, F&& f) {
+  switch (nj) {
+    case 1: run_chunk_nj<1>(ln, rowoff, dil, t0, f); break;
+    case 2: run_chunk_nj<2>(ln, rowoff, dil, t0, f); break;
+    case 3: run_chunk_nj<3>(ln, rowoff, dil, t0, f); break;
+    case 4: run_chunk_nj<4>(ln, rowoff, dil, t0, f); break;
+    case 5: run_chunk_nj<5>(ln, rowoff, dil, t0, f); break;
+    case 6: run_chunk_nj<6>(ln, rowoff, dil, t0, f); break;
+    case 7: run_chunk_nj<7>(ln, rowoff, dil, t0, f); break;
+    default: run_chunk_nj<8>(ln, rowoff, dil, t0, f); break;
   }
 }
 
@@ -419,28 +484,21 @@ std::vector<torch::Tensor> na_forward(torch::Tensor q, torch::Tensor k, torch::T
               const int rowoff = (kz * Y.L + ky) * X.L;
               const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + (rz * Y.R + ry) * X.R : nullptr;
               for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
-                const int nj = std::min(CH, ln.tmax - t0);
-                dispatch_nj(nj, [&]<int NJ>() {
+                run_chunk(ln, rowoff, X.dil, t0, std::min(CH, ln.tmax - t0),
+                          [&]<int NJ, int MODE>(const Src& src, const vi* ok) {
                   vf bias[NJ];
                   if (brow) bias_chunk<NJ>(ln, brow, t0, 1, bias);
-                  if (ln.contig) {
-                    fwd_chunk<NJ, 0>(Qt, p.NP, Ks, Vs, p.NP, rowoff + ln.first[0] + t0 * X.dil, X.dil,
-                                     nullptr, nullptr, brow ? bias : nullptr, p.D, m, lsum, O);
-                  } else {
-                    vi idx[NJ], ok[NJ];
-                    gather_idx<NJ>(ln, rowoff, X.dil, t0, idx, ok);
-                    fwd_chunk<NJ, 1>(Qt, p.NP, Ks, Vs, p.NP, 0, 0, idx, ok, brow ? bias : nullptr,
-                                     p.D, m, lsum, O);
-                  }
+                  fwd_chunk<NJ, MODE>(Qt, p.NP, Ks, Vs, p.NP, src, ok, brow ? bias : nullptr,
+                                      p.D, m, lsum, O);
                 });
               }
             }
           }
           for (int e0 = 0; e0 < E; e0 += CH) {
             const int nj = std::min<int>(CH, E - e0);
+            Src src; src.off = e0 * ex_tok; src.step = ex_tok; src.idx = nullptr;
             dispatch_nj(nj, [&]<int NJ>() {
-              fwd_chunk<NJ, 2>(Qt, p.NP, ekb + e0 * ex_tok, evb + e0 * ex_tok, 1, 0, ex_tok,
-                               nullptr, nullptr, nullptr, p.D, m, lsum, O);
+              fwd_chunk<NJ, 2>(Qt, p.NP, ekb, evb, 1, src, nullptr, nullptr, p.D, m, lsum, O);
             });
           }
           vf inv = splat(1.f) / lsum;
@@ -544,18 +602,11 @@ std::vector<std::optional<torch::Tensor>> na_backward(
               const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + (rz * Y.R + ry) * X.R : nullptr;
               c.drpb_row = p.rpb ? drp + ((size_t)b * p.H + h) * p.Rt + (rz * Y.R + ry) * X.R : nullptr;
               for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
-                const int nj = std::min(CH, ln.tmax - t0);
-                dispatch_nj(nj, [&]<int NJ>() {
+                run_chunk(ln, rowoff, X.dil, t0, std::min(CH, ln.tmax - t0),
+                          [&]<int NJ, int MODE>(const Src& src, const vi* ok) {
                   vf bias[NJ];
                   if (brow) bias_chunk<NJ>(ln, brow, t0, 1, bias);
-                  if (ln.contig) {
-                    qpass_chunk<NJ, 0>(c, Ks, Vs, p.NP, rowoff + ln.first[0] + t0 * X.dil, X.dil,
-                                       nullptr, nullptr, brow ? bias : nullptr, t0, 0);
-                  } else {
-                    vi idx[NJ], ok[NJ];
-                    gather_idx<NJ>(ln, rowoff, X.dil, t0, idx, ok);
-                    qpass_chunk<NJ, 1>(c, Ks, Vs, p.NP, 0, 0, idx, ok, brow ? bias : nullptr, t0, 0);
-                  }
+                  qpass_chunk<NJ, MODE>(c, Ks, Vs, p.NP, src, ok, brow ? bias : nullptr, t0, 0);
                 });
               }
             }
@@ -563,9 +614,9 @@ std::vector<std::optional<torch::Tensor>> na_backward(
           c.drpb_row = nullptr;
           for (int e0 = 0; e0 < E; e0 += CH) {
             const int nj = std::min<int>(CH, E - e0);
+            Src src; src.off = e0 * ex_tok; src.step = ex_tok; src.idx = nullptr;
             dispatch_nj(nj, [&]<int NJ>() {
-              qpass_chunk<NJ, 2>(c, ekb + e0 * ex_tok, evb + e0 * ex_tok, 1, 0, ex_tok,
-                                 nullptr, nullptr, nullptr, 0, e0);
+              qpass_chunk<NJ, 2>(c, ekb, evb, 1, src, nullptr, nullptr, 0, e0);
             });
           }
           for (int l = 0; l < ln.nv; ++l) {
@@ -605,18 +656,11 @@ std::vector<std::optional<torch::Tensor>> na_backward(
               const int rowoff = (qz * Y.L + qy) * X.L;
               const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + (rz * Y.R + ry) * X.R : nullptr;
               for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
-                const int nj = std::min(CH, ln.tmax - t0);
-                dispatch_nj(nj, [&]<int NJ>() {
+                run_chunk(ln, rowoff, X.dil, t0, std::min(CH, ln.tmax - t0),
+                          [&]<int NJ, int MODE>(const Src& src, const vi* ok) {
                   vf bias[NJ];
                   if (brow) bias_chunk<NJ>(ln, brow, t0, -1, bias);
-                  if (ln.contig) {
-                    kpass_chunk<NJ, 0>(c, rowoff + ln.first[0] + t0 * X.dil, X.dil, nullptr, nullptr,
-                                       brow ? bias : nullptr);
-                  } else {
-                    vi idx[NJ], ok[NJ];
-                    gather_idx<NJ>(ln, rowoff, X.dil, t0, idx, ok);
-                    kpass_chunk<NJ, 1>(c, 0, 0, idx, ok, brow ? bias : nullptr);
-                  }
+                  kpass_chunk<NJ, MODE>(c, src, ok, brow ? bias : nullptr);
                 });
               }
             }
