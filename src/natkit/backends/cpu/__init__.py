@@ -67,6 +67,24 @@ def _cached_tables(p: NAParams):
     return hit
 
 
+# Work is split into at least this many tasks (when the input is big enough), whatever the
+# thread count, so that the results never depend on the number of threads.
+MIN_TASKS = 16
+MIN_BLOCK_TOKENS = 1024
+
+
+def _blocks(p: NAParams, lanes: int) -> int:
+    """Blocks per (batch, kv_head): rows of the grid (or SIMD tiles of a 1-D row)."""
+    pairs = p.batch * p.kv_heads
+    if pairs >= MIN_TASKS:
+        return 1
+    rows = math.prod(p.spatial[:-1])
+    units = rows if rows > 1 else -(-p.spatial[-1] // lanes)
+    unit_tokens = p.num_tokens / units
+    most = max(1, int(units // max(1, math.ceil(MIN_BLOCK_TOKENS / unit_tokens))))
+    return max(1, min(-(-MIN_TASKS // pairs), most))
+
+
 def _view6(t: torch.Tensor, p: NAParams) -> torch.Tensor:
     """``[B, *spatial, H, D]`` float32 contiguous as ``[B, z, y, x, H, D]``."""
     spatial = (1,) * (3 - p.ndim) + tuple(p.spatial)
@@ -86,9 +104,10 @@ class _FusedNA(torch.autograd.Function):
         table = _rpb_table(rpb, p) if rpb is not None else None
         ek = extra_k.to(torch.float32).contiguous() if extra_k is not None else None
         ev = extra_v.to(torch.float32).contiguous() if extra_v is not None else None
-        out, lse = mod.na_forward(q, k, v, table, ek, ev, tables, kd, p.scale)
+        nblk = _blocks(p, mod.lanes())
+        out, lse = mod.na_forward(q, k, v, table, ek, ev, tables, kd, p.scale, nblk)
         ctx.save_for_backward(q, k, v, table, ek, ev, out, lse)
-        ctx.p, ctx.tables, ctx.kd = p, tables, kd
+        ctx.p, ctx.tables, ctx.kd, ctx.nblk = p, tables, kd, nblk
         ctx.dtypes = (query.dtype, key.dtype, value.dtype,
                       rpb.dtype if rpb is not None else None,
                       extra_k.dtype if extra_k is not None else None)
@@ -104,14 +123,15 @@ class _FusedNA(torch.autograd.Function):
         g = torch.zeros_like(out) if grad_out is None else _view6(grad_out, p)
         gl = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
         dq, dk, dv, drpb, dek, dev = mod.na_backward(q, k, v, table, ek, ev, ctx.tables, ctx.kd,
-                                                     p.scale, out, lse, g, gl)
+                                                     p.scale, out, lse, g, gl, ctx.nblk)
         qd, kd_, vd, rd, ed = ctx.dtypes
         shape_q = (p.batch, *p.spatial, p.heads, p.head_dim)
         shape_k = (p.batch, *p.spatial, p.kv_heads, p.head_dim)
         grads = [dq.view(shape_q).to(qd), dk.view(shape_k).to(kd_), dv.view(shape_k).to(vd)]
         grads.append(None if drpb is None else
                      drpb.sum(0).view(p.heads, *(2 * kk - 1 for kk in p.kernel_size)).to(rd))
-        grads += [None if dek is None else dek.to(ed), None if dev is None else dev.to(ed)]
+        grads += [None if dek is None else dek.sum(0).to(ed),
+                  None if dev is None else dev.sum(0).to(ed)]
         return (*grads, None)
 
 

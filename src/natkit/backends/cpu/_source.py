@@ -135,14 +135,53 @@ static float* scratch(std::vector<float>& buf, size_t n) {
   return buf.data();
 }
 
-// src [N, stride_tok] (token-major, head_dim contiguous) -> dst [D][NP] (scaled); pad zeroed.
-static void to_slab(const float* src, int64_t tok_stride, int N, int D, int NP, float mul, float* dst) {
-  for (int n = 0; n < N; ++n) {
-    const float* s = src + n * tok_stride;
+// Tokens [lo, hi) of src [N, tok_stride] (head_dim contiguous) -> dst [D][NP] (scaled).
+// The margin after hi is zeroed: loads of masked lanes may run past the last needed token.
+static void to_slab(const float* src, int64_t tok_stride, int lo, int hi, int N, int D, int NP,
+                    float mul, float* dst) {
+  for (int n = lo; n < hi; ++n) {
+    const float* s = src + (int64_t)n * tok_stride;
     for (int d = 0; d < D; ++d) dst[(size_t)d * NP + n] = s[d] * mul;
   }
-  for (int d = 0; d < D; ++d) std::fill(dst + (size_t)d * NP + N, dst + (size_t)(d + 1) * NP, 0.f);
+  const int end = std::min(NP, hi + (NP - N));
+  for (int d = 0; d < D; ++d) std::fill(dst + (size_t)d * NP + hi, dst + (size_t)d * NP + end, 0.f);
 }
+
+// A task's share of one (batch, kv_head): rows [ra, rb) of the flattened (z, y) rows and,
+// along x, [xa, xb) (whole rows unless the problem has a single row, i.e. 1-D).
+struct Block { int ra, rb, xa, xb; };
+
+static Block block_of(const Prob& p, int blk, int nblk) {
+  const int rows = p.dim[0].L * p.dim[1].L, X = p.dim[2].L;
+  if (rows > 1) return {int((int64_t)rows * blk / nblk), int((int64_t)rows * (blk + 1) / nblk), 0, X};
+  const int tiles = (X + VL - 1) / VL;
+  const int ta = int((int64_t)tiles * blk / nblk), tb = int((int64_t)tiles * (blk + 1) / nblk);
+  return {0, 1, ta * VL, std::min(tb * VL, X)};
+}
+
+// Flattened token range [lo, hi) covering the keys that the block's queries attend
+// (inverse = false), or the queries attending the block's keys (inverse = true).
+static void touched(const Prob& p, const Block& bl, bool inverse, int& lo, int& hi) {
+  const Dim &Z = p.dim[0], &Y = p.dim[1], &X = p.dim[2];
+  const int za = bl.ra / Y.L, zb = (bl.rb - 1) / Y.L;
+  const int ya = za == zb ? bl.ra % Y.L : 0, yb = za == zb ? (bl.rb - 1) % Y.L : Y.L - 1;
+  int mn[3], mx[3];
+  const int a[3] = {za, ya, bl.xa}, b[3] = {zb, yb, bl.xb - 1};
+  for (int i = 0; i < 3; ++i) {
+    const Dim& D = p.dim[i];
+    mn[i] = D.L; mx[i] = -1;
+    for (int c = a[i]; c <= b[i]; ++c) {
+      const int f = inverse ? D.qlo[c] : D.start[c], n = inverse ? D.qcnt[c] : D.count[c];
+      if (n > 0) { mn[i] = std::min(mn[i], f); mx[i] = std::max(mx[i], f + (n - 1) * D.dil); }
+    }
+    if (mx[i] < 0) { lo = hi = 0; return; }
+  }
+  lo = (mn[0] * Y.L + mn[1]) * X.L + mn[2];
+  hi = (mx[0] * Y.L + mx[1]) * X.L + mx[2] + 1;
+}
+
+static inline int block_lo(const Prob& p, const Block& bl) { return bl.ra * p.dim[2].L + bl.xa; }
+static inline int block_hi(const Prob& p, const Block& bl) { return (bl.rb - 1) * p.dim[2].L + bl.xb; }
 
 // Per-lane description of a row tile along x: where each lane's keys start and how many.
 struct Lanes {
@@ -421,18 +460,20 @@ static inline void dispatch_nj(int n, F&& f) {
 
 static thread_local std::vector<float> tl_k, tl_v, tl_q, tl_g, tl_ls, tl_dl, tl_acc, tl_ex;
 
-// Loads the task's K and V slabs (and Q slabs of all G heads, scaled) into scratch.
+// Loads K and V tokens [klo, khi) and the Q tokens [qlo, qhi) of all G heads (scaled by
+// qmul) of one (batch, kv_head) into the thread's slabs.
 static void load_slabs(const Prob& p, int b, int hk, const float* q, const float* k, const float* v,
-                       float qmul, float** Ks, float** Vs, float** Qs) {
+                       float qmul, int klo, int khi, int qlo, int qhi,
+                       float** Ks, float** Vs, float** Qs) {
   size_t plane = (size_t)p.D * p.NP;
   *Ks = scratch(tl_k, plane); *Vs = scratch(tl_v, plane);
   *Qs = scratch(tl_q, plane * p.G);
   int64_t kv_tok = (int64_t)p.Hk * p.D, q_tok = (int64_t)p.H * p.D;
-  to_slab(k + (int64_t)b * p.N * kv_tok + hk * p.D, kv_tok, p.N, p.D, p.NP, 1.f, *Ks);
-  to_slab(v + (int64_t)b * p.N * kv_tok + hk * p.D, kv_tok, p.N, p.D, p.NP, 1.f, *Vs);
+  to_slab(k + (int64_t)b * p.N * kv_tok + hk * p.D, kv_tok, klo, khi, p.N, p.D, p.NP, 1.f, *Ks);
+  to_slab(v + (int64_t)b * p.N * kv_tok + hk * p.D, kv_tok, klo, khi, p.N, p.D, p.NP, 1.f, *Vs);
   for (int g = 0; g < p.G; ++g)
-    to_slab(q + (int64_t)b * p.N * q_tok + (hk * p.G + g) * p.D, q_tok, p.N, p.D, p.NP, qmul,
-            *Qs + plane * g);
+    to_slab(q + (int64_t)b * p.N * q_tok + (hk * p.G + g) * p.D, q_tok, qlo, qhi, p.N, p.D, p.NP,
+            qmul, *Qs + plane * g);
 }
 
 static torch::Tensor opt(const std::optional<torch::Tensor>& t) { return t.has_value() ? *t : torch::Tensor(); }
@@ -441,7 +482,7 @@ std::vector<torch::Tensor> na_forward(torch::Tensor q, torch::Tensor k, torch::T
                                       std::optional<torch::Tensor> rpb_o, std::optional<torch::Tensor> ek_o,
                                       std::optional<torch::Tensor> ev_o,
                                       std::vector<torch::Tensor> tables, std::vector<int64_t> kd,
-                                      double scale) {
+                                      double scale, int64_t nblk) {
   torch::Tensor rpb = opt(rpb_o), ek = opt(ek_o), ev = opt(ev_o);
   const int64_t E = ek.defined() ? ek.size(1) : 0;
   Prob p = make_prob(q, k, tables, kd, rpb, E);
@@ -454,11 +495,14 @@ std::vector<torch::Tensor> na_forward(torch::Tensor q, torch::Tensor k, torch::T
   const float qmul = (float)scale * LOG2E;
   {
   pybind11::gil_scoped_release nogil;
-  at::parallel_for(0, (int64_t)p.B * p.Hk, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, (int64_t)p.B * p.Hk * nblk, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
-      const int b = task / p.Hk, hk = task % p.Hk;
+      const int blk = task % nblk, b = task / nblk / p.Hk, hk = task / nblk % p.Hk;
+      const Block bl = block_of(p, blk, nblk);
+      int klo, khi;
+      touched(p, bl, false, klo, khi);
       float *Ks, *Vs, *Qs;
-      load_slabs(p, b, hk, qp, kp, vp, qmul, &Ks, &Vs, &Qs);
+      load_slabs(p, b, hk, qp, kp, vp, qmul, klo, khi, block_lo(p, bl), block_hi(p, bl), &Ks, &Vs, &Qs);
       float* O = scratch(tl_acc, (size_t)p.D * VL);
       const Dim &Z = p.dim[0], &Y = p.dim[1], &X = p.dim[2];
       const int64_t ex_tok = (int64_t)p.Hk * p.D;
@@ -467,9 +511,9 @@ std::vector<torch::Tensor> na_forward(torch::Tensor q, torch::Tensor k, torch::T
       for (int g = 0; g < p.G; ++g) {
         const int h = hk * p.G + g;
         const float* Qh = Qs + (size_t)p.D * p.NP * g;
-        for (int z = 0; z < Z.L; ++z)
-        for (int y = 0; y < Y.L; ++y)
-        for (int x0 = 0; x0 < X.L; x0 += VL) {
+        for (int row = bl.ra; row < bl.rb; ++row)
+        for (int x0 = bl.xa; x0 < bl.xb; x0 += VL) {
+          const int z = row / Y.L, y = row % Y.L;
           Lanes ln; query_lanes(X, x0, ln);
           const int n0 = (z * Y.L + y) * X.L + x0;
           const float* Qt = Qh + n0;
@@ -521,14 +565,14 @@ std::vector<std::optional<torch::Tensor>> na_backward(
     torch::Tensor q, torch::Tensor k, torch::Tensor v, std::optional<torch::Tensor> rpb_o,
     std::optional<torch::Tensor> ek_o, std::optional<torch::Tensor> ev_o,
     std::vector<torch::Tensor> tables, std::vector<int64_t> kd, double scale, torch::Tensor out,
-    torch::Tensor lse, torch::Tensor dout, std::optional<torch::Tensor> dlse_o) {
+    torch::Tensor lse, torch::Tensor dout, std::optional<torch::Tensor> dlse_o, int64_t nblk) {
   torch::Tensor rpb = opt(rpb_o), ek = opt(ek_o), ev = opt(ev_o), dlse = opt(dlse_o);
   const int64_t E = ek.defined() ? ek.size(1) : 0;
   Prob p = make_prob(q, k, tables, kd, rpb, E);
   auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
   torch::Tensor drpb, dek, dev;
-  if (p.rpb) drpb = torch::zeros({p.B, p.H, p.Rt}, q.options());
-  if (E) { dek = torch::empty_like(ek); dev = torch::empty_like(ev); }
+  if (p.rpb) drpb = torch::zeros({p.B * nblk, p.H, p.Rt}, q.options());
+  if (E) { dek = torch::empty({nblk, p.B, E, p.Hk, p.D}, q.options()); dev = torch::empty_like(dek); }
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float *opp = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
   const float *gp = dout.data_ptr<float>();
@@ -542,12 +586,21 @@ std::vector<std::optional<torch::Tensor>> na_backward(
   const float qmul = (float)scale * LOG2E;
   {
   pybind11::gil_scoped_release nogil;
-  at::parallel_for(0, (int64_t)p.B * p.Hk, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, (int64_t)p.B * p.Hk * nblk, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
-      const int b = task / p.Hk, hk = task % p.Hk;
+      const int blk = task % nblk, b = task / nblk / p.Hk, hk = task / nblk % p.Hk;
+      const Block bl = block_of(p, blk, nblk);
+      // keys: those the block's queries attend and the block's own; queries: the block's own
+      // and those attending the block's keys
+      int klo, khi, qlo, qhi;
+      touched(p, bl, false, klo, khi);
+      touched(p, bl, true, qlo, qhi);
+      const int blo = block_lo(p, bl), bhi = block_hi(p, bl);
+      klo = khi > klo ? std::min(klo, blo) : blo; khi = std::max(khi, bhi);
+      qlo = qhi > qlo ? std::min(qlo, blo) : blo; qhi = std::max(qhi, bhi);
       const size_t plane = (size_t)p.D * p.NP;
       float *Ks, *Vs, *Qs;
-      load_slabs(p, b, hk, qp, kp, vp, qmul, &Ks, &Vs, &Qs);
+      load_slabs(p, b, hk, qp, kp, vp, qmul, klo, khi, qlo, qhi, &Ks, &Vs, &Qs);
       // dO slabs, lse (base 2) and delta = rowsum(dO * O) - dlse, per head of the group
       float* Gs = scratch(tl_g, plane * p.G);
       float* L2 = scratch(tl_ls, (size_t)p.NP * p.G);
@@ -555,8 +608,9 @@ std::vector<std::optional<torch::Tensor>> na_backward(
       const int64_t q_tok = (int64_t)p.H * p.D;
       for (int g = 0; g < p.G; ++g) {
         const int h = hk * p.G + g;
-        to_slab(gp + (int64_t)b * p.N * q_tok + h * p.D, q_tok, p.N, p.D, p.NP, 1.f, Gs + plane * g);
-        for (int n = 0; n < p.N; ++n) {
+        to_slab(gp + (int64_t)b * p.N * q_tok + h * p.D, q_tok, qlo, qhi, p.N, p.D, p.NP, 1.f,
+                Gs + plane * g);
+        for (int n = qlo; n < qhi; ++n) {
           const int64_t r = ((int64_t)b * p.N + n) * p.H + h;
           const float *o = opp + r * p.D, *go = gp + r * p.D;
           float acc = 0.f;
@@ -564,8 +618,9 @@ std::vector<std::optional<torch::Tensor>> na_backward(
           DL[(size_t)g * p.NP + n] = acc - (glp ? glp[r] : 0.f);
           L2[(size_t)g * p.NP + n] = lp[r] * LOG2E;
         }
-        std::fill(DL + (size_t)g * p.NP + p.N, DL + (size_t)(g + 1) * p.NP, 0.f);
-        std::fill(L2 + (size_t)g * p.NP + p.N, L2 + (size_t)(g + 1) * p.NP, 0.f);
+        const int end = std::min(p.NP, qhi + (p.NP - p.N));
+        std::fill(DL + (size_t)g * p.NP + qhi, DL + (size_t)g * p.NP + end, 0.f);
+        std::fill(L2 + (size_t)g * p.NP + qhi, L2 + (size_t)g * p.NP + end, 0.f);
       }
       float* acc = scratch(tl_acc, (size_t)p.D * VL * 2);
       float* accB = acc + (size_t)p.D * VL;
@@ -580,9 +635,9 @@ std::vector<std::optional<torch::Tensor>> na_backward(
       // ---- query pass: dQ, bias gradient, extra-token gradients
       for (int g = 0; g < p.G; ++g) {
         const int h = hk * p.G + g;
-        for (int z = 0; z < Z.L; ++z)
-        for (int y = 0; y < Y.L; ++y)
-        for (int x0 = 0; x0 < X.L; x0 += VL) {
+        for (int row = bl.ra; row < bl.rb; ++row)
+        for (int x0 = bl.xa; x0 < bl.xb; x0 += VL) {
+          const int z = row / Y.L, y = row % Y.L;
           Lanes ln; query_lanes(X, x0, ln);
           const int n0 = (z * Y.L + y) * X.L + x0;
           QPass c;
@@ -600,7 +655,7 @@ std::vector<std::optional<torch::Tensor>> na_backward(
               const int ry = ky / Y.dil - Y.pos[y] + Y.K - 1;
               const int rowoff = (kz * Y.L + ky) * X.L;
               const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + (rz * Y.R + ry) * X.R : nullptr;
-              c.drpb_row = p.rpb ? drp + ((size_t)b * p.H + h) * p.Rt + (rz * Y.R + ry) * X.R : nullptr;
+              c.drpb_row = p.rpb ? drp + (((size_t)b * nblk + blk) * p.H + h) * p.Rt + (rz * Y.R + ry) * X.R : nullptr;
               for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
                 run_chunk(ln, rowoff, X.dil, t0, std::min(CH, ln.tmax - t0),
                           [&]<int NJ, int MODE>(const Src& src, const vi* ok) {
@@ -628,16 +683,16 @@ std::vector<std::optional<torch::Tensor>> na_backward(
       if (E) {
         for (int e = 0; e < E; ++e)
           for (int d = 0; d < p.D; ++d) {
-            const int64_t r = ((int64_t)b * E + e) * ex_tok + hk * p.D + d;
+            const int64_t r = (((int64_t)blk * p.B + b) * E + e) * ex_tok + hk * p.D + d;
             dekp[r] = hsum(ld(exa + ((size_t)e * p.D + d) * VL)) * inv_log2e;
             devp[r] = hsum(ld(exa + ((size_t)(E + e) * p.D + d) * VL));
           }
       }
 
       // ---- key pass: dK, dV (summed over the heads of the group)
-      for (int kz = 0; kz < Z.L; ++kz)
-      for (int ky = 0; ky < Y.L; ++ky)
-      for (int x0 = 0; x0 < X.L; x0 += VL) {
+      for (int row = bl.ra; row < bl.rb; ++row)
+      for (int x0 = bl.xa; x0 < bl.xb; x0 += VL) {
+        const int kz = row / Y.L, ky = row % Y.L;
         Lanes ln; key_lanes(X, x0, ln);
         const int n0 = (kz * Y.L + ky) * X.L + x0;
         std::fill(acc, acc + (size_t)p.D * VL * 2, 0.f);
