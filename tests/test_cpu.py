@@ -239,6 +239,14 @@ def test_missing_compiler_is_refused_with_a_reason(monkeypatch):
     assert reason is not None and "compiler" in reason
 
 
+def test_can_be_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("NATKIT_DISABLE_CPU_KERNEL", "1")
+    q = torch.randn(1, 10, 2, 8)
+    p = check_inputs(1, q, q, q, 3, 1, 1, False, None, None, None, None)
+    assert "NATKIT_DISABLE_CPU_KERNEL" in cpu_backend.can_run(p, q, None, False)
+    assert choose_backend(None, p, q, None, False).name == "torch"
+
+
 def test_second_process_uses_the_cached_build():
     code = ("import time, torch; from natkit.backends.cpu import _build; t = time.perf_counter();"
             " _build.load(); print(time.perf_counter() - t)")

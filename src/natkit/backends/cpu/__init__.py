@@ -13,9 +13,11 @@ portable backend, which computes it exactly.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..._checks import NAParams
 from ..._window import window_1d
@@ -116,6 +118,7 @@ class _FusedNA(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out, grad_lse):
         mod = _build.load()
         q, k, v, table, ek, ev, out, lse = ctx.saved_tensors
@@ -143,6 +146,8 @@ def na_cpu(query, key, value, p: NAParams, rpb=None, additional_keys=None,
 
 def can_run(p: NAParams, query: torch.Tensor, rpb, requires_grad: bool) -> Optional[str]:
     """None if the fused CPU kernel can run this call, else why not (one sentence)."""
+    if os.environ.get("NATKIT_DISABLE_CPU_KERNEL", "0") not in ("", "0"):
+        return "the fused CPU kernel is disabled by NATKIT_DISABLE_CPU_KERNEL"
     if query.device.type != "cpu":
         return f"the fused CPU kernel needs CPU tensors, got device {query.device}"
     if query.dtype not in _DTYPES:

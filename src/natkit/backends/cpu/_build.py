@@ -10,6 +10,7 @@ different CPU (``-march=native``) gets its own build instead of a stale or illeg
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -22,6 +23,7 @@ from ._source import FUNCTIONS, SOURCE
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++20", "-fno-math-errno"]
 LDFLAGS = ["-fopenmp"]
 
+logger = logging.getLogger("natkit")
 _lock = threading.Lock()
 _module = None
 _error: Optional[str] = None
@@ -70,10 +72,14 @@ def load():
         if reason is not None:
             _error = reason
             raise RuntimeError(reason)
-        from torch.utils.cpp_extension import load_inline
+        from torch.utils.cpp_extension import _get_build_directory, load_inline
+        name = module_name()
+        if not os.path.exists(os.path.join(_get_build_directory(name, False), name + ".so")):
+            logger.warning("natkit: compiling the fused CPU kernel (first use on this machine, "
+                           "about 30 s; cached afterwards)")
         start = time.perf_counter()
         try:
-            _module = load_inline(module_name(), cpp_sources=[SOURCE], functions=FUNCTIONS,
+            _module = load_inline(name, cpp_sources=[SOURCE], functions=FUNCTIONS,
                                   extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, verbose=False)
         except Exception as err:  # compiler errors, missing headers, ...
             _error = f"compiling the fused CPU kernels failed: {str(err).strip()[-500:]}"
