@@ -1,15 +1,18 @@
 """CPU benchmark: natkit's fused CPU backend vs Swin window attention (WSA) vs the portable
 backend, fp32, NAT stage shapes, kernel 7, with and without RPB, forward and forward+backward.
 
-Every row is timed in one process, contenders interleaved per variant; ratios are to WSA
-measured in the same run (``natkit.bench.timing.time_ms``, median). Run:
-``python benchmarks/bench_cpu.py [--threads N] [--reps R] [--no-portable] [--csv FILE]``.
+Every row is timed in one process; the contenders of a row take turns for ``--rounds``
+rounds (so a drifting load on a shared machine hits them alike) and each figure is the
+median over rounds of ``natkit.bench.timing.time_ms`` medians. Ratios are to WSA measured
+in the same run. Run:
+``python benchmarks/bench_cpu.py [--threads N] [--reps R] [--rounds K] [--no-portable] [--csv FILE]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 import time
 
 import torch
@@ -27,6 +30,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-portable", action="store_true", help="skip the slow portable backend")
     ap.add_argument("--csv", default=None, help="write every number to this CSV file")
     args = ap.parse_args()
@@ -61,18 +65,22 @@ def main() -> None:
                 contenders["torch"] = lambda qq, kk, vv: natkit.na2d(
                     qq, kk, vv, KERNEL, rpb=rpb, backend="torch")
             for mode in ("fwd", "fwd+bwd"):
-                times = {}
-                for name, fn in contenders.items():
-                    if mode == "fwd":
-                        with torch.no_grad():
-                            times[name] = time_ms(lambda: fn(q, k, v), "cpu", reps=args.reps)
-                    else:
-                        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-                        grad = torch.randn(shape, generator=gen)
-
-                        def step():
-                            fn(*leaves).backward(grad)
-                        times[name] = time_ms(step, "cpu", reps=args.reps)
+                samples = {name: [] for name in contenders}
+                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                grad = torch.randn(shape, generator=gen)
+                for _ in range(args.rounds):
+                    for name, fn in contenders.items():
+                        if name == "torch" and samples[name]:
+                            continue  # the slow portable backend: one round is enough
+                        if mode == "fwd":
+                            with torch.no_grad():
+                                samples[name].append(time_ms(lambda: fn(q, k, v), "cpu",
+                                                             reps=args.reps))
+                        else:
+                            def step():
+                                fn(*leaves).backward(grad)
+                            samples[name].append(time_ms(step, "cpu", reps=args.reps))
+                times = {name: statistics.median(v) for name, v in samples.items()}
                 rows.append(dict(shape="x".join(map(str, shape)), rpb=use_rpb, mode=mode,
                                  **{f"{n}_ms": round(t, 3) for n, t in times.items()},
                                  **{f"{n}/wsa": round(t / times["wsa"], 3)
