@@ -87,10 +87,25 @@ def _blocks(p: NAParams, lanes: int) -> int:
     return max(1, min(-(-MIN_TASKS // pairs), most))
 
 
-def _view6(t: torch.Tensor, p: NAParams) -> torch.Tensor:
-    """``[B, *spatial, H, D]`` float32 contiguous as ``[B, z, y, x, H, D]``."""
+def _strided(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """``t`` as float32 and its (batch, token, head) strides. Strided views are used as they
+    are (no copy) when head_dim is contiguous and the spatial dims flatten with one token
+    stride, as for q, k, v unbound from one qkv projection; anything else is copied."""
+    t = t.to(torch.float32)
+    sizes, strides = t.shape, t.stride()
+    ok = strides[-1] == 1 or sizes[-1] == 1
+    for i in range(1, t.dim() - 3):  # spatial dims but the last
+        if sizes[i] > 1 and strides[i] != strides[i + 1] * sizes[i + 1]:
+            ok = False
+    if not ok:
+        t = t.contiguous()
+        strides = t.stride()
+    return t, [strides[0], strides[-3], strides[-2]]
+
+
+def _geometry(p: NAParams, strides: list[int]) -> list[int]:
     spatial = (1,) * (3 - p.ndim) + tuple(p.spatial)
-    return t.to(torch.float32).contiguous().view(t.shape[0], *spatial, *t.shape[-2:])
+    return [p.batch, *spatial, p.heads, p.kv_heads, p.head_dim, *strides]
 
 
 def _rpb_table(rpb: torch.Tensor, p: NAParams) -> torch.Tensor:
@@ -102,14 +117,15 @@ class _FusedNA(torch.autograd.Function):
     def forward(ctx, query, key, value, rpb, extra_k, extra_v, p):
         mod = _build.load()
         tables, kd = _cached_tables(p)
-        q, k, v = (_view6(t, p) for t in (query, key, value))
+        (q, qs), (k, ks), (v, vs) = (_strided(t) for t in (query, key, value))
+        geo = _geometry(p, qs + ks + vs)
         table = _rpb_table(rpb, p) if rpb is not None else None
         ek = extra_k.to(torch.float32).contiguous() if extra_k is not None else None
         ev = extra_v.to(torch.float32).contiguous() if extra_v is not None else None
         nblk = _blocks(p, mod.lanes())
-        out, lse = mod.na_forward(q, k, v, table, ek, ev, tables, kd, p.scale, nblk)
+        out, lse = mod.na_forward(q, k, v, table, ek, ev, tables, kd, p.scale, nblk, geo)
         ctx.save_for_backward(q, k, v, table, ek, ev, out, lse)
-        ctx.p, ctx.tables, ctx.kd, ctx.nblk = p, tables, kd, nblk
+        ctx.p, ctx.tables, ctx.kd, ctx.nblk, ctx.geo = p, tables, kd, nblk, geo
         ctx.dtypes = (query.dtype, key.dtype, value.dtype,
                       rpb.dtype if rpb is not None else None,
                       extra_k.dtype if extra_k is not None else None)
@@ -123,10 +139,11 @@ class _FusedNA(torch.autograd.Function):
         mod = _build.load()
         q, k, v, table, ek, ev, out, lse = ctx.saved_tensors
         p = ctx.p
-        g = torch.zeros_like(out) if grad_out is None else _view6(grad_out, p)
+        g = (torch.zeros_like(out) if grad_out is None else
+             grad_out.to(torch.float32).contiguous().view(out.shape))
         gl = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
         dq, dk, dv, drpb, dek, dev = mod.na_backward(q, k, v, table, ek, ev, ctx.tables, ctx.kd,
-                                                     p.scale, out, lse, g, gl, ctx.nblk)
+                                                     p.scale, out, lse, g, gl, ctx.nblk, ctx.geo)
         qd, kd_, vd, rd, ed = ctx.dtypes
         shape_q = (p.batch, *p.spatial, p.heads, p.head_dim)
         shape_k = (p.batch, *p.spatial, p.kv_heads, p.head_dim)

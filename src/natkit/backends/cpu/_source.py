@@ -107,19 +107,24 @@ struct Prob {
   Dim dim[3];
   int Rt;                        // bias table entries per head
   const float* rpb;              // [H, Rt], pre-scaled by log2(e); null without bias
+  int64_t st[9];                 // (batch, token, head) strides of q, k, v
 };
 
-static Prob make_prob(const torch::Tensor& q, const torch::Tensor& k,
+// geo = [B, Lz, Ly, Lx, H, Hk, D, then (batch, token, head) strides of q, k, v]: inputs may
+// be strided views (e.g. q, k, v unbound from one qkv projection) as long as head_dim is
+// contiguous and the spatial dims flatten with one token stride.
+static Prob make_prob(const std::vector<int64_t>& geo,
                       const std::vector<torch::Tensor>& tables, std::vector<int64_t> kd,
                       const torch::Tensor& rpb, int64_t E) {
   Prob p;
-  p.B = q.size(0); p.H = q.size(4); p.Hk = k.size(4); p.G = p.H / p.Hk; p.D = q.size(5);
+  p.B = geo[0]; p.H = geo[4]; p.Hk = geo[5]; p.G = p.H / p.Hk; p.D = geo[6];
+  for (int i = 0; i < 9; ++i) p.st[i] = geo[7 + i];
   p.E = (int)E;
-  p.N = q.size(1) * q.size(2) * q.size(3);
+  p.N = geo[1] * geo[2] * geo[3];
   p.NP = p.N + 4 * VL + 3 * (int)(kd[4] * kd[5]);
   for (int i = 0; i < 3; ++i) {
     Dim& d = p.dim[i];
-    d.L = q.size(1 + i); d.K = kd[2 * i]; d.dil = kd[2 * i + 1]; d.R = 2 * d.K - 1;
+    d.L = geo[1 + i]; d.K = kd[2 * i]; d.dil = kd[2 * i + 1]; d.R = 2 * d.K - 1;
     const torch::Tensor& t = tables[i];   // int32 [5, L]
     const int* b = t.data_ptr<int>();
     d.start = b; d.count = b + d.L; d.pos = b + 2 * d.L; d.qlo = b + 3 * d.L; d.qcnt = b + 4 * d.L;
@@ -468,11 +473,11 @@ static void load_slabs(const Prob& p, int b, int hk, const float* q, const float
   size_t plane = (size_t)p.D * p.NP;
   *Ks = scratch(tl_k, plane); *Vs = scratch(tl_v, plane);
   *Qs = scratch(tl_q, plane * p.G);
-  int64_t kv_tok = (int64_t)p.Hk * p.D, q_tok = (int64_t)p.H * p.D;
-  to_slab(k + (int64_t)b * p.N * kv_tok + hk * p.D, kv_tok, klo, khi, p.N, p.D, p.NP, 1.f, *Ks);
-  to_slab(v + (int64_t)b * p.N * kv_tok + hk * p.D, kv_tok, klo, khi, p.N, p.D, p.NP, 1.f, *Vs);
+  const int64_t* st = p.st;
+  to_slab(k + b * st[3] + hk * st[5], st[4], klo, khi, p.N, p.D, p.NP, 1.f, *Ks);
+  to_slab(v + b * st[6] + hk * st[8], st[7], klo, khi, p.N, p.D, p.NP, 1.f, *Vs);
   for (int g = 0; g < p.G; ++g)
-    to_slab(q + (int64_t)b * p.N * q_tok + (hk * p.G + g) * p.D, q_tok, qlo, qhi, p.N, p.D, p.NP,
+    to_slab(q + b * st[0] + (hk * p.G + g) * st[2], st[1], qlo, qhi, p.N, p.D, p.NP,
             qmul, *Qs + plane * g);
 }
 
@@ -482,11 +487,11 @@ std::vector<torch::Tensor> na_forward(torch::Tensor q, torch::Tensor k, torch::T
                                       std::optional<torch::Tensor> rpb_o, std::optional<torch::Tensor> ek_o,
                                       std::optional<torch::Tensor> ev_o,
                                       std::vector<torch::Tensor> tables, std::vector<int64_t> kd,
-                                      double scale, int64_t nblk) {
+                                      double scale, int64_t nblk, std::vector<int64_t> geo) {
   torch::Tensor rpb = opt(rpb_o), ek = opt(ek_o), ev = opt(ev_o);
   const int64_t E = ek.defined() ? ek.size(1) : 0;
-  Prob p = make_prob(q, k, tables, kd, rpb, E);
-  auto out = torch::empty_like(q);
+  Prob p = make_prob(geo, tables, kd, rpb, E);
+  auto out = torch::empty({p.B, p.N, p.H, p.D}, q.options());
   auto lse = torch::empty({p.B, p.N, p.H}, q.options());
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float* ekp = E ? ek.data_ptr<float>() : nullptr;
@@ -565,11 +570,13 @@ std::vector<std::optional<torch::Tensor>> na_backward(
     torch::Tensor q, torch::Tensor k, torch::Tensor v, std::optional<torch::Tensor> rpb_o,
     std::optional<torch::Tensor> ek_o, std::optional<torch::Tensor> ev_o,
     std::vector<torch::Tensor> tables, std::vector<int64_t> kd, double scale, torch::Tensor out,
-    torch::Tensor lse, torch::Tensor dout, std::optional<torch::Tensor> dlse_o, int64_t nblk) {
+    torch::Tensor lse, torch::Tensor dout, std::optional<torch::Tensor> dlse_o, int64_t nblk,
+    std::vector<int64_t> geo) {
   torch::Tensor rpb = opt(rpb_o), ek = opt(ek_o), ev = opt(ev_o), dlse = opt(dlse_o);
   const int64_t E = ek.defined() ? ek.size(1) : 0;
-  Prob p = make_prob(q, k, tables, kd, rpb, E);
-  auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
+  Prob p = make_prob(geo, tables, kd, rpb, E);
+  auto dq = torch::empty({p.B, p.N, p.H, p.D}, q.options());
+  auto dk = torch::empty({p.B, p.N, p.Hk, p.D}, q.options()), dv = torch::empty_like(dk);
   torch::Tensor drpb, dek, dev;
   if (p.rpb) drpb = torch::zeros({p.B * nblk, p.H, p.Rt}, q.options());
   if (E) { dek = torch::empty({nblk, p.B, E, p.Hk, p.D}, q.options()); dev = torch::empty_like(dek); }
