@@ -144,9 +144,14 @@ static float* scratch(std::vector<float>& buf, size_t n) {
 // The margin after hi is zeroed: loads of masked lanes may run past the last needed token.
 static void to_slab(const float* src, int64_t tok_stride, int lo, int hi, int N, int D, int NP,
                     float mul, float* dst) {
-  for (int n = lo; n < hi; ++n) {
-    const float* s = src + (int64_t)n * tok_stride;
-    for (int d = 0; d < D; ++d) dst[(size_t)d * NP + n] = s[d] * mul;
+  // VL tokens at a time: the writes are whole vectors, the reads stay in a few cache lines
+  for (int n0 = lo; n0 < hi; n0 += VL) {
+    const int m = std::min(VL, hi - n0);
+    const float* s = src + (int64_t)n0 * tok_stride;
+    for (int d = 0; d < D; ++d) {
+      float* o = dst + (size_t)d * NP + n0;
+      for (int l = 0; l < m; ++l) o[l] = s[l * tok_stride + d] * mul;
+    }
   }
   const int end = std::min(NP, hi + (NP - N));
   for (int d = 0; d < D; ++d) std::fill(dst + (size_t)d * NP + hi, dst + (size_t)d * NP + end, 0.f);
