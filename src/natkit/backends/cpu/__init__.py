@@ -4,8 +4,10 @@ A C++ kernel compiled at first use (``_build.py``; source and algorithm in ``_so
 no tensor of ``N x K`` scores or gathered keys exists in the forward (scores live in SIMD
 registers, a chunk of at most 8 keys at a time, merged by an online softmax); the
 log-sum-exp is saved and the backward recomputes the probabilities (FlashAttention-2
-style) with O(N * head_dim) extra memory. Multithreaded over ``(batch, kv_head)`` with
-``at::parallel_for`` (respects ``torch.set_num_threads``). float16/bfloat16 inputs are
+style) with O(N * head_dim) extra memory. Multithreaded over ``(batch, kv_head)`` pairs
+and, when there are fewer than ``MIN_TASKS`` pairs, over blocks of rows, with
+``at::parallel_for`` (respects ``torch.set_num_threads``; results are bitwise independent
+of the thread count). q, k, v may be strided views (e.g. unbound from one qkv projection). float16/bfloat16 inputs are
 computed in float32 (converted on entry, output cast back); float64 is left to the
 portable backend, which computes it exactly.
 """

@@ -3,9 +3,11 @@
 Layout and algorithm
 --------------------
 Every problem is viewed as 3-D ``(z, y, x)`` (1-D/2-D inputs get leading dims of size 1,
-kernel 1). One task is one ``(batch, kv_head)`` pair; it copies its keys, values and
-queries (all query heads of the GQA group) into thread-local *transposed slabs*
-``[head_dim][tokens]`` so that ``VL`` consecutive tokens along ``x`` are one SIMD vector.
+kernel 1). One task is one ``(batch, kv_head)`` pair, or a block of its rows when there are
+few pairs (1-D: a block of SIMD tiles; the split depends only on the shape, never on the
+thread count). A task copies the keys, values and queries (all query heads of the GQA
+group) it needs into thread-local *transposed slabs* ``[head_dim][tokens]`` so that ``VL``
+consecutive tokens along ``x`` are one SIMD vector; inputs may be strided views.
 
 SIMD runs over ``VL`` queries of one row (16 with AVX-512, 8 otherwise; GCC vector
 extensions, so the same code compiles for any ISA). Queries of one row share their ``z``
@@ -20,8 +22,9 @@ Backward (FlashAttention-2 style, no atomics): a *query pass* per query tile rec
 the probabilities from the saved log-sum-exp and accumulates dQ, the bias gradient and the
 extra-token gradients; a *key pass* per key tile walks the queries that attend those keys
 (the inverse neighborhood is separable per dimension and an interval per dilation group)
-and accumulates dK and dV in registers. Both passes only read shared data, so tasks never
-write the same memory and results do not depend on the thread count.
+and accumulates dK and dV in registers. Both passes only read shared data; every output
+element is written by one task (bias and extra-token gradients as per-task partials summed
+afterwards in a fixed order), so results do not depend on the thread count.
 """
 
 SOURCE = r"""
