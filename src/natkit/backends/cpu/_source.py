@@ -473,6 +473,13 @@ static inline void dispatch_nj(int n, F&& f) {
 
 static thread_local std::vector<float> tl_k, tl_v, tl_q, tl_g, tl_ls, tl_dl, tl_acc, tl_ex;
 
+// Scratch is kept between calls (no page faults per call) unless it grew very large.
+static void trim_scratch() {
+  constexpr size_t KEEP = (size_t)32 << 20;  // floats per buffer (128 MiB)
+  for (auto* buf : {&tl_k, &tl_v, &tl_q, &tl_g, &tl_ls, &tl_dl, &tl_acc, &tl_ex})
+    if (buf->capacity() > KEEP) std::vector<float>().swap(*buf);
+}
+
 // Loads K and V tokens [klo, khi) and the Q tokens [qlo, qhi) of all G heads (scaled by
 // qmul) of one (batch, kv_head) into the thread's slabs.
 static void load_slabs(const Prob& p, int b, int hk, const float* q, const float* k, const float* v,
@@ -568,6 +575,7 @@ std::vector<torch::Tensor> na_forward(torch::Tensor q, torch::Tensor k, torch::T
         }
       }
     }
+    trim_scratch();
   });
   }
   return {out, lse};
@@ -745,6 +753,7 @@ std::vector<std::optional<torch::Tensor>> na_backward(
         }
       }
     }
+    trim_scratch();
   });
   }
   auto o = [](const torch::Tensor& t) { return t.defined() ? std::optional<torch::Tensor>(t) : std::nullopt; };
