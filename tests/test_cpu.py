@@ -197,6 +197,26 @@ def test_strided_views_from_one_qkv_projection(gqa):
         assert torch.equal(a, b)
 
 
+def test_torch_compile_fullgraph_with_gradients():
+    """The kernels are torch custom ops with fake versions: Dynamo traces them whole."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(4)
+    leaves = [torch.randn(2, 9, 10, 4, 8, generator=gen).requires_grad_() for _ in range(3)]
+    rpb = torch.randn(4, 5, 5, generator=gen).requires_grad_()
+
+    def fn(q, k, v, rpb):
+        return natkit.na2d(q, k, v, 3, dilation=(2, 1), rpb=rpb, backend="cpu")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = compiled(*leaves, rpb)
+    want = fn(*leaves, rpb)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    g1 = torch.autograd.grad(got.sum(), [*leaves, rpb])
+    g2 = torch.autograd.grad(want.sum(), [*leaves, rpb])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
 def test_thread_count_independence():
     """Each (batch, kv_head) task runs on one thread and nothing is reduced across
     threads in a schedule-dependent order, so 1 and 2 threads give identical bits."""

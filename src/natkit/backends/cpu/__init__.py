@@ -19,7 +19,6 @@ import os
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..._checks import NAParams
 from ..._window import window_1d
@@ -114,53 +113,119 @@ def _rpb_table(rpb: torch.Tensor, p: NAParams) -> torch.Tensor:
     return (rpb.to(torch.float32) * (1 / math.log(2))).contiguous().view(p.heads, -1)
 
 
-class _FusedNA(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, query, key, value, rpb, extra_k, extra_v, p):
-        mod = _build.load()
-        tables, kd = _cached_tables(p)
-        (q, qs), (k, ks), (v, vs) = (_strided(t) for t in (query, key, value))
-        geo = _geometry(p, qs + ks + vs)
-        table = _rpb_table(rpb, p) if rpb is not None else None
-        ek = extra_k.to(torch.float32).contiguous() if extra_k is not None else None
-        ev = extra_v.to(torch.float32).contiguous() if extra_v is not None else None
-        nblk = _blocks(p, mod.lanes())
-        out, lse = mod.na_forward(q, k, v, table, ek, ev, tables, kd, p.scale, nblk, geo)
-        ctx.save_for_backward(q, k, v, table, ek, ev, out, lse)
-        ctx.p, ctx.tables, ctx.kd, ctx.nblk, ctx.geo = p, tables, kd, nblk, geo
-        ctx.dtypes = (query.dtype, key.dtype, value.dtype,
-                      rpb.dtype if rpb is not None else None,
-                      extra_k.dtype if extra_k is not None else None)
-        out = out.view(query.shape).to(query.dtype)
-        lse = lse.view(query.shape[:-1])
-        return out, lse
+# The kernels are torch custom ops (with shape-only "fake" versions and a registered
+# backward), so that torch.compile(fullgraph=True) traces through them. NAParams travels
+# as a flat int list.
+def _encode(p: NAParams) -> list[int]:
+    return [p.ndim, p.batch, p.heads, p.kv_heads, p.head_dim, p.num_extra, int(p.has_rpb),
+            *p.spatial, *p.kernel_size, *p.stride, *p.dilation, *map(int, p.is_causal)]
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out, grad_lse):
-        mod = _build.load()
-        q, k, v, table, ek, ev, out, lse = ctx.saved_tensors
-        p = ctx.p
-        g = (torch.zeros_like(out) if grad_out is None else
-             grad_out.to(torch.float32).contiguous().view(out.shape))
-        gl = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
-        dq, dk, dv, drpb, dek, dev = mod.na_backward(q, k, v, table, ek, ev, ctx.tables, ctx.kd,
-                                                     p.scale, out, lse, g, gl, ctx.nblk, ctx.geo)
-        qd, kd_, vd, rd, ed = ctx.dtypes
-        shape_q = (p.batch, *p.spatial, p.heads, p.head_dim)
-        shape_k = (p.batch, *p.spatial, p.kv_heads, p.head_dim)
-        grads = [dq.view(shape_q).to(qd), dk.view(shape_k).to(kd_), dv.view(shape_k).to(vd)]
-        grads.append(None if drpb is None else
-                     drpb.sum(0).view(p.heads, *(2 * kk - 1 for kk in p.kernel_size)).to(rd))
-        grads += [None if dek is None else dek.sum(0).to(ed),
-                  None if dev is None else dev.sum(0).to(ed)]
-        return (*grads, None)
+
+def _decode(cfg: list[int], scale: float) -> NAParams:
+    nd, b, h, hk, d, e, has_rpb = cfg[:7]
+    dims = [tuple(cfg[7 + i * nd: 7 + (i + 1) * nd]) for i in range(5)]
+    return NAParams(spatial=dims[0], kernel_size=dims[1], stride=dims[2], dilation=dims[3],
+                    is_causal=tuple(bool(c) for c in dims[4]), scale=scale, batch=b, heads=h,
+                    kv_heads=hk, head_dim=d, num_extra=e, has_rpb=bool(has_rpb))
+
+
+def _prepare(query, key, value, rpb, extra_k, extra_v, p):
+    mod = _build.load()
+    tables, kd = _cached_tables(p)
+    (q, qs), (k, ks), (v, vs) = (_strided(t) for t in (query, key, value))
+    table = _rpb_table(rpb, p) if rpb is not None else None
+    ek = extra_k.to(torch.float32).contiguous() if extra_k is not None else None
+    ev = extra_v.to(torch.float32).contiguous() if extra_v is not None else None
+    return mod, (q, k, v, table, ek, ev, tables, kd, p.scale, _blocks(p, mod.lanes()),
+                 _geometry(p, qs + ks + vs))
+
+
+@torch.library.custom_op("natkit::cpu_na_forward", mutates_args=())
+def _forward_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                rpb: Optional[torch.Tensor], extra_k: Optional[torch.Tensor],
+                extra_v: Optional[torch.Tensor], cfg: list[int],
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, N, H, D], lse [B, N, H])``, both float32."""
+    p = _decode(cfg, scale)
+    mod, args = _prepare(query, key, value, rpb, extra_k, extra_v, p)
+    out, lse = mod.na_forward(*args)
+    return out, lse
+
+
+@_forward_op.register_fake
+def _(query, key, value, rpb, extra_k, extra_v, cfg, scale):
+    p = _decode(cfg, scale)
+    return (query.new_empty(p.batch, p.num_tokens, p.heads, p.head_dim, dtype=torch.float32),
+            query.new_empty(p.batch, p.num_tokens, p.heads, dtype=torch.float32))
+
+
+@torch.library.custom_op("natkit::cpu_na_backward", mutates_args=())
+def _backward_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 rpb: Optional[torch.Tensor], extra_k: Optional[torch.Tensor],
+                 extra_v: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+                 grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], cfg: list[int],
+                 scale: float) -> list[torch.Tensor]:
+    """float32 ``[dq, dk, dv]`` + ``[drpb]`` with a bias + ``[dek, dev]`` with extra tokens."""
+    p = _decode(cfg, scale)
+    mod, (q, k, v, table, ek, ev, tables, kd, scale_, nblk, geo) = _prepare(
+        query, key, value, rpb, extra_k, extra_v, p)
+    g = grad_out.to(torch.float32).contiguous().view(out.shape)
+    gl = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
+    dq, dk, dv, drpb, dek, dev = mod.na_backward(q, k, v, table, ek, ev, tables, kd, scale_,
+                                                 out, lse, g, gl, nblk, geo)
+    grads = [dq, dk, dv]
+    if drpb is not None:
+        grads.append(drpb.sum(0))
+    if dek is not None:
+        grads += [dek.sum(0), dev.sum(0)]
+    return grads
+
+
+@_backward_op.register_fake
+def _(query, key, value, rpb, extra_k, extra_v, out, lse, grad_out, grad_lse, cfg, scale):
+    p = _decode(cfg, scale)
+    f32 = dict(dtype=torch.float32)
+    grads = [query.new_empty(p.batch, p.num_tokens, p.heads, p.head_dim, **f32),
+             query.new_empty(p.batch, p.num_tokens, p.kv_heads, p.head_dim, **f32),
+             query.new_empty(p.batch, p.num_tokens, p.kv_heads, p.head_dim, **f32)]
+    if rpb is not None:
+        grads.append(query.new_empty(p.heads, rpb[0].numel(), **f32))
+    if extra_k is not None:
+        grads += [extra_k.new_empty(extra_k.shape, **f32), extra_k.new_empty(extra_k.shape, **f32)]
+    return grads
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, rpb, extra_k, extra_v, cfg, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, rpb, extra_k, extra_v, out, lse)
+    ctx.cfg, ctx.scale = cfg, scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, rpb, extra_k, extra_v, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grads = list(_backward_op(query, key, value, rpb, extra_k, extra_v, out, lse, grad_out,
+                              grad_lse, ctx.cfg, ctx.scale))
+    dq, dk, dv = (g.view(t.shape).to(t.dtype) for g, t in zip(grads[:3], (query, key, value)))
+    rest = grads[3:]
+    drpb = rest.pop(0).view(rpb.shape).to(rpb.dtype) if rpb is not None else None
+    dek = dev = None
+    if extra_k is not None:
+        dek, dev = rest[0].to(extra_k.dtype), rest[1].to(extra_v.dtype)
+    return dq, dk, dv, drpb, dek, dev, None, None
+
+
+torch.library.register_autograd("natkit::cpu_na_forward", _backward, setup_context=_setup_context)
 
 
 def na_cpu(query, key, value, p: NAParams, rpb=None, additional_keys=None,
            additional_values=None):
     """Fused CPU neighborhood attention; returns ``(out, lse)`` (lse float32)."""
-    return _FusedNA.apply(query, key, value, rpb, additional_keys, additional_values, p)
+    out, lse = _forward_op(query, key, value, rpb, additional_keys, additional_values,
+                           _encode(p), p.scale)
+    return out.view(query.shape).to(query.dtype), lse.view(query.shape[:-1])
 
 
 def can_run(p: NAParams, query: torch.Tensor, rpb, requires_grad: bool) -> Optional[str]:
