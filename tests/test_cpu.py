@@ -200,6 +200,7 @@ def test_strided_views_from_one_qkv_projection(gqa):
 def test_torch_compile_fullgraph_with_gradients():
     """The kernels are torch custom ops with fake versions: Dynamo traces them whole."""
     torch._dynamo.reset()
+    natkit.available_backends()  # the registry imports backends lazily: not while tracing
     gen = torch.Generator().manual_seed(4)
     leaves = [torch.randn(2, 9, 10, 4, 8, generator=gen).requires_grad_() for _ in range(3)]
     rpb = torch.randn(4, 5, 5, generator=gen).requires_grad_()
