@@ -239,6 +239,9 @@ def can_run(p: NAParams, query: torch.Tensor, rpb, requires_grad: bool) -> Optio
                 f"dtype {query.dtype} runs on the portable backend")
     if p.num_tokens * max(p.heads, p.kv_heads) * p.head_dim >= 2**31:
         return "the input is too large for the fused CPU kernel's 32-bit indexing"
+    if torch.compiler.is_compiling():
+        # Building is not traceable: the custom op builds on its first run instead.
+        return _build.known_error()
     return _build.build_error()
 
 

@@ -88,6 +88,11 @@ def load():
         return _module
 
 
+def known_error() -> Optional[str]:
+    """The build error met so far in this process, without trying to build."""
+    return _error
+
+
 def build_error() -> Optional[str]:
     """None if the kernels are (or can be) loaded, else the reason; builds on first call."""
     try:
