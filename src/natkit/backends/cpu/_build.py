@@ -20,7 +20,10 @@ from typing import Optional
 
 from ._source import FUNCTIONS, SOURCE
 
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++20", "-fno-math-errno"]
+# NATKIT_CPU_MARCH overrides -march=native (e.g. x86-64-v3 for an AVX2 build on a shared
+# cache used by different CPUs, or to test the 8-lane code path on an AVX-512 machine).
+CFLAGS = ["-O3", "-march=" + os.environ.get("NATKIT_CPU_MARCH", "native"), "-fopenmp",
+          "-std=c++20", "-fno-math-errno"]
 LDFLAGS = ["-fopenmp"]
 
 logger = logging.getLogger("natkit")
