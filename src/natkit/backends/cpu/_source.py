@@ -143,19 +143,49 @@ static float* scratch(std::vector<float>& buf, size_t n) {
   return buf.data();
 }
 
+// In-register transpose of a VL x VL tile (r[i][p] <- r[p][i]) by log2(VL) butterfly stages.
+static inline void transpose_tile(vf* r) {
+#if defined(__clang__)
+  float t[VL][VL];
+  for (int i = 0; i < VL; ++i) for (int p = 0; p < VL; ++p) t[p][i] = r[i][p];
+  for (int i = 0; i < VL; ++i) r[i] = ld(t[i]);
+#else
+  for (int h = VL / 2; h >= 1; h /= 2) {
+    vi lo, hi;
+    for (int p = 0; p < VL; ++p) {
+      lo[p] = (p & h) ? p - h + VL : p;
+      hi[p] = (p & h) ? p + VL : p + h;
+    }
+    for (int i = 0; i < VL; ++i) {
+      if (i & h) continue;
+      vf a = r[i], b = r[i + h];
+      r[i] = __builtin_shuffle(a, b, lo);
+      r[i + h] = __builtin_shuffle(a, b, hi);
+    }
+  }
+#endif
+}
+
 // Tokens [lo, hi) of src [N, tok_stride] (head_dim contiguous) -> dst [D][NP] (scaled).
 // The margin after hi is zeroed: loads of masked lanes may run past the last needed token.
 static void to_slab(const float* src, int64_t tok_stride, int lo, int hi, int N, int D, int NP,
                     float mul, float* dst) {
-  // VL tokens at a time: the writes are whole vectors, the reads stay in a few cache lines
-  for (int n0 = lo; n0 < hi; n0 += VL) {
-    const int m = std::min(VL, hi - n0);
+  const vf vm = splat(mul);
+  int n0 = lo;
+  for (; n0 + VL <= hi; n0 += VL) {
     const float* s = src + (int64_t)n0 * tok_stride;
-    for (int d = 0; d < D; ++d) {
-      float* o = dst + (size_t)d * NP + n0;
-      for (int l = 0; l < m; ++l) o[l] = s[l * tok_stride + d] * mul;
+    int d0 = 0;
+    for (; d0 + VL <= D; d0 += VL) {
+      vf r[VL];
+      for (int l = 0; l < VL; ++l) r[l] = ld(s + l * tok_stride + d0);
+      transpose_tile(r);
+      for (int i = 0; i < VL; ++i) st(dst + (size_t)(d0 + i) * NP + n0, r[i] * vm);
     }
+    for (; d0 < D; ++d0)
+      for (int l = 0; l < VL; ++l) dst[(size_t)d0 * NP + n0 + l] = s[l * tok_stride + d0] * mul;
   }
+  for (; n0 < hi; ++n0)
+    for (int d = 0; d < D; ++d) dst[(size_t)d * NP + n0] = src[(int64_t)n0 * tok_stride + d] * mul;
   const int end = std::min(NP, hi + (NP - N));
   for (int d = 0; d < D; ++d) std::fill(dst + (size_t)d * NP + hi, dst + (size_t)d * NP + end, 0.f);
 }
