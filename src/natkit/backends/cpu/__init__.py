@@ -7,9 +7,10 @@ log-sum-exp is saved and the backward recomputes the probabilities (FlashAttenti
 style) with O(N * head_dim) extra memory. Multithreaded over ``(batch, kv_head)`` pairs
 and, when there are fewer than ``MIN_TASKS`` pairs, over blocks of rows, with
 ``at::parallel_for`` (respects ``torch.set_num_threads``; results are bitwise independent
-of the thread count). q, k, v may be strided views (e.g. unbound from one qkv projection). float16/bfloat16 inputs are
-computed in float32 (converted on entry, output cast back); float64 is left to the
-portable backend, which computes it exactly.
+of the thread count). q, k, v may be strided views (e.g. unbound from one qkv
+projection). float16/bfloat16 inputs are computed in float32 (converted on entry, output
+cast back); float64 is left to the portable backend, which computes it exactly.
+The kernels are torch custom ops with fake versions, so ``torch.compile`` traces them.
 """
 
 from __future__ import annotations
