@@ -1,0 +1,298 @@
+"""The fused CPU backend vs the float64 reference: random sweep (forward, lse and every
+gradient), half-precision inputs, thread-count independence, memory, dispatch, build cache.
+
+The first test to run compiles the kernel (about 25 s on a 2-core machine; cached after).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import natkit
+from natkit._checks import check_inputs
+from natkit.backends import choose_backend
+from natkit.backends.reference import na_reference
+
+cpu_backend = pytest.importorskip("natkit.backends.cpu")
+from natkit.backends.cpu import _build  # noqa: E402
+
+SWEEP = int(os.environ.get("NATKIT_SWEEP", "60"))
+
+if _build.build_error() is not None:  # pragma: no cover - CI has a compiler
+    pytest.fail(f"the fused CPU kernel does not build here: {_build.build_error()}",
+                pytrace=False)
+
+
+def random_config(rng: random.Random, nd=None, max_tokens=400):
+    """A random valid call: 1-3 dims, odd/even kernels, dilation, stride, causal, RPB,
+    extra KV, GQA; sizes are deliberately not multiples of the SIMD width."""
+    nd = nd or rng.choice((1, 2, 3))
+    while True:
+        kernel = tuple(rng.randint(2, 9 if nd == 1 else 5) for _ in range(nd))
+        dil = tuple(rng.choice((1, 1, 2, 3)) for _ in range(nd))
+        spatial = tuple(k * d + rng.randint(0, 23 if i == nd - 1 else 6)
+                        for i, (k, d) in enumerate(zip(kernel, dil)))
+        if math.prod(spatial) <= max_tokens:
+            break
+    stride = tuple(rng.randint(1, k) if rng.random() < 0.4 else 1 for k in kernel)
+    causal = tuple(rng.random() < 0.3 for _ in range(nd))
+    rpb = all(k % 2 for k in kernel) and not any(causal) and rng.random() < 0.5
+    kv_heads = rng.choice((1, 2))
+    return dict(spatial=spatial, kernel_size=kernel, dilation=dil, stride=stride,
+                is_causal=causal, rpb=rpb, batch=rng.choice((1, 2)),
+                heads=kv_heads * rng.choice((1, 2, 3)), kv_heads=kv_heads,
+                head_dim=rng.choice((4, 8, 13, 32)), num_extra=rng.choice((0, 0, 1, 3, 9)))
+
+
+def make_inputs(cfg, gen: torch.Generator):
+    """float64 leaves: query, key, value, rpb, additional_keys, additional_values."""
+    b, h, hk, d = cfg["batch"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+
+    def t(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).requires_grad_()
+    out = dict(query=t(b, *cfg["spatial"], h, d), key=t(b, *cfg["spatial"], hk, d),
+               value=t(b, *cfg["spatial"], hk, d), rpb=None, additional_keys=None,
+               additional_values=None)
+    if cfg["rpb"]:
+        out["rpb"] = t(h, *(2 * k - 1 for k in cfg["kernel_size"]), scale=0.5)
+    if cfg["num_extra"]:
+        out["additional_keys"] = t(b, cfg["num_extra"], hk, d)
+        out["additional_values"] = t(b, cfg["num_extra"], hk, d)
+    return out
+
+
+def cast(inputs, dtype):
+    return {n: None if v is None else v.detach().to(dtype).requires_grad_()
+            for n, v in inputs.items()}
+
+
+def params(cfg, inputs):
+    return check_inputs(len(cfg["spatial"]), inputs["query"], inputs["key"], inputs["value"],
+                        cfg["kernel_size"], cfg["dilation"], cfg["stride"], cfg["is_causal"],
+                        inputs["rpb"], None, inputs["additional_keys"],
+                        inputs["additional_values"])
+
+
+def run_cpu(cfg, inputs):
+    return natkit.neighborhood_attention(
+        inputs["query"], inputs["key"], inputs["value"], kernel_size=cfg["kernel_size"],
+        dilation=cfg["dilation"], stride=cfg["stride"], is_causal=cfg["is_causal"],
+        rpb=inputs["rpb"], additional_keys=inputs["additional_keys"],
+        additional_values=inputs["additional_values"], return_lse=True, backend="cpu")
+
+
+def run_ref(cfg, inputs, upcast=True):
+    return na_reference(inputs["query"], inputs["key"], inputs["value"], params(cfg, inputs),
+                        inputs["rpb"], inputs["additional_keys"], inputs["additional_values"],
+                        upcast=upcast)
+
+
+def grads(out, lse, inputs, g_out, g_lse):
+    names = [n for n, v in inputs.items() if v is not None]
+    loss = (out.double() * g_out).sum() + (lse.double() * g_lse).sum()
+    return dict(zip(names, torch.autograd.grad(loss, [inputs[n] for n in names])))
+
+
+def assert_close(name, got, ref, low, dtype, rel_floor):
+    """FlashAttention's rule ``|got - ref| <= 2 |low - ref| + floor``: ``ref`` float64,
+    ``low`` the reference computed in the input precision; the floor is twice the rounding
+    error of storing ``ref`` in ``dtype`` plus ``rel_floor`` times the magnitude of ``ref``
+    (the fused kernel sums in a different order)."""
+    ref = ref.double()
+    err = (got.double() - ref).abs().max().item()
+    floor = (2 * (ref.to(dtype).double() - ref).abs().max().item()
+             + rel_floor * (1 + ref.abs().max().item()))
+    bound = 2 * (low.double() - ref).abs().max().item() + floor
+    assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
+
+
+def check_against_reference(cfg, dtype, seed, rel_floor):
+    gen = torch.Generator().manual_seed(seed)
+    exact = make_inputs(cfg, gen)
+    inputs = cast(exact, dtype)
+    out, lse = run_cpu(cfg, inputs)
+    assert out.dtype == dtype and out.shape == inputs["query"].shape
+    assert lse.dtype == torch.float32 and lse.shape == inputs["query"].shape[:-1]
+    ref, ref_lse = run_ref(cfg, exact)
+    low_inputs = cast(exact, dtype)
+    low, low_lse = run_ref(cfg, low_inputs, upcast=False)
+    assert_close("out", out, ref, low, dtype, rel_floor)
+    assert_close("lse", lse, ref_lse, low_lse, torch.float32, rel_floor)
+    g_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    g_lse = torch.randn(lse.shape, generator=gen, dtype=torch.float64)
+    got = grads(out, lse, inputs, g_out, g_lse)
+    want = grads(ref, ref_lse, exact, g_out, g_lse)
+    lowg = grads(low, low_lse, low_inputs, g_out, g_lse)
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == dtype
+        assert_close(f"grad {name}", got[name], want[name], lowg[name], dtype, rel_floor)
+
+
+@pytest.mark.parametrize("seed", range(SWEEP))
+def test_matches_reference_float32(seed):
+    cfg = random_config(random.Random(seed))
+    check_against_reference(cfg, torch.float32, seed, rel_floor=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seed", range(max(4, SWEEP // 10)))
+def test_half_precision_inputs(seed, dtype):
+    """Half inputs are computed in float32: error at most twice the reference's own
+    half-precision error plus a small floor."""
+    cfg = random_config(random.Random(5000 + seed))
+    check_against_reference(cfg, dtype, seed, rel_floor=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(max(4, SWEEP // 3)))
+def test_matches_reference_split_into_blocks(seed, monkeypatch):
+    """Small (batch, kv_head) counts split each grid into row blocks (1-D: tile blocks);
+    forced here on small inputs."""
+    monkeypatch.setattr(cpu_backend, "MIN_BLOCK_TOKENS", 1)
+    cfg = random_config(random.Random(9000 + seed))
+    p = params(cfg, make_inputs(cfg, torch.Generator().manual_seed(0)))
+    assert cpu_backend._blocks(p, _build.load().lanes()) > 1 or p.num_tokens < 2 * 16
+    check_against_reference(cfg, torch.float32, seed, rel_floor=2e-5)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_large_tiles_and_long_rows(nd):
+    """Rows much longer than the SIMD width (contiguous tiles in the interior), big kernel;
+    big enough to be split into blocks with the default settings."""
+    cfg = dict(spatial=((2100,), (19, 140), (5, 6, 81))[nd - 1],
+               kernel_size=((33,), (7, 9), (3, 5, 7))[nd - 1], dilation=((2,), (2, 1), (1, 1, 3))[nd - 1],
+               stride=(1,) * nd, is_causal=(False,) * nd, rpb=True, batch=1, heads=2,
+               kv_heads=1, head_dim=32, num_extra=2)
+    p = params(cfg, make_inputs(cfg, torch.Generator().manual_seed(0)))
+    assert cpu_backend._blocks(p, _build.load().lanes()) > 1
+    check_against_reference(cfg, torch.float32, 7, rel_floor=2e-5)
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_strided_views_from_one_qkv_projection(gqa):
+    """q, k, v unbound from one ``[..., 3, heads, head_dim]`` projection are read in place
+    (strided); the result equals the one for contiguous copies, bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, 9, 23, 3, 4, 8, generator=gen)
+    q, k, v = qkv.unbind(-3)
+    if gqa:
+        k, v = k[..., :2, :], v[..., :2, :]
+    assert not q.is_contiguous()
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    copies = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
+    outs, grads_ = [], []
+    for args in (leaves, copies):
+        out = natkit.na2d(*args, (3, 5), dilation=(2, 1), backend="cpu")
+        outs.append(out)
+        grads_.append(torch.autograd.grad(out.square().sum(), args))
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(*grads_):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile_fullgraph_with_gradients():
+    """The kernels are torch custom ops with fake versions: Dynamo traces them whole."""
+    torch._dynamo.reset()
+    natkit.available_backends()  # the registry imports backends lazily: not while tracing
+    gen = torch.Generator().manual_seed(4)
+    leaves = [torch.randn(2, 9, 10, 4, 8, generator=gen).requires_grad_() for _ in range(3)]
+    rpb = torch.randn(4, 5, 5, generator=gen).requires_grad_()
+
+    def fn(q, k, v, rpb):
+        return natkit.na2d(q, k, v, 3, dilation=(2, 1), rpb=rpb, backend="cpu")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = compiled(*leaves, rpb)
+    want = fn(*leaves, rpb)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    g1 = torch.autograd.grad(got.sum(), [*leaves, rpb])
+    g2 = torch.autograd.grad(want.sum(), [*leaves, rpb])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_thread_count_independence():
+    """Each (batch, kv_head) task runs on one thread and nothing is reduced across
+    threads in a schedule-dependent order, so 1 and 2 threads give identical bits."""
+    cfg = dict(spatial=(33, 67), kernel_size=(5, 7), dilation=(1, 2), stride=(1, 2),
+               is_causal=(False, False), rpb=True, batch=2, heads=4, kv_heads=2, head_dim=16,
+               num_extra=2)  # 4 (batch, kv_head) pairs -> split into blocks
+    gen = torch.Generator().manual_seed(0)
+    exact = make_inputs(cfg, gen)
+    g_out = torch.randn(exact["query"].shape, generator=gen)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            inputs = cast(exact, torch.float32)
+            out, lse = run_cpu(cfg, inputs)
+            names = [n for n, v in inputs.items() if v is not None]
+            got = torch.autograd.grad((out * g_out).sum() + lse.sum(), [inputs[n] for n in names])
+            results.append([out, lse, *got])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_forward_allocates_no_score_tensor():
+    """The forward allocates (through torch) only its output and log-sum-exp: no N x K
+    scores or gathered keys. Measured with the profiler's memory accounting."""
+    from torch.profiler import ProfilerActivity, profile
+    b, n, h, d, k = 2, 4096, 2, 16, 31
+    q, kk, v = (torch.randn(b, n, h, d) for _ in range(3))
+    natkit.na1d(q, kk, v, k, backend="cpu")  # warm (build, tables)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        natkit.na1d(q, kk, v, k, backend="cpu")
+    # top-level op: its memory figure includes everything allocated beneath it
+    total = max(e.cpu_memory_usage for e in prof.events())
+    out_bytes = q.numel() * 4 + b * n * h * 4
+    assert total == out_bytes, (total, out_bytes)
+
+
+def test_chosen_automatically_for_cpu_float32_and_half():
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(1, 10, 2, 8, dtype=dtype)
+        p = check_inputs(1, q, q, q, 3, 1, 1, False, None, None, None, None)
+        assert choose_backend(None, p, q, None, True).name == "cpu"
+
+
+def test_float64_is_left_to_the_portable_backend():
+    q = torch.randn(1, 10, 2, 8, dtype=torch.float64)
+    p = check_inputs(1, q, q, q, 3, 1, 1, False, None, None, None, None)
+    assert "float64" in cpu_backend.can_run(p, q, None, False)
+    assert choose_backend(None, p, q, None, False).name == "torch"
+    with pytest.raises(ValueError, match="backend='cpu' cannot run"):
+        natkit.na1d(q, q, q, 3, backend="cpu")
+
+
+def test_missing_compiler_is_refused_with_a_reason(monkeypatch):
+    import shutil
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    reason = _build.missing_toolchain()
+    assert reason is not None and "compiler" in reason
+
+
+def test_can_be_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("NATKIT_DISABLE_CPU_KERNEL", "1")
+    q = torch.randn(1, 10, 2, 8)
+    p = check_inputs(1, q, q, q, 3, 1, 1, False, None, None, None, None)
+    assert "NATKIT_DISABLE_CPU_KERNEL" in cpu_backend.can_run(p, q, None, False)
+    assert choose_backend(None, p, q, None, False).name == "torch"
+
+
+def test_second_process_uses_the_cached_build():
+    code = ("import time, torch; from natkit.backends.cpu import _build; t = time.perf_counter();"
+            " _build.load(); print(time.perf_counter() - t)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    seconds = float(subprocess.check_output([sys.executable, "-c", code], env=env, text=True))
+    assert seconds < 10, f"loading the cached kernel took {seconds:.1f} s (recompiled?)"
