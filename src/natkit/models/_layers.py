@@ -28,6 +28,27 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * mask.div_(keep)
 
 
+class ClassifierMixin:
+    """timm's classifier accessors for models with ``head``, ``norm``, ``num_features``."""
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replaces the head by a fresh one with ``num_classes`` outputs (0 = none)."""
+        if self.features_only:
+            raise ValueError("reset_classifier: a features_only model has no classifier")
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool must be 'avg' or None, got {global_pool!r}")
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        self.num_classes = num_classes
+        device = self.norm.weight.device
+        self.head = (nn.Linear(self.num_features, num_classes, device=device) if num_classes
+                     else nn.Identity())
+        self.head.apply(init_weights)
+
+
 class DropPath(nn.Module):
     """Module form of ``drop_path`` (no parameters)."""
 

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ._layers import NATLayer, PatchEmbed, init_weights, no_weight_decay_names, run_blocks
+from ._layers import ClassifierMixin, NATLayer, PatchEmbed, init_weights, no_weight_decay_names, run_blocks
 from .nat import build, take_indices
 from ._registry import register_model
 
@@ -23,7 +23,7 @@ __all__ = ["NATIsotropic", "nat_isotropic_small", "nat_isotropic_base",
            "dinat_isotropic_small", "dinat_isotropic_base"]
 
 
-class NATIsotropic(nn.Module):
+class NATIsotropic(ClassifierMixin, nn.Module):
     """Isotropic NAT/DiNAT classifier, or backbone (``features_only=True``).
 
     Args:
@@ -97,23 +97,6 @@ class NATIsotropic(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replaces the head by a fresh one with ``num_classes`` outputs (0 = none)."""
-        if self.features_only:
-            raise ValueError("reset_classifier: a features_only model has no classifier")
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"global_pool must be 'avg' or None, got {global_pool!r}")
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
-        self.num_classes = num_classes
-        device = self.norm.weight.device
-        self.head = (nn.Linear(self.num_features, num_classes, device=device) if num_classes
-                     else nn.Identity())
-        self.head.apply(init_weights)
 
     def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW",

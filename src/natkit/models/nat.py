@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ._layers import (ConvDownsampler, ConvTokenizer, Stage, init_weights, level_dilations,
+from ._layers import (ClassifierMixin, ConvDownsampler, ConvTokenizer, Stage, init_weights, level_dilations,
                       no_weight_decay_names)
 from ._registry import default_cfg, register_model
 
@@ -55,7 +55,7 @@ def take_indices(num: int, indices, name: str = "indices") -> list[int]:
     return sorted(set(taken))
 
 
-class NAT(nn.Module):
+class NAT(ClassifierMixin, nn.Module):
     """Hierarchical NAT/DiNAT classifier, or backbone (``features_only=True``).
 
     Args:
@@ -170,23 +170,6 @@ class NAT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
             stage.grad_checkpointing = enable
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replaces the head by a fresh one with ``num_classes`` outputs (0 = none)."""
-        if self.features_only:
-            raise ValueError("reset_classifier: a features_only model has no classifier")
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"global_pool must be 'avg' or None, got {global_pool!r}")
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
-        self.num_classes = num_classes
-        device = self.norm.weight.device
-        self.head = (nn.Linear(self.num_features, num_classes, device=device) if num_classes
-                     else nn.Identity())
-        self.head.apply(init_weights)
 
     def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW",
