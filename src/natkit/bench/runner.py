@@ -322,8 +322,9 @@ def plot(results: Sequence[Result], path: str, title: str) -> None:
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels([c + (" +rpb" if b else "") for c, b in cases], fontsize=8)
         ax.set_yscale("log")
-        from matplotlib.ticker import FormatStrFormatter
+        from matplotlib.ticker import FormatStrFormatter, LogLocator
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
         ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
         ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_ylabel("time / Swin WSA time (lower is better)")

@@ -53,18 +53,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (CLIError, CheckpointError, DataError) as err:
-        _error(args.command, str(err))
+        msg = str(err)
+        if "Original Traceback" in msg:  # re-raised from a DataLoader worker
+            msg = _last_line(msg).split("Error: ", 1)[-1]
+        _error(args.command, msg)
         return 2
     except KeyboardInterrupt:
         _error(args.command, "interrupted")
         return 130
-    except RuntimeError as err:
-        # DataLoader workers re-raise our DataError as a RuntimeError-free copy of its type,
-        # but collective failures of other ranks surface as RuntimeErrors: report, no dump.
-        if "DataError" in str(err) or "cannot read image" in str(err):
-            _error(args.command, _last_line(str(err)))
-            return 2
-        raise
 
 
 def _last_line(text: str) -> str:
