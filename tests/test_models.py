@@ -442,6 +442,22 @@ def test_save_load_round_trip(tmp_path, wrap):
     assert torch.equal(src(x), dst.eval()(x))
 
 
+class _Foreign:
+    """An arbitrary pickled object: loading it would run code from the file."""
+
+
+def test_timm_training_checkpoint_loads_and_foreign_pickles_are_refused(tmp_path):
+    import argparse
+    sd = create_model("nat_micro").state_dict()
+    torch.save({"epoch": 3, "arch": "nat_micro", "state_dict": sd,
+                "args": argparse.Namespace(lr=1e-3, model="nat_micro")}, tmp_path / "t.pth")
+    model = create_model("nat_micro", pretrained=tmp_path / "t.pth")
+    assert torch.equal(model.head.weight, sd["head.weight"])
+    torch.save({"state_dict": sd, "extra": _Foreign()}, tmp_path / "p.pth")
+    with pytest.raises(ValueError, match="pickled objects"):
+        create_model("nat_micro", pretrained=tmp_path / "p.pth")
+
+
 def test_mismatched_checkpoint_error_lists_the_keys(tmp_path):
     sd = create_model("nat_micro").state_dict()
     del sd["levels.1.blocks.0.attn.proj.bias"]
@@ -493,6 +509,12 @@ def test_new_num_classes_keeps_a_fresh_head(tmp_path):
     backbone = create_model("nat_micro", pretrained=tmp_path / "c10.pth", features_only=True)
     assert torch.equal(backbone.levels[0].blocks[0].attn.qkv.weight,
                        src.levels[0].blocks[0].attn.qkv.weight)
+    # a detector's checkpoint (mmdetection layout): its backbone, with trained out norms
+    det = {f"backbone.{k}": v + 1 for k, v in backbone.state_dict().items()}
+    det["neck.lateral.weight"] = torch.zeros(3)
+    torch.save({"state_dict": det, "meta": {}}, tmp_path / "det.pth")
+    loaded = create_model("nat_micro", pretrained=tmp_path / "det.pth", features_only=True)
+    assert all(torch.equal(v, det[f"backbone.{k}"]) for k, v in loaded.state_dict().items())
 
 
 # -- Hugging Face transformers layout -----------------------------------------------------

@@ -10,8 +10,10 @@ layer scales stacked in ``layer_scale_parameters``; ``from_hf_state_dict`` and
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import pickle
 import re
 import warnings
 from typing import Mapping, Optional, Union
@@ -60,8 +62,9 @@ def read_state_dict(path: Union[str, os.PathLike]) -> StateDict:
 
     Accepts ``torch.save`` files (bare state dict, or one wrapped in ``"model"``,
     ``"state_dict"`` or ``"module"``) and ``.safetensors`` files (needs the
-    ``safetensors`` package). A ``module.`` prefix (DistributedDataParallel) and a
-    ``backbone.`` prefix (mmdetection/mmsegmentation) are removed.
+    ``safetensors`` package). A ``module.`` prefix (DistributedDataParallel) is removed;
+    from a detection/segmentation checkpoint (mmdetection/mmsegmentation) only the
+    ``backbone.*`` weights are kept, without the prefix.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -74,7 +77,14 @@ def read_state_dict(path: Union[str, os.PathLike]) -> StateDict:
                               f"(pip install safetensors)") from err
         sd = load_file(path, device="cpu")
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:   # timm training checkpoints also hold their argparse arguments
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"checkpoint {path!r} holds pickled objects besides tensors, "
+                             f"which natkit does not unpickle (torch.load weights_only=True); "
+                             f"if you trust the file, save its state dict alone: "
+                             f"{str(err).splitlines()[0]}") from None
     return unwrap_state_dict(sd, source=repr(path))
 
 
@@ -89,9 +99,10 @@ def unwrap_state_dict(obj, source: str = "checkpoint") -> StateDict:
         raise ValueError(f"{source} holds no state dict (expected a mapping of tensors, "
                          f"bare or under 'model'/'state_dict')")
     sd = dict(obj)
-    for prefix in ("module.", "backbone."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if any(k.startswith("backbone.") for k in sd):   # a detector's/segmenter's backbone
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     return sd
 
 
