@@ -7,8 +7,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Size of the random sweeps: NATKIT_SWEEP=500 for a thorough local run; CI uses the default.
-SWEEP = int(os.environ.get("NATKIT_SWEEP", "60"))
 
 
 @pytest.fixture(autouse=True)

@@ -55,16 +55,14 @@ def _registry() -> dict[str, Backend]:
     return {b.name: b for b in found if b is not None}
 
 
-_BACKENDS: Optional[dict[str, Backend]] = None
+# Built at import, not lazily: torch.compile cannot trace the imports inside a compiled call.
+_BACKENDS: dict[str, Backend] = _registry()
 
 # Order of preference for ``backend=None``; the reference is never picked automatically.
 PRIORITY = ("triton", "cpu", "torch")
 
 
 def backends() -> dict[str, Backend]:
-    global _BACKENDS
-    if _BACKENDS is None:
-        _BACKENDS = _registry()
     return _BACKENDS
 
 

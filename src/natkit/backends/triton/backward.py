@@ -1,0 +1,389 @@
+"""Backward kernels: delta preprocess, dQ (+ fused dRPB), dK/dV, and dK/dV of the extra tokens.
+
+Scheme (as in FlashAttention-2 / Triton's fused-attention tutorial): probabilities are
+recomputed from the saved log-sum-exp; ``delta = rowsum(dO * O) - dlse`` folds the
+gradient of the returned log-sum-exp in (``d lse / d s = P``).
+
+- ``na_bwd_dq_kernel``, grid ``(query-tile slots, batch * heads)``: the forward's key box;
+  ``dQ = scale * dS K``; ``dRPB += dS`` by fp32 atomics into ``NCOPY`` private copies of the
+  table (program ``pid`` uses copy ``pid % NCOPY``), so at most ``ceil(programs / NCOPY)``
+  programs contend per address; the copies are summed on the host.
+- ``na_bwd_dkdv_kernel``, grid ``(key-tile slots, batch * kv_heads)``: the inverse
+  neighborhood (``window.query_range``) of every query head of the GQA group; deterministic,
+  no atomics. ``dK = scale * dS^T Q``, ``dV = P^T dO``.
+- ``na_bwd_dkdv_extra_kernel``, grid ``(extra-token tiles, batch * kv_heads)``: every query
+  attends the extra tokens, so their gradient is a reduction over all queries.
+"""
+
+import triton
+import triton.language as tl
+
+from .window import (group_len, key_range, query_range, rpb_index, tile_coords, tile_index,
+                     win_end, win_start)
+
+
+@triton.jit
+def delta_kernel(O, DO, LSE_GRAD, DELTA, rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_R: tl.constexpr, HAS_LSE_GRAD: tl.constexpr):
+    """``delta[r] = sum_d O[r, d] * dO[r, d] - dlse[r]`` over contiguous rows; grid ``cdiv(rows, BLOCK_R)``."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dd = tl.arange(0, BLOCK_D)
+    mask = (r < rows)[:, None] & (dd < HEAD_DIM)[None, :]
+    off = r.to(tl.int64)[:, None] * HEAD_DIM + dd[None, :]
+    o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_LSE_GRAD:
+        delta -= tl.load(LSE_GRAD + r, mask=r < rows, other=0.0)
+    tl.store(DELTA + r, delta, mask=r < rows)
+
+
+@triton.jit
+def _window_mask(valid, i0, i1, i2, j0, j1, j2, ws0, we0, ws1, we1, ws2, we2):
+    """``valid`` and-ed with "key j in the window of query i"; operands pre-broadcast."""
+    valid = valid & (j0 >= ws0) & (j0 < we0)
+    valid = valid & (j1 >= ws1) & (j1 < we1)
+    valid = valid & (j2 >= ws2) & (j2 < we2)
+    return valid
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, k, vT, qk_scale, bias_ptr, drpb_ptr,
+             i0, i1, i2, j0, j1, j2, ws0, we0, ws1, we1, ws2, we2, qvalid, kvalid, K0, K1, K2,
+             HAS_RPB: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr,
+             PRECISION: tl.constexpr):
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        valid = qvalid[:, None] & kvalid[None, :]
+        if WINDOW:
+            valid = _window_mask(valid, i0[:, None], i1[:, None], i2[:, None], j0[None, :],
+                                 j1[None, :], j2[None, :], ws0[:, None], we0[:, None],
+                                 ws1[:, None], we1[:, None], ws2[:, None], we2[:, None])
+    if HAS_RPB:
+        idx = rpb_index(i0[:, None], i1[:, None], i2[:, None], j0[None, :], j1[None, :],
+                        j2[None, :], K0, K1, K2)
+        if MASKED:
+            bias = tl.load(bias_ptr + idx, mask=valid, other=0.0)
+        else:
+            bias = tl.load(bias_ptr + idx)
+        qk += bias.to(tl.float32) * 1.4426950408889634
+    p = tl.math.exp2(qk - lse2[:, None])
+    if MASKED:
+        p = tl.where(valid, p, 0.0)
+    dp = tl.dot(do, vT, input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    if HAS_RPB:
+        if MASKED:
+            tl.atomic_add(drpb_ptr + idx, ds, mask=valid, sem="relaxed")
+        else:
+            tl.atomic_add(drpb_ptr + idx, ds, sem="relaxed")
+    return dq
+
+
+@triton.jit
+def na_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, RPB, DRPB, EK, EV,
+        sqb, sq0, sq1, sq2, sqh, sqd,
+        skb, sk0, sk1, sk2, skh, skd,
+        svb, sv0, sv1, sv2, svh, svd,
+        sdob, sdo0, sdo1, sdo2, sdoh, sdod,
+        sdqb, sdq0, sdq1, sdq2, sdqh, sdqd,
+        sekb, sekn, sekh, sekd,
+        sevb, sevn, sevh, sevd,
+        L0, L1, L2, K0, K1, K2, S0, S1, S2, D0, D1, D2,
+        NT1, NT2, H, G, E, qk_scale, scale, NCOPY,
+        C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+        BQ0: tl.constexpr, BQ1: tl.constexpr, BQ2: tl.constexpr,
+        BK0: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, PRECISION: tl.constexpr):
+    BLOCK_N: tl.constexpr = BK0 * BK1 * BK2
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = h // G
+    g0, t0, g1, t1, g2, t2 = tile_index(pid, NT1, NT2, D0, D1, D2)
+    Lg0 = group_len(L0, g0, D0)
+    Lg1 = group_len(L1, g1, D1)
+    Lg2 = group_len(L2, g2, D2)
+    a0 = t0 * BQ0
+    a1 = t1 * BQ1
+    a2 = t2 * BQ2
+    i0, i1, i2 = tile_coords(a0, a1, a2, BQ0, BQ1, BQ2)
+    qvalid = (i0 < Lg0) & (i1 < Lg1) & (i2 < Lg2)
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < HEAD_DIM
+    r0 = i0 * D0 + g0
+    r1 = i1 * D1 + g1
+    r2 = i2 * D2 + g2
+    qm = qvalid[:, None] & dmask[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + r0[:, None] * sq0 + r1[:, None] * sq1 + r2[:, None] * sq2
+                + dd[None, :] * sqd, mask=qm, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + r0[:, None] * sdo0 + r1[:, None] * sdo1
+                 + r2[:, None] * sdo2 + dd[None, :] * sdod, mask=qm, other=0.0)
+    row = (b * L0 * L1 * L2 + (r0 * L1 + r1) * L2 + r2) * H + h
+    lse2 = tl.load(LSE + row, mask=qvalid, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
+
+    ws0 = win_start(i0, Lg0, K0, S0, C0)
+    we0 = win_end(i0, ws0, K0, C0)
+    ws1 = win_start(i1, Lg1, K1, S1, C1)
+    we1 = win_end(i1, ws1, K1, C1)
+    ws2 = win_start(i2, Lg2, K2, S2, C2)
+    we2 = win_end(i2, ws2, K2, C2)
+    lo0, hi0, flo0, fhi0 = key_range(tl.minimum(a0, Lg0 - 1), tl.minimum(a0 + BQ0, Lg0) - 1, Lg0, K0, S0, C0)
+    lo1, hi1, flo1, fhi1 = key_range(tl.minimum(a1, Lg1 - 1), tl.minimum(a1 + BQ1, Lg1) - 1, Lg1, K1, S1, C1)
+    lo2, hi2, flo2, fhi2 = key_range(tl.minimum(a2, Lg2 - 1), tl.minimum(a2 + BQ2, Lg2) - 1, Lg2, K2, S2, C2)
+    nk0 = tl.cdiv(hi0 - lo0, BK0)
+    nk1 = tl.cdiv(hi1 - lo1, BK1)
+    nk2 = tl.cdiv(hi2 - lo2, BK2)
+    qfull = (a0 + BQ0 <= Lg0) & (a1 + BQ1 <= Lg1) & (a2 + BQ2 <= Lg2)
+
+    table = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
+    bias_ptr = RPB + h * table
+    drpb_ptr = DRPB + ((pid % NCOPY) * H + h) * table
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    dq = tl.zeros([BQ0 * BQ1 * BQ2, BLOCK_D], tl.float32)
+    for t in range(0, nk0 * nk1 * nk2):
+        c0 = lo0 + (t // (nk1 * nk2)) * BK0
+        c1 = lo1 + ((t // nk2) % nk1) * BK1
+        c2 = lo2 + (t % nk2) * BK2
+        j0, j1, j2 = tile_coords(c0, c1, c2, BK0, BK1, BK2)
+        koff = (j0 * D0 + g0) * sk0 + (j1 * D1 + g1) * sk1 + (j2 * D2 + g2) * sk2
+        voff = (j0 * D0 + g0) * sv0 + (j1 * D1 + g1) * sv1 + (j2 * D2 + g2) * sv2
+        kvalid = (j0 < Lg0) & (j1 < Lg1) & (j2 < Lg2)
+        inside = qfull & ((c0 >= flo0) & (c0 + BK0 <= fhi0) & (c1 >= flo1) & (c1 + BK1 <= fhi1)
+                  & (c2 >= flo2) & (c2 + BK2 <= fhi2))
+        if inside:
+            if BLOCK_D == HEAD_DIM:
+                k = tl.load(k_base + koff[:, None] + dd[None, :] * skd)
+                vT = tl.load(v_base + voff[None, :] + dd[:, None] * svd)
+            else:
+                k = tl.load(k_base + koff[:, None] + dd[None, :] * skd, mask=dmask[None, :], other=0.0)
+                vT = tl.load(v_base + voff[None, :] + dd[:, None] * svd, mask=dmask[:, None], other=0.0)
+            dq = _dq_step(dq, q, do, lse2, delta, k, vT, qk_scale, bias_ptr, drpb_ptr,
+                          i0, i1, i2, j0, j1, j2, ws0, we0, ws1, we1, ws2, we2, qvalid, kvalid,
+                          K0, K1, K2, HAS_RPB, False, True, PRECISION)
+        else:
+            k = tl.load(k_base + koff[:, None] + dd[None, :] * skd,
+                        mask=kvalid[:, None] & dmask[None, :], other=0.0)
+            vT = tl.load(v_base + voff[None, :] + dd[:, None] * svd,
+                         mask=kvalid[None, :] & dmask[:, None], other=0.0)
+            dq = _dq_step(dq, q, do, lse2, delta, k, vT, qk_scale, bias_ptr, drpb_ptr,
+                          i0, i1, i2, j0, j1, j2, ws0, we0, ws1, we1, ws2, we2, qvalid, kvalid,
+                          K0, K1, K2, HAS_RPB, True, True, PRECISION)
+    if HAS_EXTRA:
+        ek_base = EK + b * sekb + hk * sekh
+        ev_base = EV + b * sevb + hk * sevh
+        for e0 in range(0, E, BLOCK_N):
+            n = e0 + tl.arange(0, BLOCK_N)
+            evalid = n < E
+            k = tl.load(ek_base + n[:, None] * sekn + dd[None, :] * sekd,
+                        mask=evalid[:, None] & dmask[None, :], other=0.0)
+            vT = tl.load(ev_base + n[None, :] * sevn + dd[:, None] * sevd,
+                         mask=evalid[None, :] & dmask[:, None], other=0.0)
+            dq = _dq_step(dq, q, do, lse2, delta, k, vT, qk_scale, bias_ptr, drpb_ptr,
+                          i0, i1, i2, n, n, n, ws0, we0, ws1, we1, ws2, we2, qvalid, evalid,
+                          K0, K1, K2, False, True, False, PRECISION)
+    tl.store(DQ + b * sdqb + h * sdqh + r0[:, None] * sdq0 + r1[:, None] * sdq1
+             + r2[:, None] * sdq2 + dd[None, :] * sdqd, (dq * scale).to(DQ.dtype.element_ty), mask=qm)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, bias_ptr,
+               i0, i1, i2, j0, j1, j2, ws0, we0, ws1, we1, ws2, we2, valid, K0, K1, K2,
+               HAS_RPB: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """Transposed layout: rows are keys ``j``, columns queries ``i``; ``valid`` is ``[N, M]``."""
+    qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        if WINDOW:
+            valid = _window_mask(valid, i0[None, :], i1[None, :], i2[None, :], j0[:, None],
+                                 j1[:, None], j2[:, None], ws0[None, :], we0[None, :],
+                                 ws1[None, :], we1[None, :], ws2[None, :], we2[None, :])
+    if HAS_RPB:
+        idx = rpb_index(i0[None, :], i1[None, :], i2[None, :], j0[:, None], j1[:, None],
+                        j2[:, None], K0, K1, K2)
+        if MASKED:
+            bias = tl.load(bias_ptr + idx, mask=valid, other=0.0)
+        else:
+            bias = tl.load(bias_ptr + idx)
+        qkT += bias.to(tl.float32) * 1.4426950408889634
+    pT = tl.math.exp2(qkT - lse2[None, :])
+    if MASKED:
+        pT = tl.where(valid, pT, 0.0)
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def na_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV, RPB,
+        sqb, sq0, sq1, sq2, sqh, sqd,
+        skb, sk0, sk1, sk2, skh, skd,
+        svb, sv0, sv1, sv2, svh, svd,
+        sdob, sdo0, sdo1, sdo2, sdoh, sdod,
+        sdkb, sdk0, sdk1, sdk2, sdkh, sdkd,
+        sdvb, sdv0, sdv1, sdv2, sdvh, sdvd,
+        L0, L1, L2, K0, K1, K2, S0, S1, S2, D0, D1, D2,
+        NT1, NT2, H, HK, G, qk_scale, scale,
+        C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+        BQ0: tl.constexpr, BQ1: tl.constexpr, BQ2: tl.constexpr,
+        BK0: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_RPB: tl.constexpr, PRECISION: tl.constexpr):
+    BLOCK_M: tl.constexpr = BQ0 * BQ1 * BQ2
+    BLOCK_N: tl.constexpr = BK0 * BK1 * BK2
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HK).to(tl.int64)
+    hk = bh % HK
+    g0, t0, g1, t1, g2, t2 = tile_index(pid, NT1, NT2, D0, D1, D2)
+    Lg0 = group_len(L0, g0, D0)
+    Lg1 = group_len(L1, g1, D1)
+    Lg2 = group_len(L2, g2, D2)
+    c0 = t0 * BK0
+    c1 = t1 * BK1
+    c2 = t2 * BK2
+    j0, j1, j2 = tile_coords(c0, c1, c2, BK0, BK1, BK2)
+    kvalid = (j0 < Lg0) & (j1 < Lg1) & (j2 < Lg2)
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < HEAD_DIM
+    s0 = j0 * D0 + g0
+    s1 = j1 * D1 + g1
+    s2 = j2 * D2 + g2
+    km = kvalid[:, None] & dmask[None, :]
+    k = tl.load(K + b * skb + hk * skh + s0[:, None] * sk0 + s1[:, None] * sk1 + s2[:, None] * sk2
+                + dd[None, :] * skd, mask=km, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + s0[:, None] * sv0 + s1[:, None] * sv1 + s2[:, None] * sv2
+                + dd[None, :] * svd, mask=km, other=0.0)
+    qlo0, qhi0 = query_range(c0, tl.minimum(c0 + BK0, Lg0) - 1, Lg0, K0, S0, C0)
+    qlo1, qhi1 = query_range(c1, tl.minimum(c1 + BK1, Lg1) - 1, Lg1, K1, S1, C1)
+    qlo2, qhi2 = query_range(c2, tl.minimum(c2 + BK2, Lg2) - 1, Lg2, K2, S2, C2)
+    nq0 = tl.maximum(tl.cdiv(qhi0 - qlo0, BQ0), 0)
+    nq1 = tl.maximum(tl.cdiv(qhi1 - qlo1, BQ1), 0)
+    nq2 = tl.maximum(tl.cdiv(qhi2 - qlo2, BQ2), 0)
+    kin = (c0 + BK0 <= Lg0) & (c1 + BK1 <= Lg1) & (c2 + BK2 <= Lg2)
+
+    table = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    NQ = L0 * L1 * L2
+    for gi in range(0, G):
+        h = hk * G + gi
+        bias_ptr = RPB + h * table
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdob + h * sdoh
+        for t in range(0, nq0 * nq1 * nq2):
+            a0 = qlo0 + (t // (nq1 * nq2)) * BQ0
+            a1 = qlo1 + ((t // nq2) % nq1) * BQ1
+            a2 = qlo2 + (t % nq2) * BQ2
+            i0, i1, i2 = tile_coords(a0, a1, a2, BQ0, BQ1, BQ2)
+            r0 = i0 * D0 + g0
+            r1 = i1 * D1 + g1
+            r2 = i2 * D2 + g2
+            qoff = r0 * sq0 + r1 * sq1 + r2 * sq2
+            dooff = r0 * sdo0 + r1 * sdo1 + r2 * sdo2
+            row = (b * NQ + (r0 * L1 + r1) * L2 + r2) * H + h
+            ws0 = win_start(i0, Lg0, K0, S0, C0)
+            we0 = win_end(i0, ws0, K0, C0)
+            ws1 = win_start(i1, Lg1, K1, S1, C1)
+            we1 = win_end(i1, ws1, K1, C1)
+            ws2 = win_start(i2, Lg2, K2, S2, C2)
+            we2 = win_end(i2, ws2, K2, C2)
+            # every query of the tile valid and attending every key of the key tile
+            sa0 = win_start(a0, Lg0, K0, S0, C0)
+            sa1 = win_start(a1, Lg1, K1, S1, C1)
+            sa2 = win_start(a2, Lg2, K2, S2, C2)
+            inside = (kin & (a0 + BQ0 <= Lg0) & (a1 + BQ1 <= Lg1) & (a2 + BQ2 <= Lg2)
+                      & (win_start(a0 + BQ0 - 1, Lg0, K0, S0, C0) <= c0)
+                      & (win_start(a1 + BQ1 - 1, Lg1, K1, S1, C1) <= c1)
+                      & (win_start(a2 + BQ2 - 1, Lg2, K2, S2, C2) <= c2)
+                      & (c0 + BK0 <= win_end(a0, sa0, K0, C0))
+                      & (c1 + BK1 <= win_end(a1, sa1, K1, C1))
+                      & (c2 + BK2 <= win_end(a2, sa2, K2, C2)))
+            if inside:
+                if BLOCK_D == HEAD_DIM:
+                    q = tl.load(q_base + qoff[:, None] + dd[None, :] * sqd)
+                    do = tl.load(do_base + dooff[:, None] + dd[None, :] * sdod)
+                else:
+                    q = tl.load(q_base + qoff[:, None] + dd[None, :] * sqd, mask=dmask[None, :], other=0.0)
+                    do = tl.load(do_base + dooff[:, None] + dd[None, :] * sdod, mask=dmask[None, :], other=0.0)
+                lse2 = tl.load(LSE + row) * 1.4426950408889634
+                delta = tl.load(DELTA + row)
+                dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, bias_ptr,
+                                    i0, i1, i2, j0, j1, j2, ws0, we0, ws1, we1, ws2, we2, kvalid,
+                                    K0, K1, K2, HAS_RPB, False, True, PRECISION)
+            else:
+                qvalid = (i0 < Lg0) & (i1 < Lg1) & (i2 < Lg2)
+                qm = qvalid[:, None] & dmask[None, :]
+                q = tl.load(q_base + qoff[:, None] + dd[None, :] * sqd, mask=qm, other=0.0)
+                do = tl.load(do_base + dooff[:, None] + dd[None, :] * sdod, mask=qm, other=0.0)
+                lse2 = tl.load(LSE + row, mask=qvalid, other=0.0) * 1.4426950408889634
+                delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
+                valid = kvalid[:, None] & qvalid[None, :]
+                dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, bias_ptr,
+                                    i0, i1, i2, j0, j1, j2, ws0, we0, ws1, we1, ws2, we2, valid,
+                                    K0, K1, K2, HAS_RPB, True, True, PRECISION)
+    tl.store(DK + b * sdkb + hk * sdkh + s0[:, None] * sdk0 + s1[:, None] * sdk1
+             + s2[:, None] * sdk2 + dd[None, :] * sdkd, (dk * scale).to(DK.dtype.element_ty), mask=km)
+    tl.store(DV + b * sdvb + hk * sdvh + s0[:, None] * sdv0 + s1[:, None] * sdv1
+             + s2[:, None] * sdv2 + dd[None, :] * sdvd, dv.to(DV.dtype.element_ty), mask=km)
+
+
+@triton.jit
+def na_bwd_dkdv_extra_kernel(
+        Q, EK, EV, DO, LSE, DELTA, DEK, DEV,
+        sqb, sq0, sq1, sq2, sqh, sqd,
+        sekb, sekn, sekh, sekd,
+        sevb, sevn, sevh, sevd,
+        sdob, sdo0, sdo1, sdo2, sdoh, sdod,
+        sdekb, sdekn, sdekh, sdekd,
+        sdevb, sdevn, sdevh, sdevd,
+        L0, L1, L2, H, HK, G, E, qk_scale, scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HK).to(tl.int64)
+    hk = bh % HK
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    evalid = n < E
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < HEAD_DIM
+    em = evalid[:, None] & dmask[None, :]
+    k = tl.load(EK + b * sekb + hk * sekh + n[:, None] * sekn + dd[None, :] * sekd, mask=em, other=0.0)
+    v = tl.load(EV + b * sevb + hk * sevh + n[:, None] * sevn + dd[None, :] * sevd, mask=em, other=0.0)
+    NQ = L0 * L1 * L2
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for gi in range(0, G):
+        h = hk * G + gi
+        for m0 in range(0, NQ, BLOCK_M):
+            m = m0 + tl.arange(0, BLOCK_M)
+            qvalid = m < NQ
+            r0 = m // (L1 * L2)
+            r1 = (m // L2) % L1
+            r2 = m % L2
+            qm = qvalid[:, None] & dmask[None, :]
+            q = tl.load(Q + b * sqb + h * sqh + (r0 * sq0 + r1 * sq1 + r2 * sq2)[:, None]
+                        + dd[None, :] * sqd, mask=qm, other=0.0)
+            do = tl.load(DO + b * sdob + h * sdoh + (r0 * sdo0 + r1 * sdo1 + r2 * sdo2)[:, None]
+                         + dd[None, :] * sdod, mask=qm, other=0.0)
+            row = (b * NQ + m) * H + h
+            lse2 = tl.load(LSE + row, mask=qvalid, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
+            valid = evalid[:, None] & qvalid[None, :]
+            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, EK,
+                                m, m, m, n, n, n, m, m, m, m, m, m, valid, 1, 1, 1,
+                                False, True, False, PRECISION)
+    tl.store(DEK + b * sdekb + hk * sdekh + n[:, None] * sdekn + dd[None, :] * sdekd,
+             (dk * scale).to(DEK.dtype.element_ty), mask=em)
+    tl.store(DEV + b * sdevb + hk * sdevh + n[:, None] * sdevn + dd[None, :] * sdevd,
+             dv.to(DEV.dtype.element_ty), mask=em)

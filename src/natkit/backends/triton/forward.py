@@ -1,0 +1,166 @@
+"""Forward kernel: fused neighborhood attention with online softmax (exp2, fp32 accumulation).
+
+Grid: ``(query-tile slots, batch * heads)``. A program owns one multi-dimensional query
+tile (``BQ0 x BQ1 x BQ2`` tokens of one dilation group), walks the key tiles of its
+neighborhoods' bounding box (``window.key_range`` per dimension), then the extra key/value
+tokens, and writes the output and the log-sum-exp. Key tiles inside every neighborhood of
+the tile run the unmasked inner step; only boundary tiles pay for the window mask.
+"""
+
+import triton
+import triton.language as tl
+
+from .window import group_len, key_range, rpb_index, tile_coords, tile_index, win_end, win_start
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, kT, v, qk_scale, bias_ptr, i0, i1, i2, j0, j1, j2,
+            ws0, we0, ws1, we1, ws2, we2, qvalid, kvalid, K0, K1, K2,
+            HAS_RPB: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """One online-softmax step over a key tile (``WINDOW=False``: extra tokens, no window)."""
+    qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+    if MASKED:
+        # rows past the group end get no keys: their bias index could leave the table
+        valid = qvalid[:, None] & kvalid[None, :]
+        if WINDOW:
+            valid = valid & (j0[None, :] >= ws0[:, None]) & (j0[None, :] < we0[:, None])
+            valid = valid & (j1[None, :] >= ws1[:, None]) & (j1[None, :] < we1[:, None])
+            valid = valid & (j2[None, :] >= ws2[:, None]) & (j2[None, :] < we2[:, None])
+    if HAS_RPB:
+        idx = rpb_index(i0[:, None], i1[:, None], i2[:, None], j0[None, :], j1[None, :],
+                        j2[None, :], K0, K1, K2)
+        if MASKED:
+            bias = tl.load(bias_ptr + idx, mask=valid, other=0.0)
+        else:
+            bias = tl.load(bias_ptr + idx)
+        qk += bias.to(tl.float32) * 1.4426950408889634
+    if MASKED:
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row so far
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = m_new
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def na_fwd_kernel(
+        Q, K, V, O, LSE, RPB, EK, EV,
+        sqb, sq0, sq1, sq2, sqh, sqd,
+        skb, sk0, sk1, sk2, skh, skd,
+        svb, sv0, sv1, sv2, svh, svd,
+        sob, so0, so1, so2, soh, sod,
+        sekb, sekn, sekh, sekd,
+        sevb, sevn, sevh, sevd,
+        L0, L1, L2, K0, K1, K2, S0, S1, S2, D0, D1, D2,
+        NT1, NT2, H, G, E, qk_scale,
+        C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+        BQ0: tl.constexpr, BQ1: tl.constexpr, BQ2: tl.constexpr,
+        BK0: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, PRECISION: tl.constexpr):
+    BLOCK_M: tl.constexpr = BQ0 * BQ1 * BQ2
+    BLOCK_N: tl.constexpr = BK0 * BK1 * BK2
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = h // G
+    g0, t0, g1, t1, g2, t2 = tile_index(pid, NT1, NT2, D0, D1, D2)
+    Lg0 = group_len(L0, g0, D0)
+    Lg1 = group_len(L1, g1, D1)
+    Lg2 = group_len(L2, g2, D2)
+    a0 = t0 * BQ0
+    a1 = t1 * BQ1
+    a2 = t2 * BQ2
+    i0, i1, i2 = tile_coords(a0, a1, a2, BQ0, BQ1, BQ2)
+    qvalid = (i0 < Lg0) & (i1 < Lg1) & (i2 < Lg2)
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < HEAD_DIM
+    q_ptrs = (Q + b * sqb + h * sqh + (i0 * D0 + g0)[:, None] * sq0 + (i1 * D1 + g1)[:, None] * sq1
+              + (i2 * D2 + g2)[:, None] * sq2 + dd[None, :] * sqd)
+    q = tl.load(q_ptrs, mask=qvalid[:, None] & dmask[None, :], other=0.0)
+
+    # per-query windows (masked tiles) and the tile's key box per dimension
+    ws0 = win_start(i0, Lg0, K0, S0, C0)
+    we0 = win_end(i0, ws0, K0, C0)
+    ws1 = win_start(i1, Lg1, K1, S1, C1)
+    we1 = win_end(i1, ws1, K1, C1)
+    ws2 = win_start(i2, Lg2, K2, S2, C2)
+    we2 = win_end(i2, ws2, K2, C2)
+    lo0, hi0, flo0, fhi0 = key_range(tl.minimum(a0, Lg0 - 1), tl.minimum(a0 + BQ0, Lg0) - 1, Lg0, K0, S0, C0)
+    lo1, hi1, flo1, fhi1 = key_range(tl.minimum(a1, Lg1 - 1), tl.minimum(a1 + BQ1, Lg1) - 1, Lg1, K1, S1, C1)
+    lo2, hi2, flo2, fhi2 = key_range(tl.minimum(a2, Lg2 - 1), tl.minimum(a2 + BQ2, Lg2) - 1, Lg2, K2, S2, C2)
+    nk0 = tl.cdiv(hi0 - lo0, BK0)
+    nk1 = tl.cdiv(hi1 - lo1, BK1)
+    nk2 = tl.cdiv(hi2 - lo2, BK2)
+    qfull = (a0 + BQ0 <= Lg0) & (a1 + BQ1 <= Lg1) & (a2 + BQ2 <= Lg2)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bias_ptr = RPB + h * ((2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1))
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    for t in range(0, nk0 * nk1 * nk2):
+        c0 = lo0 + (t // (nk1 * nk2)) * BK0
+        c1 = lo1 + ((t // nk2) % nk1) * BK1
+        c2 = lo2 + (t % nk2) * BK2
+        j0, j1, j2 = tile_coords(c0, c1, c2, BK0, BK1, BK2)
+        koff = (j0 * D0 + g0) * sk0 + (j1 * D1 + g1) * sk1 + (j2 * D2 + g2) * sk2
+        voff = (j0 * D0 + g0) * sv0 + (j1 * D1 + g1) * sv1 + (j2 * D2 + g2) * sv2
+        kvalid = (j0 < Lg0) & (j1 < Lg1) & (j2 < Lg2)
+        inside = qfull & ((c0 >= flo0) & (c0 + BK0 <= fhi0) & (c1 >= flo1) & (c1 + BK1 <= fhi1)
+                  & (c2 >= flo2) & (c2 + BK2 <= fhi2))
+        if inside:
+            if BLOCK_D == HEAD_DIM:
+                kT = tl.load(k_base + koff[None, :] + dd[:, None] * skd)
+                v = tl.load(v_base + voff[:, None] + dd[None, :] * svd)
+            else:
+                kT = tl.load(k_base + koff[None, :] + dd[:, None] * skd, mask=dmask[:, None], other=0.0)
+                v = tl.load(v_base + voff[:, None] + dd[None, :] * svd, mask=dmask[None, :], other=0.0)
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, kT, v, qk_scale, bias_ptr, i0, i1, i2,
+                                    j0, j1, j2, ws0, we0, ws1, we1, ws2, we2, qvalid, kvalid, K0, K1, K2,
+                                    HAS_RPB, False, True, PRECISION)
+        else:
+            kT = tl.load(k_base + koff[None, :] + dd[:, None] * skd,
+                         mask=kvalid[None, :] & dmask[:, None], other=0.0)
+            v = tl.load(v_base + voff[:, None] + dd[None, :] * svd,
+                        mask=kvalid[:, None] & dmask[None, :], other=0.0)
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, kT, v, qk_scale, bias_ptr, i0, i1, i2,
+                                    j0, j1, j2, ws0, we0, ws1, we1, ws2, we2, qvalid, kvalid, K0, K1, K2,
+                                    HAS_RPB, True, True, PRECISION)
+    if HAS_EXTRA:
+        ek_base = EK + b * sekb + hk * sekh
+        ev_base = EV + b * sevb + hk * sevh
+        for e0 in range(0, E, BLOCK_N):
+            n = e0 + tl.arange(0, BLOCK_N)
+            evalid = n < E
+            kT = tl.load(ek_base + n[None, :] * sekn + dd[:, None] * sekd,
+                         mask=evalid[None, :] & dmask[:, None], other=0.0)
+            v = tl.load(ev_base + n[:, None] * sevn + dd[None, :] * sevd,
+                        mask=evalid[:, None] & dmask[None, :], other=0.0)
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, kT, v, qk_scale, bias_ptr, i0, i1, i2,
+                                    n, n, n, ws0, we0, ws1, we1, ws2, we2, qvalid, evalid, K0, K1, K2,
+                                    False, True, False, PRECISION)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+    r0 = i0 * D0 + g0
+    r1 = i1 * D1 + g1
+    r2 = i2 * D2 + g2
+    o_ptrs = (O + b * sob + h * soh + r0[:, None] * so0 + r1[:, None] * so1 + r2[:, None] * so2
+              + dd[None, :] * sod)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=qvalid[:, None] & dmask[None, :])
+    tok = (r0 * L1 + r1) * L2 + r2
+    tl.store(LSE + (b * L0 * L1 * L2 + tok) * H + h, lse, mask=qvalid)

@@ -1,0 +1,259 @@
+"""Host side: geometry normalization, kernel launchers, the ``torch.library`` custom ops.
+
+``natkit::triton_na_fwd`` returns ``(out, lse)``; ``natkit::triton_na_bwd`` returns every
+gradient (placeholders of zero elements for absent optional inputs, since custom ops cannot
+return ``None``). Both have fake implementations, and autograd is registered on the forward
+op, so ``torch.compile(fullgraph=True)`` treats the kernels as opaque graph nodes.
+
+Precision: inputs are read in their dtype; every dot accumulates in fp32, softmax runs in
+fp32. For float32 inputs the dots use TF32 only when ``torch.backends.cuda.matmul.allow_tf32``
+is set (PyTorch's own matmul policy); otherwise IEEE fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+
+from . import configs
+from .backward import delta_kernel, na_bwd_dkdv_extra_kernel, na_bwd_dkdv_kernel, na_bwd_dq_kernel
+from .forward import na_fwd_kernel
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A call normalized to 3-D (leading size-1 dims: kernel 1, stride 1, dilation 1)."""
+
+    ndim: int
+    L: tuple[int, int, int]
+    K: tuple[int, int, int]
+    S: tuple[int, int, int]
+    D: tuple[int, int, int]
+    C: tuple[bool, bool, bool]
+
+    @property
+    def group_lengths(self) -> tuple[int, int, int]:
+        """Longest dilation-group length per dimension, ``ceil(L / d)``."""
+        return tuple(-(-l // d) for l, d in zip(self.L, self.D))
+
+    def slots(self, tile) -> tuple[int, int, int]:
+        """Tile slots per dimension: ``dilation * tiles per group``."""
+        return tuple(d * -(-g // t) for d, g, t in zip(self.D, self.group_lengths, tile))
+
+    def key(self) -> tuple:
+        return (self.ndim, tuple(configs.bucket(g) for g in self.group_lengths), self.K,
+                self.S, self.C, tuple(d > 1 for d in self.D))
+
+
+def geometry(query, kernel_size, dilation, stride, is_causal) -> Geometry:
+    nd = query.dim() - 3
+    pad = 3 - nd
+    return Geometry(nd, (1,) * pad + tuple(query.shape[1:1 + nd]),
+                    (1,) * pad + tuple(kernel_size), (1,) * pad + tuple(stride),
+                    (1,) * pad + tuple(dilation), (False,) * pad + tuple(bool(c) for c in is_causal))
+
+
+def _strides(t: torch.Tensor, nd: int) -> tuple:
+    """``(batch, s0, s1, s2, heads, dim)`` strides of a ``[B, *spatial, H, D]`` tensor."""
+    st = t.stride()
+    return (st[0],) + (0,) * (3 - nd) + tuple(st[1:1 + nd]) + (st[-2], st[-1])
+
+
+def _extra_strides(t: Optional[torch.Tensor]) -> tuple:
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _bench(fn) -> float:
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=5, rep=20)
+
+
+def _tune_key(g: Geometry, q, has_rpb, has_extra, groups) -> tuple:
+    return g.key() + (_block_d(q.shape[-1]), q.dtype, has_rpb, has_extra, groups > 1)
+
+
+def _common_args(g: Geometry):
+    return (*g.L, *g.K, *g.S, *g.D)
+
+
+def forward(q, k, v, rpb, ek, ev, g: Geometry, scale: float):
+    b, h, hd = q.shape[0], q.shape[-2], q.shape[-1]
+    hk = k.shape[-2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    nd = g.ndim
+    block_d = _block_d(hd)
+    n_extra = 0 if ek is None else ek.shape[1]
+
+    def launch(cfg: configs.TileConfig):
+        slots = g.slots(cfg.q_tile)
+        grid = (math.prod(slots), b * h)
+        na_fwd_kernel[grid](
+            q, k, v, out, lse, rpb if rpb is not None else q,
+            ek if ek is not None else q, ev if ev is not None else q,
+            *_strides(q, nd), *_strides(k, nd), *_strides(v, nd), *_strides(out, nd),
+            *_extra_strides(ek), *_extra_strides(ev),
+            *_common_args(g), slots[1], slots[2], h, h // hk, n_extra, scale * LOG2E,
+            *g.C, *cfg.q_tile, *cfg.k_tile, hd, block_d,
+            rpb is not None, ek is not None, _precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    cfg = configs.choose("fwd", _tune_key(g, q, rpb is not None, ek is not None, h // hk), nd,
+                         block_d, g.group_lengths, q.device.type,
+                         lambda c: _bench(lambda: launch(c)))
+    launch(cfg)
+    return out, lse
+
+
+def backward(dout, dlse, q, k, v, out, lse, rpb, ek, ev, g: Geometry, scale: float):
+    b, h, hd = q.shape[0], q.shape[-2], q.shape[-1]
+    hk = k.shape[-2]
+    nd = g.ndim
+    block_d = _block_d(hd)
+    n_extra = 0 if ek is None else ek.shape[1]
+    prec = _precision(q.dtype)
+
+    dout = dout.contiguous()
+    rows = out.numel() // hd
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    block_r = 64
+    delta_kernel[(triton.cdiv(rows, block_r),)](
+        out, dout, dlse.contiguous() if dlse is not None else lse, delta, rows, hd, block_d,
+        block_r, dlse is not None)
+
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    table = math.prod(2 * kk - 1 for kk in g.K)
+    key = _tune_key(g, q, rpb is not None, ek is not None, h // hk)
+    ncopy = [1]
+    drpb_buf = [None]
+
+    def launch_dq(cfg: configs.TileConfig):
+        slots = g.slots(cfg.q_tile)
+        grid = (math.prod(slots), b * h)
+        if rpb is not None:
+            # private copies bound atomic contention; a copy per program at most
+            ncopy[0] = min(64, grid[0])
+            drpb_buf[0] = torch.zeros((ncopy[0], h, table), dtype=torch.float32, device=q.device)
+        na_bwd_dq_kernel[grid](
+            q, k, v, dout, lse, delta, dq, rpb if rpb is not None else q,
+            drpb_buf[0] if rpb is not None else q,
+            ek if ek is not None else q, ev if ev is not None else q,
+            *_strides(q, nd), *_strides(k, nd), *_strides(v, nd), *_strides(dout, nd),
+            *_strides(dq, nd), *_extra_strides(ek), *_extra_strides(ev),
+            *_common_args(g), slots[1], slots[2], h, h // hk, n_extra, scale * LOG2E, scale,
+            ncopy[0], *g.C, *cfg.q_tile, *cfg.k_tile, hd, block_d,
+            rpb is not None, ek is not None, prec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def launch_dkdv(cfg: configs.TileConfig):
+        slots = g.slots(cfg.k_tile)
+        grid = (math.prod(slots), b * hk)
+        na_bwd_dkdv_kernel[grid](
+            q, k, v, dout, lse, delta, dk, dv, rpb if rpb is not None else q,
+            *_strides(q, nd), *_strides(k, nd), *_strides(v, nd), *_strides(dout, nd),
+            *_strides(dk, nd), *_strides(dv, nd),
+            *_common_args(g), slots[1], slots[2], h, hk, h // hk, scale * LOG2E, scale,
+            *g.C, *cfg.q_tile, *cfg.k_tile, hd, block_d, rpb is not None, prec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    for kind, launch in (("dq", launch_dq), ("dkdv", launch_dkdv)):
+        cfg = configs.choose(kind, key, nd, block_d, g.group_lengths, q.device.type,
+                             lambda c, launch=launch: _bench(lambda: launch(c)))
+        launch(cfg)
+
+    drpb = (drpb_buf[0].sum(0).view(rpb.shape).to(rpb.dtype) if rpb is not None
+            else q.new_empty(0))
+    if ek is not None:
+        dek = torch.empty(ek.shape, dtype=ek.dtype, device=ek.device)
+        dev = torch.empty(ev.shape, dtype=ev.dtype, device=ev.device)
+        block_m, block_n = (64, 64) if block_d <= 128 else (32, 32)
+        na_bwd_dkdv_extra_kernel[(triton.cdiv(n_extra, block_n), b * hk)](
+            q, ek, ev, dout, lse, delta, dek, dev,
+            *_strides(q, nd), *_extra_strides(ek), *_extra_strides(ev), *_strides(dout, nd),
+            *_extra_strides(dek), *_extra_strides(dev),
+            *g.L, h, hk, h // hk, n_extra, scale * LOG2E, scale,
+            block_m, block_n, hd, block_d, prec)
+    else:
+        dek, dev = q.new_empty(0), q.new_empty(0)
+    return dq, dk, dv, drpb, dek, dev
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library registration
+
+
+@torch.library.custom_op("natkit::triton_na_fwd", mutates_args=())
+def na_fwd_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              rpb: Optional[torch.Tensor], additional_keys: Optional[torch.Tensor],
+              additional_values: Optional[torch.Tensor], kernel_size: List[int],
+              dilation: List[int], stride: List[int], is_causal: List[bool],
+              scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    g = geometry(query, kernel_size, dilation, stride, is_causal)
+    return forward(query, key, value, rpb, additional_keys, additional_values, g, scale)
+
+
+@na_fwd_op.register_fake
+def _(query, key, value, rpb, additional_keys, additional_values, kernel_size, dilation,
+      stride, is_causal, scale):
+    return (query.new_empty(query.shape),
+            query.new_empty(query.shape[:-1], dtype=torch.float32))
+
+
+@torch.library.custom_op("natkit::triton_na_bwd", mutates_args=())
+def na_bwd_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], query: torch.Tensor,
+              key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+              rpb: Optional[torch.Tensor], additional_keys: Optional[torch.Tensor],
+              additional_values: Optional[torch.Tensor], kernel_size: List[int],
+              dilation: List[int], stride: List[int], is_causal: List[bool],
+              scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor, torch.Tensor]:
+    g = geometry(query, kernel_size, dilation, stride, is_causal)
+    return backward(dout, dlse, query, key, value, out, lse, rpb, additional_keys,
+                    additional_values, g, scale)
+
+
+@na_bwd_op.register_fake
+def _(dout, dlse, query, key, value, out, lse, rpb, additional_keys, additional_values,
+      kernel_size, dilation, stride, is_causal, scale):
+    def like(t):
+        return t.new_empty(t.shape) if t is not None else query.new_empty(0)
+    return (like(query), like(key), like(value), like(rpb), like(additional_keys),
+            like(additional_values))
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, rpb, ek, ev, kernel_size, dilation, stride, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse, rpb, ek, ev)
+    ctx.params = (kernel_size, dilation, stride, is_causal, scale)
+
+
+def _backward(ctx, dout, dlse):
+    query, key, value, out, lse, rpb, ek, ev = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv, drpb, dek, dev = na_bwd_op(dout, dlse, query, key, value, out, lse, rpb, ek,
+                                           ev, *ctx.params)
+    return (dq, dk, dv, drpb if rpb is not None else None, dek if ek is not None else None,
+            dev if ev is not None else None, None, None, None, None, None)
+
+
+na_fwd_op.register_autograd(_backward, setup_context=_setup_context)

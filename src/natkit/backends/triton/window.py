@@ -1,0 +1,107 @@
+"""In-kernel neighborhood geometry: the SPEC window formula and tile ranges, per dimension.
+
+Every problem is treated as 3-D (1-D and 2-D inputs get leading size-1 dimensions with
+kernel 1, stride 1, dilation 1, for which the formula yields the single key 0). Tiles live
+in *group coordinates*: inside one dilation group ``g`` a dimension of length ``L`` becomes
+an undilated dimension of length ``L' = ceil((L - g) / d)`` and real index ``i = i' * d + g``,
+so dilation is pure index math and never changes the tile logic.
+
+Because the window start ``start'(i')`` and end ``end'(i')`` are non-decreasing in ``i'``,
+a query tile ``[a, b]`` touches exactly the keys ``[start'(a), end'(b))`` and every key of
+``[start'(b), end'(a))`` is attended by every query of the tile (the unmasked region); a
+key tile ``[c, e]`` is touched by the queries ``first i' with end'(i') > c`` through
+``last i' with start'(i') <= e`` (binary search: monotone predicates).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def win_start(i, L, K, S, CAUSAL: tl.constexpr):
+    """First attended key (group coordinates) of query ``i`` in a group of length ``L``."""
+    blk = (i // S) * S
+    if CAUSAL:
+        leader = tl.minimum(blk + S - 1, L - 1)
+        start = tl.maximum(leader - K + 1, 0)
+    else:
+        leader = tl.minimum(blk + S // 2, L - 1)
+        start = tl.maximum(tl.minimum(leader - K // 2, L - K), 0)
+    return start
+
+
+@triton.jit
+def win_end(i, start, K, CAUSAL: tl.constexpr):
+    """One past the last attended key of query ``i`` whose window starts at ``start``."""
+    if CAUSAL:
+        end = i + 1
+    else:
+        end = start + K
+    return end
+
+
+@triton.jit
+def group_len(L, g, D):
+    """Length of dilation group ``g`` of a dimension of length ``L`` with dilation ``D``."""
+    return (L - g + D - 1) // D
+
+
+@triton.jit
+def key_range(a, b, L, K, S, CAUSAL: tl.constexpr):
+    """For the query tile ``[a, b]`` (valid queries, ``b < L``): ``(lo, hi, full_lo, full_hi)``.
+
+    ``[lo, hi)`` are all keys touched; ``[full_lo, full_hi)`` the keys attended by every query.
+    """
+    s_a = win_start(a, L, K, S, CAUSAL)
+    s_b = win_start(b, L, K, S, CAUSAL)
+    hi = tl.minimum(win_end(b, s_b, K, CAUSAL), L)
+    full_hi = tl.minimum(win_end(a, s_a, K, CAUSAL), L)
+    return s_a, hi, s_b, full_hi
+
+
+@triton.jit
+def query_range(c, e, L, K, S, CAUSAL: tl.constexpr):
+    """For the key tile ``[c, e]`` (``e < L``): the queries ``[lo, hi)`` that attend any of its keys."""
+    # lo: first query whose window ends after c
+    lo = c * 0
+    hi = c * 0 + L
+    while lo < hi:
+        mid = (lo + hi) // 2
+        past = win_end(mid, win_start(mid, L, K, S, CAUSAL), K, CAUSAL) > c
+        hi = tl.where(past, mid, hi)
+        lo = tl.where(past, lo, mid + 1)
+    first = lo
+    # hi: first query whose window starts after e
+    lo = c * 0
+    hi = c * 0 + L
+    while lo < hi:
+        mid = (lo + hi) // 2
+        after = win_start(mid, L, K, S, CAUSAL) > e
+        hi = tl.where(after, mid, hi)
+        lo = tl.where(after, lo, mid + 1)
+    return first, lo
+
+
+@triton.jit
+def tile_index(pid, NT1, NT2, D0, D1, D2):
+    """Decomposes a flat tile-slot id into per-dimension ``(group, tile)`` pairs."""
+    slot2 = pid % NT2
+    slot1 = (pid // NT2) % NT1
+    slot0 = pid // (NT2 * NT1)
+    return slot0 % D0, slot0 // D0, slot1 % D1, slot1 // D1, slot2 % D2, slot2 // D2
+
+
+@triton.jit
+def tile_coords(start0, start1, start2, B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr):
+    """Group coordinates of the ``B0*B1*B2`` tokens of the tile starting at ``start*``."""
+    r = tl.arange(0, B0 * B1 * B2)
+    return start0 + r // (B1 * B2), start1 + (r // B2) % B1, start2 + r % B2
+
+
+@triton.jit
+def rpb_index(i0, i1, i2, j0, j1, j2, K0, K1, K2):
+    """Flat index into the ``[2K0-1, 2K1-1, 2K2-1]`` bias table of every (query, key) pair.
+
+    ``i*`` broadcast along one axis, ``j*`` along the other (caller decides the layout).
+    """
+    return ((j0 - i0 + K0 - 1) * (2 * K1 - 1) + (j1 - i1 + K1 - 1)) * (2 * K2 - 1) + (j2 - i2 + K2 - 1)

@@ -1,0 +1,316 @@
+"""Checkpoint loading and Hugging Face ``transformers`` NAT/DiNAT key conversion.
+
+natkit models use the official NAT/DiNAT state-dict layout, so the official ``.pth``
+files load as they are. ``transformers``' ``NatModel``/``DinatModel`` (and their
+``...ForImageClassification``/``...Backbone``) store the same weights under other
+names, with the attention's ``qkv`` split into ``query``/``key``/``value`` and the two
+layer scales stacked in ``layer_scale_parameters``; ``from_hf_state_dict`` and
+``to_hf_state_dict`` translate between the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import re
+import warnings
+from typing import Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["CheckpointMismatchError", "load_checkpoint", "read_state_dict",
+           "from_hf_state_dict", "to_hf_state_dict", "is_hf_state_dict",
+           "interpolate_rpb"]
+
+logger = logging.getLogger("natkit")
+
+StateDict = dict[str, torch.Tensor]
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit a model; ``missing``, ``unexpected`` and ``mismatched``
+    (``{key: (checkpoint shape, model shape)}``) name the offending keys."""
+
+    def __init__(self, source: str, missing, unexpected, mismatched):
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), \
+            dict(mismatched)
+        parts = []
+        if self.missing:
+            parts.append(f"missing keys ({len(self.missing)}): {_clip(self.missing)}")
+        if self.unexpected:
+            parts.append(f"unexpected keys ({len(self.unexpected)}): {_clip(self.unexpected)}")
+        if self.mismatched:
+            items = [f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}"
+                     for k, (a, b) in self.mismatched.items()]
+            parts.append(f"shape mismatches ({len(items)}): {_clip(items)}")
+        super().__init__(f"checkpoint {source} does not match the model: " + "; ".join(parts))
+
+
+def _clip(items, limit: int = 20) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+# -- reading -------------------------------------------------------------------------------
+
+def read_state_dict(path: Union[str, os.PathLike]) -> StateDict:
+    """Reads a checkpoint file into a flat state dict on the CPU.
+
+    Accepts ``torch.save`` files (bare state dict, or one wrapped in ``"model"``,
+    ``"state_dict"`` or ``"module"``) and ``.safetensors`` files (needs the
+    ``safetensors`` package). A ``module.`` prefix (DistributedDataParallel) is removed;
+    from a detection/segmentation checkpoint (mmdetection/mmsegmentation) only the
+    ``backbone.*`` weights are kept, without the prefix.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path!r}")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as err:
+            raise ImportError(f"reading {path!r} needs the 'safetensors' package "
+                              f"(pip install safetensors)") from err
+        sd = load_file(path, device="cpu")
+    else:
+        try:   # timm training checkpoints also hold their argparse arguments
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"checkpoint {path!r} holds pickled objects besides tensors, "
+                             f"which natkit does not unpickle (torch.load weights_only=True); "
+                             f"if you trust the file, save its state dict alone: "
+                             f"{str(err).splitlines()[0]}") from None
+    return unwrap_state_dict(sd, source=repr(path))
+
+
+def unwrap_state_dict(obj, source: str = "checkpoint") -> StateDict:
+    """The flat ``{name: tensor}`` mapping inside ``obj`` (see ``read_state_dict``)."""
+    for wrapper in ("model", "state_dict", "module"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor)
+                                               for v in obj.values()):
+        raise ValueError(f"{source} holds no state dict (expected a mapping of tensors, "
+                         f"bare or under 'model'/'state_dict')")
+    sd = dict(obj)
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if any(k.startswith("backbone.") for k in sd):   # a detector's/segmenter's backbone
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    return sd
+
+
+# -- Hugging Face transformers layout ------------------------------------------------------
+
+_HF_PREFIX = re.compile(r"^(?:nat\.|dinat\.)?")
+# natkit suffix <- transformers suffix, inside encoder.levels.{i}.layers.{j}.
+_HF_BLOCK = [
+    ("norm1.", "layernorm_before."),
+    ("attn.rpb", "attention.self.rpb"),
+    ("attn.proj.", "attention.output.dense."),
+    ("norm2.", "layernorm_after."),
+    ("mlp.fc1.", "intermediate.dense."),
+    ("mlp.fc2.", "output.dense."),
+]
+_HF_TOP = [
+    ("patch_embed.proj.", "embeddings.patch_embeddings.projection."),
+    ("patch_embed.norm.", "embeddings.norm."),
+    ("norm.", "layernorm."),
+]
+
+
+def is_hf_state_dict(sd: Mapping[str, torch.Tensor]) -> bool:
+    """True for state dicts in the ``transformers`` NAT/DiNAT layout."""
+    return any(".patch_embeddings.projection." in k or k.startswith("encoder.levels.")
+               or ".encoder.levels." in k for k in sd)
+
+
+def from_hf_state_dict(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    """Converts a ``transformers`` NAT/DiNAT state dict to natkit's (the official) layout.
+
+    Handles ``NatModel``/``DinatModel`` (prefix-free), ``...ForImageClassification``
+    (``nat.``/``dinat.`` prefix, ``classifier``) and ``...Backbone``
+    (``hidden_states_norms.stage{k}`` -> ``norm{k-1}``). Keys it does not recognize are
+    kept unchanged, so a strict load reports them.
+    """
+    out: StateDict = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        k = _HF_PREFIX.sub("", key, count=1)
+        m = re.match(r"encoder\.levels\.(\d+)\.layers\.(\d+)\.(.*)$", k)
+        if m:
+            base, rest = f"levels.{m[1]}.blocks.{m[2]}.", m[3]
+            part = re.match(r"attention\.self\.(query|key|value)\.(weight|bias)$", rest)
+            if part:
+                qkv.setdefault(f"{base}attn.qkv.{part[2]}", {})[part[1]] = value
+                continue
+            if rest == "layer_scale_parameters":
+                out[base + "gamma1"], out[base + "gamma2"] = value[0].clone(), value[1].clone()
+                continue
+            for ours, theirs in _HF_BLOCK:
+                if rest.startswith(theirs):
+                    out[base + ours + rest[len(theirs):]] = value
+                    break
+            else:
+                out[key] = value
+            continue
+        m = re.match(r"encoder\.levels\.(\d+)\.downsample\.(.*)$", k)
+        if m:
+            out[f"levels.{m[1]}.downsample.{m[2]}"] = value
+            continue
+        m = re.match(r"hidden_states_norms\.stage(\d+)\.(.*)$", k)
+        if m:
+            out[f"norm{int(m[1]) - 1}.{m[2]}"] = value
+            continue
+        if k.startswith("classifier."):
+            out["head." + k[len("classifier."):]] = value
+            continue
+        for ours, theirs in _HF_TOP:
+            if k.startswith(theirs):
+                out[ours + k[len(theirs):]] = value
+                break
+        else:
+            out[key] = value
+    for name, parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise ValueError(f"transformers state dict has an incomplete query/key/value "
+                             f"set for {name}: only {sorted(parts)}")
+        out[name] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    return out
+
+
+def to_hf_state_dict(sd: Mapping[str, torch.Tensor], prefix: str = "nat") -> StateDict:
+    """Converts a natkit NAT/DiNAT state dict to the ``transformers`` layout.
+
+    ``prefix``: ``"nat"`` or ``"dinat"`` gives ``...ForImageClassification`` keys
+    (``{prefix}.embeddings...``, ``classifier``); ``""`` gives bare ``NatModel`` keys.
+    Backbone-mode ``norm{i}`` become ``hidden_states_norms.stage{i+1}``.
+    """
+    if prefix not in ("nat", "dinat", ""):
+        raise ValueError(f"prefix must be 'nat', 'dinat' or '', got {prefix!r}")
+    pre = f"{prefix}." if prefix else ""
+    out: StateDict = {}
+    gammas: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        m = re.match(r"levels\.(\d+)\.blocks\.(\d+)\.(.*)$", key)
+        if m:
+            base, rest = f"{pre}encoder.levels.{m[1]}.layers.{m[2]}.", m[3]
+            if rest.startswith("attn.qkv."):
+                kind = rest[len("attn.qkv."):]
+                for name, chunk in zip(("query", "key", "value"), value.chunk(3, dim=0)):
+                    out[f"{base}attention.self.{name}.{kind}"] = chunk.clone()
+            elif rest in ("gamma1", "gamma2"):
+                gammas.setdefault(base, {})[rest] = value
+            else:
+                for ours, theirs in _HF_BLOCK:
+                    if rest.startswith(ours):
+                        out[base + theirs + rest[len(ours):]] = value
+                        break
+                else:
+                    raise ValueError(f"no transformers name for natkit key {key!r}")
+            continue
+        m = re.match(r"levels\.(\d+)\.downsample\.(.*)$", key)
+        if m:
+            out[f"{pre}encoder.levels.{m[1]}.downsample.{m[2]}"] = value
+            continue
+        m = re.match(r"norm(\d+)\.(.*)$", key)
+        if m:
+            out[f"hidden_states_norms.stage{int(m[1]) + 1}.{m[2]}"] = value
+            continue
+        if key.startswith("head."):
+            out["classifier." + key[len("head."):]] = value
+            continue
+        for ours, theirs in _HF_TOP:
+            if key.startswith(ours):
+                out[pre + theirs + key[len(ours):]] = value
+                break
+        else:
+            raise ValueError(f"no transformers name for natkit key {key!r} (only NAT/DiNAT "
+                             f"have a transformers layout)")
+    for base, g in gammas.items():
+        out[base + "layer_scale_parameters"] = torch.stack([g["gamma1"], g["gamma2"]])
+    return out
+
+
+# -- relative positional bias ----------------------------------------------------------
+
+def interpolate_rpb(rpb: torch.Tensor, size) -> torch.Tensor:
+    """Resizes a ``[heads, 2k-1, 2k-1]`` bias table to ``size`` (bicubic, as Swin and the
+    official 11x11 DiNAT-L checkpoints do)."""
+    out = F.interpolate(rpb[None].float(), size=tuple(size), mode="bicubic",
+                        align_corners=False)
+    return out[0].to(rpb.dtype)
+
+
+# -- loading ------------------------------------------------------------------------------
+
+def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping],
+                    new_head: bool = False) -> list[str]:
+    """Loads a checkpoint into ``model`` strictly, after the adaptations below.
+
+    - the file is read with ``read_state_dict`` (wrappers and prefixes removed) and a
+      ``transformers`` layout is converted (``from_hf_state_dict``);
+    - ``rpb`` tables of another kernel size are interpolated bicubically, with a warning;
+    - backbone-mode models (``features_only``) ignore the checkpoint's classifier and
+      final norm, and keep fresh output norms ``norm{i}`` the checkpoint lacks;
+    - with ``new_head``, a classifier of another size is left freshly initialized (with
+      a warning), for fine-tuning on other classes.
+
+    Anything else that differs raises ``CheckpointMismatchError`` naming every missing,
+    unexpected and mis-shaped key; the model is left unchanged then.
+
+    Returns:
+        The model keys that kept their initialization.
+    """
+    if isinstance(checkpoint, Mapping):
+        source, sd = "state dict", unwrap_state_dict(checkpoint)
+    else:
+        source, sd = repr(os.fspath(checkpoint)), read_state_dict(checkpoint)
+    if is_hf_state_dict(sd):
+        sd = from_hf_state_dict(sd)
+    own = model.state_dict()
+    fresh: list[str] = []
+
+    if getattr(model, "features_only", False):
+        sd = {k: v for k, v in sd.items() if not re.match(r"(norm|head)\.", k)}
+        fresh += [k for k in own if re.match(r"norm\d+\.", k) and k not in sd]
+    if new_head:
+        head = [k for k in own if k.startswith("head.")]
+        if any(k in sd and sd[k].shape != own[k].shape for k in head) or (
+                not head and any(k.startswith("head.") for k in sd)):
+            warnings.warn(f"checkpoint {source}: classifier not loaded (checkpoint "
+                          f"{tuple(sd.get('head.weight', torch.empty(0)).shape)} vs model "
+                          f"num_classes={getattr(model, 'num_classes', '?')}); it stays "
+                          f"freshly initialized", stacklevel=3)
+            sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+            fresh += head
+
+    resized = []
+    for key, value in list(sd.items()):
+        if (key.endswith("rpb") and key in own and value.dim() == own[key].dim() >= 2
+                and value.shape != own[key].shape and value.shape[0] == own[key].shape[0]):
+            sd[key] = interpolate_rpb(value, own[key].shape[1:])
+            resized.append(key)
+    if resized:
+        shapes = sorted({f"{tuple(sd_shape)}" for sd_shape in (own[k].shape for k in resized)})
+        warnings.warn(f"checkpoint {source}: interpolated {len(resized)} relative positional "
+                      f"bias tables (bicubic) to the model's kernel size, now {shapes}",
+                      stacklevel=3)
+
+    missing = [k for k in own if k not in sd and k not in fresh]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items()
+                  if k in own and v.shape != own[k].shape}
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(source, missing, unexpected, mismatched)
+    model.load_state_dict(sd, strict=False)
+    if fresh:
+        logger.info("natkit: %d model keys kept their initialization: %s", len(fresh),
+                    _clip(fresh, 8))
+    return fresh

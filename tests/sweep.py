@@ -1,0 +1,93 @@
+"""Random neighborhood-attention configurations shared by the backend test files."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+# Size of the random sweeps: NATKIT_SWEEP=500 for a thorough local run; CI uses the default.
+SWEEP = int(os.environ.get("NATKIT_SWEEP", "200"))
+
+
+@dataclass
+class Config:
+    spatial: tuple
+    kernel_size: tuple
+    dilation: tuple
+    stride: tuple
+    is_causal: tuple
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rpb: bool
+    num_extra: int
+
+    def kwargs(self) -> dict:
+        return dict(kernel_size=self.kernel_size, dilation=self.dilation, stride=self.stride,
+                    is_causal=self.is_causal)
+
+
+def random_config(rng: random.Random, nd: int | None = None, max_tokens: int = 400) -> Config:
+    """A random valid configuration: odd/even kernels, dilation, stride, causal, RPB, extra KV,
+    GQA, sizes that are not multiples of anything in particular."""
+    nd = nd or rng.choice((1, 2, 3))
+    while True:
+        kernel = tuple(rng.randint(2, 7 if nd == 1 else 5) for _ in range(nd))
+        dil = tuple(rng.choice((1, 1, 2, 3)) for _ in range(nd))
+        spatial = tuple(k * d + rng.randint(0, 6) for k, d in zip(kernel, dil))
+        if torch.Size(spatial).numel() <= max_tokens:
+            break
+    stride = tuple(rng.randint(1, k) if rng.random() < 0.5 else 1 for k in kernel)
+    causal = tuple(rng.random() < 0.3 for _ in range(nd))
+    rpb = all(k % 2 for k in kernel) and not any(causal) and rng.random() < 0.5
+    kv_heads = rng.choice((1, 2))
+    return Config(spatial, kernel, dil, stride, causal, batch=rng.choice((1, 2)),
+                  heads=kv_heads * rng.choice((1, 2)), kv_heads=kv_heads,
+                  head_dim=rng.choice((4, 8, 12)), rpb=rpb,
+                  num_extra=rng.choice((0, 0, 1, 3)))
+
+
+def make_inputs(cfg: Config, dtype=torch.float64, device="cpu", requires_grad=True) -> dict:
+    """Random leaf tensors for ``cfg``: query, key, value, rpb, additional_keys/values."""
+    def t(*shape, scale=1.0):
+        x = (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+        return x.requires_grad_(requires_grad)
+    b, h, hk, d = cfg.batch, cfg.heads, cfg.kv_heads, cfg.head_dim
+    out = dict(query=t(b, *cfg.spatial, h, d), key=t(b, *cfg.spatial, hk, d),
+               value=t(b, *cfg.spatial, hk, d), rpb=None, additional_keys=None,
+               additional_values=None)
+    if cfg.rpb:
+        out["rpb"] = t(h, *(2 * k - 1 for k in cfg.kernel_size), scale=0.5)
+    if cfg.num_extra:
+        out["additional_keys"] = t(b, cfg.num_extra, hk, d)
+        out["additional_values"] = t(b, cfg.num_extra, hk, d)
+    return out
+
+
+def grads(out: torch.Tensor, lse: torch.Tensor, inputs: dict, grad_out: torch.Tensor,
+          grad_lse: torch.Tensor | None = None) -> dict:
+    """Gradients of ``<out, grad_out> (+ <lse, grad_lse>)`` w.r.t. every tensor input."""
+    names = [n for n, v in inputs.items() if v is not None and v.requires_grad]
+    loss = (out.double() * grad_out).sum()
+    if grad_lse is not None:
+        loss = loss + (lse.double() * grad_lse).sum()
+    got = torch.autograd.grad(loss, [inputs[n] for n in names])
+    return dict(zip(names, got))
+
+
+def assert_fa_close(name: str, got: torch.Tensor, ref: torch.Tensor, low: torch.Tensor,
+                    dtype: torch.dtype) -> None:
+    """FlashAttention's tolerance rule: ``|got - ref| <= 2 |low - ref| + floor``.
+
+    ``ref`` is the float64 result, ``low`` the reference computed in ``dtype``; the floor
+    is twice the rounding error of storing ``ref`` in ``dtype``.
+    """
+    ref = ref.double()
+    floor = 2 * (ref.to(dtype).double() - ref).abs().max() + 1e-5
+    err = (got.double() - ref).abs().max()
+    bound = 2 * (low.double() - ref).abs().max() + floor
+    assert err <= bound, f"{name}: error {float(err):.3g} > bound {float(bound):.3g}"

@@ -1,0 +1,216 @@
+"""The public op: portable backend vs the reference, gradcheck, merge, special cases, compile."""
+
+import math
+import random
+
+import pytest
+import torch
+
+import natkit
+from natkit.bench.baselines import full_attention, relative_bias_table, window_attention
+from sweep import SWEEP, assert_fa_close, grads, make_inputs, random_config
+
+
+def run(cfg, inputs, backend, **extra):
+    return natkit.neighborhood_attention(
+        inputs["query"], inputs["key"], inputs["value"], **cfg.kwargs(), rpb=inputs["rpb"],
+        additional_keys=inputs["additional_keys"], additional_values=inputs["additional_values"],
+        return_lse=True, backend=backend, **extra)
+
+
+def compare(cfg, backend, dtype, atol):
+    inputs = make_inputs(cfg, dtype)
+    out, lse = run(cfg, inputs, backend)
+    ref, ref_lse = run(cfg, inputs, "reference")
+    assert out.shape == inputs["query"].shape and out.dtype == dtype
+    assert lse.shape == inputs["query"].shape[:-1]
+    torch.testing.assert_close(out, ref, atol=atol, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=atol, rtol=0)
+    g_out = torch.randn(out.shape, dtype=torch.float64)
+    g_lse = torch.randn(lse.shape, dtype=torch.float64)
+    got = grads(out, lse, inputs, g_out, g_lse)
+    want = grads(ref, ref_lse, inputs, g_out, g_lse)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=atol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("seed", range(SWEEP))
+def test_portable_matches_reference_float64(seed):
+    cfg = random_config(random.Random(seed))
+    compare(cfg, "torch", torch.float64, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(6))
+def test_portable_half_precision(seed, dtype):
+    """FlashAttention's rule: error vs the float64 result at most twice the error of the
+    reference computed in ``dtype``, plus a small floor."""
+    cfg = random_config(random.Random(1000 + seed))
+    inputs = make_inputs(cfg, dtype)
+    exact = make_inputs(cfg, torch.float64)
+    for name in inputs:
+        if inputs[name] is not None:
+            exact[name] = inputs[name].detach().double().requires_grad_()
+    from natkit.backends.reference import na_reference
+    from natkit._checks import check_inputs
+    p = check_inputs(len(cfg.spatial), inputs["query"], inputs["key"], inputs["value"],
+                     cfg.kernel_size, cfg.dilation, cfg.stride, cfg.is_causal, inputs["rpb"],
+                     None, inputs["additional_keys"], inputs["additional_values"])
+    args = lambda d: (d["query"], d["key"], d["value"], p, d["rpb"], d["additional_keys"],
+                      d["additional_values"])
+    out, lse = run(cfg, inputs, "torch")
+    low, low_lse = na_reference(*args(inputs), upcast=False)
+    ref, ref_lse = na_reference(*args(exact))
+    g = torch.randn(out.shape, dtype=torch.float64)
+    got, lowg, refg = (grads(o, l, d, g) for o, l, d in
+                       ((out, lse, inputs), (low, low_lse, inputs), (ref, ref_lse, exact)))
+    assert_fa_close("out", out, ref, low, dtype)
+    assert_fa_close("lse", lse, ref_lse, low_lse, dtype)
+    for name in refg:
+        assert_fa_close(name, got[name], refg[name], lowg[name], dtype)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gradcheck_float64(seed):
+    rng = random.Random(2000 + seed)
+    cfg = random_config(rng, max_tokens=30)
+    inputs = make_inputs(cfg, torch.float64)
+    names = [n for n, v in inputs.items() if v is not None]
+
+    def fn(*tensors):
+        d = dict(inputs, **dict(zip(names, tensors)))
+        out, lse = run(cfg, d, "torch")
+        return out, lse
+
+    assert torch.autograd.gradcheck(fn, [inputs[n] for n in names], atol=1e-8)
+
+
+def test_all_features_at_once_gradcheck():
+    """RPB + extra KV + GQA + dilation + stride in one tiny 2-D case."""
+    from sweep import Config
+    cfg = Config((6, 5), (3, 3), (2, 1), (1, 2), (False, False), 1, 4, 2, 3, True, 2)
+    inputs = make_inputs(cfg)
+    names = [n for n, v in inputs.items() if v is not None]
+    fn = lambda *t: run(cfg, dict(inputs, **dict(zip(names, t))), "torch")
+    assert torch.autograd.gradcheck(fn, [inputs[n] for n in names], atol=1e-8)
+
+
+def test_merge_attentions_is_exact():
+    """NA over the neighborhood merged with attention over the extra tokens equals the joint
+    softmax of the op with ``additional_keys``."""
+    from sweep import Config
+    cfg = Config((7, 9), (3, 4), (1, 2), (1, 1), (False, True), 2, 4, 2, 8, False, 3)
+    d = make_inputs(cfg, requires_grad=False)
+    joint, joint_lse = run(cfg, d, "torch")
+    na, na_lse = natkit.na2d(d["query"], d["key"], d["value"], **cfg.kwargs(), return_lse=True)
+    q = d["query"].flatten(1, 2)                                # b n h d
+    ek = d["additional_keys"].repeat_interleave(2, 2)
+    ev = d["additional_values"].repeat_interleave(2, 2)
+    logits = torch.einsum("bnhd,behd->bnhe", q, ek) * 8 ** -0.5
+    extra_lse = logits.logsumexp(-1)
+    extra = torch.einsum("bnhe,behd->bnhd", logits.softmax(-1), ev)
+    out, lse = natkit.merge_attentions([na.flatten(1, 2), extra], [na_lse.flatten(1, 2),
+                                                                   extra_lse])
+    torch.testing.assert_close(out, joint.flatten(1, 2), atol=1e-12, rtol=0)
+    torch.testing.assert_close(lse, joint_lse.flatten(1, 2), atol=1e-12, rtol=0)
+
+
+def test_merge_attentions_errors():
+    o, l = torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2)
+    with pytest.raises(ValueError, match="lses"):
+        natkit.merge_attentions([o, o], [l])
+    with pytest.raises(ValueError, match=r"lses\[0\]"):
+        natkit.merge_attentions([o], [o])
+    with pytest.raises(TypeError):
+        natkit.merge_attentions([o], [None])
+
+
+def test_blocked_is_window_attention_and_full_kernel_is_full_attention():
+    q, k, v = (torch.randn(2, 14, 21, 4, 16) for _ in range(3))
+    rpb = torch.randn(4, 13, 13)
+    for backend in ("torch", "reference"):
+        torch.testing.assert_close(natkit.na2d(q, k, v, 7, stride=7, backend=backend),
+                                   window_attention(q, k, v, (7, 7)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            natkit.na2d(q, k, v, 7, stride=7, rpb=rpb, backend=backend),
+            window_attention(q, k, v, (7, 7), relative_bias_table(rpb, (7, 7))),
+            atol=1e-5, rtol=0)
+        torch.testing.assert_close(natkit.na2d(q, k, v, (14, 21), backend=backend),
+                                   full_attention(q, k, v), atol=1e-5, rtol=0)
+
+
+def test_non_contiguous_inputs_from_fused_qkv():
+    qkv = torch.randn(2, 9, 11, 3, 4, 8)          # [B, H, W, 3, heads, dim] as a fused linear
+    q, k, v = qkv.unbind(3)
+    assert not q.is_contiguous()
+    out = natkit.na2d(q, k, v, (3, 5), dilation=(2, 1))
+    ref = natkit.na2d(q.contiguous(), k.contiguous(), v.contiguous(), (3, 5), dilation=(2, 1),
+                      backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    qt = torch.randn(2, 4, 11, 9, 8).permute(0, 2, 3, 1, 4)  # transposed layout
+    out = natkit.na2d(qt, qt, qt, 3)
+    torch.testing.assert_close(out, natkit.na2d(qt.contiguous(), qt.contiguous(),
+                                                qt.contiguous(), 3), atol=1e-6, rtol=0)
+
+
+def test_default_scale_and_custom_scale():
+    q, k, v = (torch.randn(1, 10, 2, 16, dtype=torch.float64) for _ in range(3))
+    a = natkit.na1d(q, k, v, 3)
+    b = natkit.na1d(q, k, v, 3, scale=0.25, backend="reference")
+    torch.testing.assert_close(a, b)
+    c = natkit.na1d(q, k, v, 3, scale=1.0)
+    assert not torch.allclose(a, c)
+
+
+def test_per_dim_wrappers_share_the_generic_entry():
+    assert natkit.na1d.__name__ == "na1d" and "height, width" in natkit.na2d.__doc__
+    q = torch.randn(1, 5, 6, 7, 2, 4)
+    torch.testing.assert_close(natkit.na3d(q, q, q, 3), natkit.neighborhood_attention(q, q, q, 3))
+    with pytest.raises(ValueError, match="query must have 5 dims"):
+        natkit.na2d(q, q, q, 3)
+
+
+def test_available_backends_and_explicit_choice():
+    names = natkit.available_backends()
+    assert "torch" in names and names[-1] == "reference"
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(ValueError, match="backend='nope' is not available"):
+        natkit.na1d(q, q, q, 3, backend="nope")
+    with pytest.raises(TypeError, match="backend must be a str"):
+        natkit.na1d(q, q, q, 3, backend=3)
+
+
+def test_lse_dtype():
+    q = torch.randn(1, 8, 2, 4, dtype=torch.bfloat16)
+    out, lse = natkit.na1d(q, q, q, 3, return_lse=True)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler):
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 9, 10, 4, 8, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(4, 5, 5, requires_grad=True)
+
+    def fn(q, k, v, rpb):
+        return natkit.na2d(q, k, v, 3, dilation=(2, 1), rpb=rpb)
+
+    compiled = torch.compile(fn, fullgraph=True, backend=compiler)
+    out = compiled(q, k, v, rpb)
+    torch.testing.assert_close(out, fn(q, k, v, rpb), atol=1e-5, rtol=0)
+    out.sum().backward()
+    assert q.grad is not None and rpb.grad is not None
+
+
+def test_dispatch_explains_refusals(monkeypatch):
+    """An explicit backend that cannot run raises with its reason; auto-dispatch skips it."""
+    from natkit import backends as registry
+    refusing = registry.Backend("triton", "test double", lambda *a: "inputs are not on CUDA",
+                                lambda *a: (_ for _ in ()).throw(AssertionError("ran")))
+    monkeypatch.setattr(registry, "_BACKENDS", {**registry.backends(), "triton": refusing})
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(ValueError, match="backend='triton' cannot run this call: inputs are "
+                                         "not on CUDA"):
+        natkit.na1d(q, q, q, 3, backend="triton")
+    torch.testing.assert_close(natkit.na1d(q, q, q, 3),
+                               natkit.na1d(q, q, q, 3, backend="reference"))

@@ -1,0 +1,89 @@
+"""NeighborhoodAttention modules: official parameter names, projections, padding path, compile."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import natkit
+from natkit._checks import check_inputs
+from natkit.backends.reference import na_reference
+from natkit.modules import _pad_spatial
+
+
+def module_reference(m, x):
+    """The module's definition: qkv -> pad to kernel*dilation, padded keys excluded -> crop."""
+    nd = m.ndim
+    b, *spatial, c = x.shape
+    qkv = m.qkv(x).unflatten(-1, (3, m.num_heads, m.head_dim)).double()
+    q, k, v = qkv.unbind(-3)
+    pads = tuple(max(kk * d - s, 0) for kk, d, s in zip(m.kernel_size, m.dilation, spatial))
+    q, k, v = (_pad_spatial(t, pads) for t in (q, k, v))
+    real = _pad_spatial(torch.ones(1, *spatial, 1, 1, dtype=torch.float64), pads) > 0
+    p = check_inputs(nd, q, k, v, m.kernel_size, m.dilation, m.stride, m.is_causal,
+                     None if m.rpb is None else m.rpb.double(), m.scale, None, None)
+    out, _ = na_reference(q, k, v, p, None if m.rpb is None else m.rpb.double(),
+                          key_mask=real.flatten())
+    out = out[(slice(None), *(slice(0, s) for s in spatial))].reshape(b, *spatial, c)
+    return m.proj(out.to(x.dtype))
+
+
+@pytest.mark.parametrize("cls, size, kwargs", [
+    (natkit.NeighborhoodAttention1D, (13,), dict(kernel_size=5, dilation=2)),
+    (natkit.NeighborhoodAttention2D, (9, 11), dict(kernel_size=3, rel_pos_bias=True)),
+    (natkit.NeighborhoodAttention2D, (8, 9), dict(kernel_size=(4, 3), stride=(2, 1),
+                                                  is_causal=(True, False))),
+    (natkit.NeighborhoodAttention3D, (5, 6, 7), dict(kernel_size=3, dilation=(1, 2, 1))),
+    # padding path: inputs smaller than kernel * dilation
+    (natkit.NeighborhoodAttention2D, (3, 5), dict(kernel_size=7, rel_pos_bias=True)),
+    (natkit.NeighborhoodAttention2D, (4, 13), dict(kernel_size=3, dilation=(2, 3))),
+    (natkit.NeighborhoodAttention1D, (5,), dict(kernel_size=7, is_causal=True)),
+    (natkit.NeighborhoodAttention3D, (2, 3, 6), dict(kernel_size=3, rel_pos_bias=True)),
+])
+def test_module_matches_definition(cls, size, kwargs):
+    m = cls(32, 4, **kwargs).double()
+    x = torch.randn(2, *size, 32, dtype=torch.float64)
+    out = m(x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, module_reference(m, x), atol=1e-10, rtol=0)
+    out.square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_padding_mask_is_exact_in_low_precision(dtype):
+    m = natkit.NeighborhoodAttention2D(16, 2, kernel_size=7, rel_pos_bias=True)
+    x = torch.randn(1, 4, 5, 16)
+    ref = module_reference(m.double(), x.double())
+    out = m.to(dtype)(x.to(dtype))
+    assert torch.isfinite(out).all()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 0.1, torch.float16: 1e-2}[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0)
+
+
+def test_parameter_names_match_official_checkpoints():
+    m = natkit.NeighborhoodAttention2D(64, 2, 7, rel_pos_bias=True)
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes == {"qkv.weight": (192, 64), "qkv.bias": (192,), "rpb": (2, 13, 13),
+                      "proj.weight": (64, 64), "proj.bias": (64,)}
+    assert "rpb" not in natkit.NeighborhoodAttention2D(64, 2, 7).state_dict()
+    assert "qkv.bias" not in natkit.NeighborhoodAttention1D(64, 2, 7, qkv_bias=False).state_dict()
+
+
+def test_attention_dropout_only_in_training():
+    m = natkit.NeighborhoodAttention2D(16, 2, 3, attn_drop=0.5)
+    x = torch.randn(1, 6, 6, 16)
+    m.eval()
+    torch.testing.assert_close(m(x), m(x))
+    m.train()
+    torch.manual_seed(1)
+    a = m(x)
+    torch.manual_seed(2)
+    assert not torch.allclose(a, m(x))
+
+
+def test_module_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    m = natkit.NeighborhoodAttention2D(16, 2, 3, rel_pos_bias=True)
+    x = torch.randn(2, 7, 9, 16)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), m(x), atol=1e-6, rtol=0)
