@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -110,21 +111,20 @@ class Result:
 
 # ----------------------------------------------------------------------------- contenders
 
-def _flex_fn(case: Case, device: str) -> Optional[Callable]:
-    """FlexAttention with a neighborhood block mask (stride 1, non-causal), CUDA only."""
-    if device != "cuda":
-        return None
+def _flex(case: Case, device: str, rpb):
+    """FlexAttention NA on CUDA: ``(fn, prep)``, ``prep`` puts heads-last inputs into the
+    layout ``fn`` takes (not timed). Uses ``natkit.bench.flex.FlexNA`` (tile-major tokens,
+    RPB as a score_mod) when present, else a plain row-major neighborhood mask."""
     try:
-        from . import flex as user_flex  # written alongside the Triton backend, if present
-        if hasattr(user_flex, "flex_na"):
-            return lambda q, k, v: user_flex.flex_na(q, k, v, kernel_size=case.kernel,
-                                                     dilation=case.dilation or 1)
+        from .flex import FlexNA
     except ImportError:
-        pass
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError:
-        return None
+        FlexNA = None
+    if FlexNA is not None:
+        flex = FlexNA(case.spatial, case.kernel, case.dilation or None, rpb=rpb, device=device)
+        return flex, flex.to_tiled
+    if rpb is not None:
+        return None, None
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     spatial, kernel = case.spatial, case.kernel
     dil = case.dilation or (1,) * len(spatial)
 
@@ -136,31 +136,29 @@ def _flex_fn(case: Case, device: str) -> Optional[Callable]:
         return out[::-1]
 
     def mask_mod(b, h, q_idx, kv_idx):
-        ok = None
-        for i, j, L, k, d in zip(coords(q_idx), coords(kv_idx), spatial, kernel, dil):
+        ok = q_idx >= 0
+        for i, j, length, k, d in zip(coords(q_idx), coords(kv_idx), spatial, kernel, dil):
             g = i % d
-            lg = (L - g + d - 1) // d
-            start = torch.clamp(i // d - k // 2, min=0)
-            start = torch.minimum(start, lg - k)
+            glen = (length - g + d - 1) // d
+            start = torch.clamp(torch.minimum(i // d - k // 2, glen - k), min=0)
             jj = j // d
-            m = (j % d == g) & (jj >= start) & (jj < start + k)
-            ok = m if ok is None else ok & m
+            ok = ok & (j % d == g) & (jj >= start) & (jj < start + k)
         return ok
 
     n = case.tokens
     block = create_block_mask(mask_mod, None, None, n, n, device=device)
     compiled = torch.compile(flex_attention, dynamic=False)
 
-    def run(q, k, v):
-        b, *sp, h, d = q.shape
-        flat = [t.reshape(b, n, h, d).transpose(1, 2) for t in (q, k, v)]
-        return compiled(*flat, block_mask=block).transpose(1, 2).reshape(q.shape)
-    return run
+    def prep(x):
+        b, *_, h, d = x.shape
+        return x.reshape(b, n, h, d).transpose(1, 2).contiguous()
+    return (lambda q, k, v: compiled(q, k, v, block_mask=block)), prep
 
 
 def contenders(case: Case, device: str, q, rpb, requires_grad: bool, include: Optional[set],
                flex: bool = True):
-    """``[(name, fn or None, note)]``: fn(q, k, v) -> out; None = skipped, note says why."""
+    """``[(name, fn or None, note, prep)]``: fn(q, k, v) -> out; None = skipped (note says
+    why); ``prep`` (or None) converts heads-last inputs to fn's layout, untimed."""
     from natkit import available_backends, neighborhood_attention
     from natkit._checks import check_inputs
     from natkit.backends import backends
@@ -174,28 +172,29 @@ def contenders(case: Case, device: str, q, rpb, requires_grad: bool, include: Op
         reason = backends()[name].can_run(p, q, rpb, requires_grad)
         fn = None if reason else (lambda q_, k_, v_, _n=name: neighborhood_attention(
             q_, k_, v_, case.kernel, dilation=dil, rpb=rpb, backend=_n))
-        out.append((f"natkit-{name}", fn, reason or ""))
+        out.append((f"natkit-{name}", fn, reason or "", None))
     if case.dilation and any(d > 1 for d in case.dilation):
-        out.append((BASELINE, None, "window attention has no dilation"))
+        out.append((BASELINE, None, "window attention has no dilation", None))
     else:
         bias = baselines.relative_bias_table(rpb, case.kernel) if rpb is not None else None
         out.append((BASELINE, lambda q_, k_, v_: baselines.window_attention(
-            q_, k_, v_, case.kernel, bias), ""))
+            q_, k_, v_, case.kernel, bias), "", None))
     if device == "cpu" and case.tokens > CPU_FULL_MAX_TOKENS:
-        out.append(("full", None, f"> {CPU_FULL_MAX_TOKENS} tokens on CPU"))
+        out.append(("full", None, f"> {CPU_FULL_MAX_TOKENS} tokens on CPU", None))
     else:
-        out.append(("full", baselines.full_attention, "no bias" if rpb is not None else ""))
+        out.append(("full", baselines.full_attention, "no bias" if rpb is not None else "",
+                    None))
     if flex:
         if device != "cuda":
-            out.append(("flex-na", None, "FlexAttention is benchmarked on CUDA only"))
-        elif rpb is not None:
-            out.append(("flex-na", None, "no bias in this mask"))
+            out.append(("flex-na", None, "FlexAttention is benchmarked on CUDA only", None))
         else:
             try:
-                fn = _flex_fn(case, device)
-                out.append(("flex-na", fn, "" if fn else "FlexAttention unavailable"))
+                fn, prep = _flex(case, device, rpb)
+                out.append(("flex-na", fn, "" if fn else "unavailable with rpb", prep))
             except Exception as err:  # mask construction can run out of memory (3-D video)
-                out.append(("flex-na", None, f"{type(err).__name__}: {str(err)[:80]}"))
+                msg = str(err).strip().splitlines()[0][:80] if str(err).strip() else ""
+                out.append(("flex-na", None, f"{type(err).__name__}: {msg}", None))
+                torch.cuda.empty_cache()
     if include:
         out = [c for c in out if c[0] in include or c[0] == BASELINE]
     return out
@@ -209,7 +208,7 @@ def _attended_pairs(case: Case) -> int:
 
 def run_case(case: Case, device: str, dtype: torch.dtype, modes: Sequence[str],
              rpb: bool = False, include: Optional[set] = None, reps: int = 10,
-             flex: bool = True) -> list[Result]:
+             flex: bool = True, log: Optional[Callable[[str], None]] = None) -> list[Result]:
     gen = torch.Generator(device="cpu").manual_seed(0)
     shape = (case.batch, *case.spatial, case.heads, case.head_dim)
 
@@ -227,20 +226,28 @@ def run_case(case: Case, device: str, dtype: torch.dtype, modes: Sequence[str],
         qq, kk_, vv = (t.detach().requires_grad_(grad) for t in (q, k, v))
         dout = rand(*shape) if grad else None
         rows = []
-        for name, fn, note in contenders(case, device, qq, bias, grad, include, flex):
+        for name, fn, note, prep in contenders(case, device, qq, bias, grad, include, flex):
             r = Result(case.name, case.describe(), mode, name, rpb, note=note)
             if fn is not None:
+                ins, g = (qq, kk_, vv), dout
+                if prep is not None:
+                    ins = tuple(prep(t.detach()).requires_grad_(grad) for t in (q, k, v))
+                    g = prep(dout) if grad else None
                 if grad:
-                    def call(fn=fn):
-                        out = fn(qq, kk_, vv)
-                        return torch.autograd.grad(out, (qq, kk_, vv), dout)
+                    def call(fn=fn, ins=ins, g=g):
+                        out = fn(*ins)
+                        return torch.autograd.grad(out, ins, g)
                 else:
-                    def call(fn=fn):
+                    def call(fn=fn, ins=ins):
                         with torch.no_grad():
-                            return fn(qq, kk_, vv)
+                            return fn(*ins)
+                t0 = time.perf_counter()
                 try:
                     r.ms = time_ms(call, device, reps=reps)
                     r.peak_mb = peak_memory_mb(call, device)
+                    if log is not None:
+                        log(f"  {case.name} {mode}{' rpb' if rpb else ''} {name}: {r.ms:.3f} ms "
+                            f"({time.perf_counter() - t0:.1f}s)")
                 except (RuntimeError, ValueError, torch.OutOfMemoryError) as err:
                     r.note = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
                     if device == "cuda":

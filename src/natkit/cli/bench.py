@@ -42,6 +42,7 @@ def add_parser(sub) -> None:
                                                    "swin-wsa always runs")
     p.add_argument("--reps", type=int, default=10, help="CPU repetitions per timing")
     p.add_argument("--out", default="bench-results", help="folder for bench.csv / bench.png")
+    p.add_argument("--quiet", action="store_true", help="no per-contender progress lines")
     p.add_argument("--models", action="store_true",
                    help="instead: NAT-Tiny vs timm Swin-T images/s (inference, train step)")
     p.add_argument("--model-names", nargs="+", default=["nat_tiny"],
@@ -80,6 +81,11 @@ def custom_case(args):
             raise CLIError(f"--kernel {args.kernel} (dilation {args.dilation or 1}) does not "
                            f"fit the spatial size {s}: need 2 <= kernel*dilation <= size")
     return Case("custom", dims[0], dims[1:], args.heads, args.head_dim, kernel, dilation)
+
+
+def _log(msg: str) -> None:
+    import sys
+    print(msg, file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
             if rpb and (any(k % 2 == 0 for k in case.kernel)):
                 info(f"{case.name}: skipping rpb (even kernel)")
                 continue
-            results += runner.run_case(case, device, dtype, modes, rpb, include, args.reps)
+            results += runner.run_case(case, device, dtype, modes, rpb, include, args.reps,
+                                       log=None if args.quiet else _log)
     if not results:
         raise CLIError("nothing to run")
     label = (torch.cuda.get_device_name() if device == "cuda" else
