@@ -63,7 +63,7 @@ def _eval(args, d) -> int:
         root = os.path.join(data_arg, "val") if os.path.isdir(os.path.join(data_arg, "val")) \
             else data_arg
         _, samples = scan_folder(root)
-        pre = official_preprocess(samples[0][0], args.img_size, args.crop_pct)
+        pre = official_preprocess(model, samples[0][0], args.img_size, args.crop_pct)
     elif args.img_size is not None or args.crop_pct is not None:
         raise CLIError("--img-size/--crop-pct apply to official checkpoints only (a natkit "
                        "checkpoint carries its preprocessing)")

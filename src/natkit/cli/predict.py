@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         if not os.path.isfile(path):
             raise DataError(f"image file {path!r} does not exist")
     model, meta = load_for_inference(args.checkpoint, args.model, args.ema)
-    pre = meta["preprocess"] or official_preprocess(args.images[0], args.img_size, None)
+    pre = meta["preprocess"] or official_preprocess(model, args.images[0], args.img_size, None)
     names = read_class_names(args.classes) if args.classes else meta["classes"]
     device = resolve_device(args.device)
     model.to(device)

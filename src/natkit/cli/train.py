@@ -32,8 +32,8 @@ from . import distributed
 from .common import CLIError, autocast_dtype, build_model, evaluate, info, unwrap, warn
 from .data import make_data
 
-DEFAULTS = dict(data="digits", model="nat_micro", epochs=30, batch_size=64, lr=2e-3,
-                min_lr=1e-5, warmup_epochs=2, weight_decay=0.05, label_smoothing=0.1,
+DEFAULTS = dict(data="digits", model="nat_micro", epochs=40, batch_size=64, lr=5e-3,
+                min_lr=1e-5, warmup_epochs=1, weight_decay=0.05, label_smoothing=0.1,
                 clip_grad=5.0, drop_path=None, amp="auto", ema=False, ema_decay=0.999,
                 mixup=0.0, cutmix=0.0, img_size=None, workers=None, hflip=0.5, seed=0,
                 device="auto", output=None, progress=True)
@@ -220,7 +220,7 @@ def _train(args, d: distributed.Dist) -> int:
             raise CLIError(f"checkpoint {resume_path!r} expects {saved['preprocess']['in_chans']}"
                            f"-channel images, the data has {data.in_chans}")
     model_kwargs = dict(num_classes=len(data.classes), in_chans=data.in_chans,
-                        drop_path_rate=cfg["drop_path"])
+                        img_size=data.img_size, drop_path_rate=cfg["drop_path"])
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
     model = build_model(cfg["model"], **model_kwargs).to(device)
     ema = EMA(model, cfg["ema_decay"]) if cfg["ema"] else None
