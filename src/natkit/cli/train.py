@@ -46,7 +46,7 @@ def add_parser(sub) -> None:
                     "'torchrun --nproc_per_node N' with DistributedDataParallel "
                     "(--batch-size is per process). Defaults train nat_micro on the built-in "
                     "digits dataset (no download).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=None)
+        argument_default=None)
     d = DEFAULTS
     a = p.add_argument
     a("--data", help=f"'digits' (built-in) or an ImageFolder root with train/ and val/ "
