@@ -352,7 +352,8 @@ def run_models(device: str, batch: int, img_size: int = 224, reps: int = 10,
     bf16 autocast on CUDA, fp32 on CPU."""
     from natkit.models import create_model
     amp = torch.bfloat16 if device == "cuda" else None
-    models = [(n, lambda n=n: create_model(n, num_classes=1000)) for n in names]
+    models = [(n, lambda n=n: create_model(n, num_classes=1000, in_chans=3, img_size=img_size))
+              for n in names]
     try:
         import timm
         models.append(("timm swin_tiny_patch4_window7_224",

@@ -108,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
                 info(f"{r['model']}: {r['note']}")
             else:
                 info(f"{r['model']}: {r['params_m']:.1f}M params, batch {r['batch']}, "
-                     f"{r['img_size']}^2: inference {r['infer_img_s']:.0f} img/s, "
-                     f"train step {r['train_img_s']:.0f} img/s")
+                     f"{r['img_size']}^2: inference {r['infer_img_s']:.4g} img/s, "
+                     f"train step {r['train_img_s']:.4g} img/s")
         info(f"wrote {path}")
         return 0
     if args.shape:
