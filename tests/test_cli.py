@@ -197,6 +197,7 @@ def _bad(capsys, argv, needle):
     return err
 
 
+@pytest.mark.filterwarnings("ignore:checkpoint.*interpolated")
 def test_bad_inputs_fail_clearly_and_touch_no_checkpoint(run2, tmp_path, capsys):
     run = str(tmp_path / "run")
     shutil.copytree(run2, run)

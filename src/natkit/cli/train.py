@@ -88,6 +88,8 @@ def add_parser(sub) -> None:
 def resolve_config(args: argparse.Namespace, saved: dict | None) -> dict:
     """Defaults < the resumed checkpoint's settings < options given on this command line."""
     explicit = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
+    if explicit.get("data", "digits") != "digits":
+        explicit["data"] = os.path.abspath(explicit["data"])
     cfg = dict(DEFAULTS)
     if saved is not None:
         cfg.update({k: v for k, v in saved.items() if k in DEFAULTS})
@@ -209,6 +211,8 @@ def _train(args, d: distributed.Dist) -> int:
             resume_path = os.path.join(resume_path, "last.pt")
         saved = ckpt_io.load_natkit(resume_path, model=args.model, training=True)
     cfg = resolve_config(args, saved["args"] if saved else None)
+    if cfg["data"] != "digits":  # checkpoints remember where their data is
+        cfg["data"] = os.path.abspath(cfg["data"])
     device = d.device
     data = make_data(cfg["data"], cfg["img_size"], cfg["workers"], cfg["hflip"])
     if saved is not None:
