@@ -111,11 +111,14 @@ def export_digits(out: str) -> dict[str, int]:
     from PIL import Image
     counts = {}
     for split, (images, labels) in zip(("train", "val"), digits_split()):
-        for i, (img, label) in enumerate(zip(images, labels)):
-            d = os.path.join(out, split, str(int(label)))
+        per_class: dict[int, int] = {}
+        for img, label in zip(images, labels):
+            label = int(label)
+            d = os.path.join(out, split, str(label))
             os.makedirs(d, exist_ok=True)
+            k = per_class[label] = per_class.get(label, -1) + 1
             arr = (img * 255).round().clamp(0, 255).to(torch.uint8).numpy()
-            Image.fromarray(arr, mode="L").save(os.path.join(d, f"{i:04d}.png"))
+            Image.fromarray(arr).save(os.path.join(d, f"{k:04d}.png"))
         counts[split] = len(labels)
     return counts
 
