@@ -270,7 +270,11 @@ def format_table(results: Sequence[Result]) -> str:
     head = ["case", "shape", "mode", "rpb", "contender", "ms", "peak MB", "x WSA", "full/x",
             "note"]
     rows = [head]
+    skipped: dict[str, str] = {}
     for r in results:
+        if r.ms is None and r.contender != BASELINE and r.contender != "full":
+            skipped.setdefault(r.contender, r.note)  # e.g. GPU-only contenders on a CPU
+            continue
         rows.append([r.case, r.shape, r.mode, "y" if r.rpb else "", r.contender,
                      f"{r.ms:.3f}" if r.ms else "-",
                      f"{r.peak_mb:.1f}" if r.peak_mb is not None else "-",
@@ -279,6 +283,7 @@ def format_table(results: Sequence[Result]) -> str:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += [f"not run: {name}: {why}" for name, why in skipped.items()]
     return "\n".join(lines)
 
 
