@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import sys
 import types
-import warnings
 
 import pytest
 import torch
@@ -68,6 +67,16 @@ PUBLISHED_M = {
 }
 
 K = 7  # every published model: kernel 7
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tests run tiny tensors, where intra-op threads only add synchronization: on a
+    busy 2-core machine OpenMP spin-waiting made them up to 60x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _block_keys(prefix, dim, heads, mlp, layer_scale, k=K):

@@ -16,7 +16,7 @@ import os
 import pickle
 import re
 import warnings
-from typing import Mapping, Optional, Union
+from typing import Mapping, Union
 
 import torch
 import torch.nn as nn

@@ -59,6 +59,8 @@ def can_run(p, query, rpb, requires_grad) -> str | None:
         return f"head_dim {p.head_dim} exceeds the triton kernels' maximum {MAX_HEAD_DIM}"
     if query.device.type == "cuda":
         return None
+    if interpreting() and query.dtype == torch.bfloat16:
+        return "Triton's CPU interpreter computes bfloat16 dots incorrectly (float16/float32 only)"
     if query.device.type == "cpu" and interpreting() and os.environ.get("NATKIT_TRITON_ON_CPU") == "1":
         return None
     return (f"tensors are on {query.device.type}; the triton backend runs on CUDA (on CPU only "
