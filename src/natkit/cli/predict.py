@@ -1,0 +1,84 @@
+"""``natkit predict``: image files -> top-k classes with probabilities."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from .common import CLIError, info
+from .data import DataError, eval_transform, image_channels, open_image
+from .distributed import resolve_device
+from .loading import load_for_inference, num_outputs, official_preprocess
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "predict", help="top-k classes of image files",
+        description="Classify image files with a natkit checkpoint (class names come from it) "
+                    "or an official NAT/DiNAT checkpoint (--model; names from --classes).")
+    p.add_argument("checkpoint")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--model", help="model name (required for official checkpoints)")
+    p.add_argument("--classes", help="class names: a text file with one name per line, or a "
+                                     "JSON list / {index: name} object")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--ema", action="store_true", help="use the EMA weights of a last.pt")
+    p.add_argument("--img-size", type=int, help="official checkpoints: input size (224)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", dest="json_out", help="also write the predictions to this file")
+    p.set_defaults(func=run)
+
+
+def read_class_names(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise DataError(f"--classes file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"--classes file {path!r} is not valid JSON: {err}") from None
+        if isinstance(obj, dict):  # {"0": "tench", ...} or {"0": ["n01440764", "tench"]}
+            names = [obj[k] for k in sorted(obj, key=int)]
+            return [n[-1] if isinstance(n, list) else str(n) for n in names]
+        return [str(n) for n in obj]
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.topk < 1:
+        raise CLIError(f"--topk must be >= 1, got {args.topk}")
+    for path in args.images:
+        if not os.path.isfile(path):
+            raise DataError(f"image file {path!r} does not exist")
+    model, meta = load_for_inference(args.checkpoint, args.model, args.ema)
+    pre = meta["preprocess"] or official_preprocess(model, args.images[0], args.img_size, None)
+    names = read_class_names(args.classes) if args.classes else meta["classes"]
+    device = resolve_device(args.device)
+    model.to(device)
+    n_out = num_outputs(model, pre["in_chans"], pre["img_size"], device)
+    if names is not None and len(names) != n_out:
+        raise CLIError(f"{len(names)} class names for a model with {n_out} outputs")
+    batch = torch.stack([eval_transform(open_image(p, pre["in_chans"]), pre)
+                         for p in args.images]).to(device)
+    with torch.no_grad():
+        probs = model(batch).float().softmax(-1).cpu()
+    k = min(args.topk, n_out)
+    top = probs.topk(k, dim=-1)
+    results = []
+    for path, pv, iv in zip(args.images, top.values, top.indices):
+        preds = [{"index": int(i), "name": names[int(i)] if names else str(int(i)),
+                  "prob": float(p)} for p, i in zip(pv, iv)]
+        results.append({"image": path, "top": preds})
+        info(f"{path}: " + ", ".join(f"{q['name']} {100 * q['prob']:.1f}%" for q in preds))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+__all__ = ["run", "add_parser", "read_class_names", "image_channels"]
