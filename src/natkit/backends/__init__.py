@@ -13,14 +13,11 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
+
 from .._checks import NAParams
 
 logger = logging.getLogger("natkit")
-
-
-def _compiling() -> bool:
-    import torch
-    return torch.compiler.is_compiling()
 
 
 @dataclass(frozen=True)
@@ -97,6 +94,6 @@ def choose_backend(name: Optional[str], p: NAParams, query, rpb, requires_grad: 
         reason = backend.can_run(p, query, rpb, requires_grad)
         if reason is None:
             return backend
-        if not _compiling():  # logging calls break torch.compile(fullgraph=True) graphs
+        if not torch.compiler.is_compiling():  # logging calls break torch.compile(fullgraph=True) graphs
             logger.debug("natkit: backend %s refused: %s", candidate, reason)
     raise AssertionError("the portable backend accepts every validated call")
