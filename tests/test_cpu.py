@@ -19,9 +19,10 @@ import natkit
 from natkit._checks import check_inputs
 from natkit.backends import choose_backend
 from natkit.backends.reference import na_reference
+from sweep import assert_fa_close, grads
 
-cpu_backend = pytest.importorskip("natkit.backends.cpu")
-from natkit.backends.cpu import _build  # noqa: E402
+import natkit.backends.cpu as cpu_backend
+from natkit.backends.cpu import _build
 
 SWEEP = int(os.environ.get("NATKIT_SWEEP", "60"))
 
@@ -94,25 +95,6 @@ def run_ref(cfg, inputs, upcast=True):
                         upcast=upcast)
 
 
-def grads(out, lse, inputs, g_out, g_lse):
-    names = [n for n, v in inputs.items() if v is not None]
-    loss = (out.double() * g_out).sum() + (lse.double() * g_lse).sum()
-    return dict(zip(names, torch.autograd.grad(loss, [inputs[n] for n in names])))
-
-
-def assert_close(name, got, ref, low, dtype, rel_floor):
-    """FlashAttention's rule ``|got - ref| <= 2 |low - ref| + floor``: ``ref`` float64,
-    ``low`` the reference computed in the input precision; the floor is twice the rounding
-    error of storing ``ref`` in ``dtype`` plus ``rel_floor`` times the magnitude of ``ref``
-    (the fused kernel sums in a different order)."""
-    ref = ref.double()
-    err = (got.double() - ref).abs().max().item()
-    floor = (2 * (ref.to(dtype).double() - ref).abs().max().item()
-             + rel_floor * (1 + ref.abs().max().item()))
-    bound = 2 * (low.double() - ref).abs().max().item() + floor
-    assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
-
-
 def check_against_reference(cfg, dtype, seed, rel_floor):
     gen = torch.Generator().manual_seed(seed)
     exact = make_inputs(cfg, gen)
@@ -123,8 +105,8 @@ def check_against_reference(cfg, dtype, seed, rel_floor):
     ref, ref_lse = run_ref(cfg, exact)
     low_inputs = cast(exact, dtype)
     low, low_lse = run_ref(cfg, low_inputs, upcast=False)
-    assert_close("out", out, ref, low, dtype, rel_floor)
-    assert_close("lse", lse, ref_lse, low_lse, torch.float32, rel_floor)
+    assert_fa_close("out", out, ref, low, dtype, rel_floor, abs_floor=0)
+    assert_fa_close("lse", lse, ref_lse, low_lse, torch.float32, rel_floor, abs_floor=0)
     g_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     g_lse = torch.randn(lse.shape, generator=gen, dtype=torch.float64)
     got = grads(out, lse, inputs, g_out, g_lse)
@@ -133,7 +115,8 @@ def check_against_reference(cfg, dtype, seed, rel_floor):
     assert set(got) == set(want)
     for name in want:
         assert got[name].dtype == dtype
-        assert_close(f"grad {name}", got[name], want[name], lowg[name], dtype, rel_floor)
+        assert_fa_close(f"grad {name}", got[name], want[name], lowg[name], dtype, rel_floor,
+                        abs_floor=0)
 
 
 @pytest.mark.parametrize("seed", range(SWEEP))

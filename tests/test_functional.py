@@ -1,6 +1,5 @@
 """The public op: portable backend vs the reference, gradcheck, merge, special cases, compile."""
 
-import math
 import random
 
 import pytest
