@@ -15,7 +15,6 @@ import argparse
 import csv
 import math
 import sys
-import traceback
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel

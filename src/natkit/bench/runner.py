@@ -16,7 +16,7 @@ import csv
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -326,7 +326,7 @@ def plot(results: Sequence[Result], path: str, title: str) -> None:
                     xs.append(j + (i - (len(names) - 1) / 2) * width)
                     ys.append(r.ratio_to_wsa if r.ratio_to_wsa else float("nan"))
             if xs:
-                bars = ax.bar(xs, ys, width, label=name)
+                ax.bar(xs, ys, width, label=name)
                 for x, y in zip(xs, ys):
                     if math.isfinite(y):
                         ax.annotate(f"{y:.2f}", (x, y), ha="center", va="bottom", fontsize=7)
@@ -347,56 +347,3 @@ def plot(results: Sequence[Result], path: str, title: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-# ----------------------------------------------------------------------------- models
-
-def run_models(device: str, batch: int, img_size: int = 224, reps: int = 10,
-               names: Sequence[str] = ("nat_tiny",)) -> list[dict]:
-    """Images/s of NAT models and timm Swin-T (if installed): inference and AdamW step,
-    bf16 autocast on CUDA, fp32 on CPU."""
-    from natkit.models import create_model
-    amp = torch.bfloat16 if device == "cuda" else None
-    models = [(n, lambda n=n: create_model(n, num_classes=1000, in_chans=3, img_size=img_size))
-              for n in names]
-    try:
-        import timm
-        models.append(("timm swin_tiny_patch4_window7_224",
-                       lambda: timm.create_model("swin_tiny_patch4_window7_224",
-                                                 num_classes=1000)))
-    except ImportError:
-        models.append(("timm swin_tiny_patch4_window7_224", None))
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, img_size, img_size, generator=gen).to(device)
-    y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
-    rows = []
-    for name, make in models:
-        if make is None:
-            rows.append({"model": name, "note": "timm not installed"})
-            continue
-        model = make().to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def infer():
-            model.eval()
-            with torch.no_grad(), torch.autocast(device, dtype=amp, enabled=amp is not None):
-                return model(x)
-
-        def train_step():
-            model.train()
-            with torch.autocast(device, dtype=amp, enabled=amp is not None):
-                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        ti = time_ms(infer, device, reps=reps)
-        tt = time_ms(train_step, device, reps=reps)
-        rows.append({"model": name, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-                     "batch": batch, "img_size": img_size, "infer_ms": ti,
-                     "infer_img_s": batch / ti * 1e3, "train_ms": tt,
-                     "train_img_s": batch / tt * 1e3, "note": ""})
-        del model, opt
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    return rows

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
 
@@ -95,21 +94,14 @@ def run(args: argparse.Namespace) -> int:
                                                     else torch.float32)
     os.makedirs(args.out, exist_ok=True)
     if args.models:
+        from natkit.bench.models import SWIN_T, format_table, run_models, write_csv
         batch = args.batch or (128 if device == "cuda" else 8)
-        rows = runner.run_models(device, batch, args.img_size, args.reps, args.model_names)
+        amp = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+        rows = run_models([*args.model_names, SWIN_T], device, batch, args.img_size,
+                          steps=args.reps, warmup=max(1, args.reps // 3), dtype=amp)
+        print(format_table(rows))
         path = os.path.join(args.out, "bench_models.csv")
-        keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "model", k))
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-        for r in rows:
-            if r.get("note"):
-                info(f"{r['model']}: {r['note']}")
-            else:
-                info(f"{r['model']}: {r['params_m']:.1f}M params, batch {r['batch']}, "
-                     f"{r['img_size']}^2: inference {r['infer_img_s']:.4g} img/s, "
-                     f"train step {r['train_img_s']:.4g} img/s")
+        write_csv(rows, path)
         info(f"wrote {path}")
         return 0
     if args.shape:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt_io
 from . import distributed
-from .common import CLIError, autocast_dtype, build_model, evaluate, info, unwrap, warn
+from .common import CLIError, autocast_dtype, build_model, evaluate, info, warn
 from .data import make_data
 
 DEFAULTS = dict(data="digits", model="nat_micro", epochs=40, batch_size=64, lr=5e-3,
