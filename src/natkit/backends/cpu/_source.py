@@ -105,6 +105,22 @@ struct Dim {
   const int *start, *count, *pos, *qlo, *qcnt;
 };
 
+// Visits the key rows (kz, ky) of the neighborhood of query row (z, y): f(rowoff, rbias) gets
+// the token index of the row's x = 0 and the offset of its relative-bias row, where
+// rz = (kz div d) - (z div d) + K - 1 (likewise ry) index the [2K-1]^3 table.
+template <class F>
+inline void for_key_rows(const Dim& Z, const Dim& Y, const Dim& X, int z, int y, F&& f) {
+  for (int tz = 0; tz < Z.count[z]; ++tz) {
+    const int kz = Z.start[z] + tz * Z.dil;
+    const int rz = kz / Z.dil - Z.pos[z] + Z.K - 1;
+    for (int ty = 0; ty < Y.count[y]; ++ty) {
+      const int ky = Y.start[y] + ty * Y.dil;
+      const int ry = ky / Y.dil - Y.pos[y] + Y.K - 1;
+      f((kz * Y.L + ky) * X.L, (rz * Y.R + ry) * X.R);
+    }
+  }
+}
+
 struct Prob {
   int B, H, Hk, G, D, E, N, NP;  // G = H / Hk, NP = slab plane stride (N + padding)
   Dim dim[3];
@@ -569,25 +585,18 @@ std::vector<torch::Tensor> na_forward(torch::Tensor q, torch::Tensor k, torch::T
           const float* Qt = Qh + n0;
           vf m = splat(NEG), lsum = splat(0.f);
           std::fill(O, O + (size_t)p.D * VL, 0.f);
-          for (int tz = 0; tz < Z.count[z]; ++tz) {
-            const int kz = Z.start[z] + tz * Z.dil;
-            const int rz = kz / Z.dil - Z.pos[z] + Z.K - 1;
-            for (int ty = 0; ty < Y.count[y]; ++ty) {
-              const int ky = Y.start[y] + ty * Y.dil;
-              const int ry = ky / Y.dil - Y.pos[y] + Y.K - 1;
-              const int rowoff = (kz * Y.L + ky) * X.L;
-              const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + (rz * Y.R + ry) * X.R : nullptr;
-              for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
-                run_chunk(ln, rowoff, X.dil, t0, std::min(CH, ln.tmax - t0),
-                          [&]<int NJ, int MODE>(const Src& src, const vi* ok) {
-                  vf bias[NJ];
-                  if (brow) bias_chunk<NJ>(ln, brow, t0, 1, bias);
-                  fwd_chunk<NJ, MODE>(Qt, p.NP, Ks, Vs, p.NP, src, ok, brow ? bias : nullptr,
-                                      p.D, m, lsum, O);
-                });
-              }
+          for_key_rows(Z, Y, X, z, y, [&](int rowoff, int rbias) {
+            const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + rbias : nullptr;
+            for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
+              run_chunk(ln, rowoff, X.dil, t0, std::min(CH, ln.tmax - t0),
+                        [&]<int NJ, int MODE>(const Src& src, const vi* ok) {
+                vf bias[NJ];
+                if (brow) bias_chunk<NJ>(ln, brow, t0, 1, bias);
+                fwd_chunk<NJ, MODE>(Qt, p.NP, Ks, Vs, p.NP, src, ok, brow ? bias : nullptr,
+                                    p.D, m, lsum, O);
+              });
             }
-          }
+          });
           for (int e0 = 0; e0 < E; e0 += CH) {
             const int nj = std::min<int>(CH, E - e0);
             Src src; src.off = e0 * ex_tok; src.step = ex_tok; src.idx = nullptr;
@@ -700,25 +709,18 @@ std::vector<std::optional<torch::Tensor>> na_backward(
           for (int l = ln.nv; l < VL; ++l) { l2[l] = 1e30f; dl[l] = 0.f; }
           c.lse2 = l2; c.delta = dl;
           std::fill(acc, acc + (size_t)p.D * VL, 0.f);
-          for (int tz = 0; tz < Z.count[z]; ++tz) {
-            const int kz = Z.start[z] + tz * Z.dil;
-            const int rz = kz / Z.dil - Z.pos[z] + Z.K - 1;
-            for (int ty = 0; ty < Y.count[y]; ++ty) {
-              const int ky = Y.start[y] + ty * Y.dil;
-              const int ry = ky / Y.dil - Y.pos[y] + Y.K - 1;
-              const int rowoff = (kz * Y.L + ky) * X.L;
-              const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + (rz * Y.R + ry) * X.R : nullptr;
-              c.drpb_row = p.rpb ? drp + (((size_t)b * nblk + blk) * p.H + h) * p.Rt + (rz * Y.R + ry) * X.R : nullptr;
-              for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
-                run_chunk(ln, rowoff, X.dil, t0, std::min(CH, ln.tmax - t0),
-                          [&]<int NJ, int MODE>(const Src& src, const vi* ok) {
-                  vf bias[NJ];
-                  if (brow) bias_chunk<NJ>(ln, brow, t0, 1, bias);
-                  qpass_chunk<NJ, MODE>(c, Ks, Vs, p.NP, src, ok, brow ? bias : nullptr, t0, 0);
-                });
-              }
+          for_key_rows(Z, Y, X, z, y, [&](int rowoff, int rbias) {
+            const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + rbias : nullptr;
+            c.drpb_row = p.rpb ? drp + (((size_t)b * nblk + blk) * p.H + h) * p.Rt + rbias : nullptr;
+            for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
+              run_chunk(ln, rowoff, X.dil, t0, std::min(CH, ln.tmax - t0),
+                        [&]<int NJ, int MODE>(const Src& src, const vi* ok) {
+                vf bias[NJ];
+                if (brow) bias_chunk<NJ>(ln, brow, t0, 1, bias);
+                qpass_chunk<NJ, MODE>(c, Ks, Vs, p.NP, src, ok, brow ? bias : nullptr, t0, 0);
+              });
             }
-          }
+          });
           c.drpb_row = nullptr;
           for (int e0 = 0; e0 < E; e0 += CH) {
             const int nj = std::min<int>(CH, E - e0);
