@@ -1,0 +1,132 @@
+"""Tile-work accounting: how many scores the kernels compute for a problem and a tile config.
+
+The kernels visit, per query tile, every key tile of its neighborhoods' bounding box
+(forward and dQ), or per key tile every query tile of its inverse neighborhood (dK/dV).
+Each visit computes a full ``BLOCK_M x BLOCK_N`` score tile; only some of those scores are
+attended pairs. This module counts, exactly as the kernels iterate and without a GPU:
+
+- ``computed``: scores computed (``BLOCK_M * BLOCK_N`` per visited tile pair);
+- ``unmasked``: scores in tile pairs that run the unmasked step (no window mask);
+- ``useful``: attended query-key pairs (what an ideal kernel computes).
+
+``computed / useful`` is the tile waste. Iteration is a Cartesian product over dimensions
+(tile slots, and the key box of a tile, are per-dimension ranges), so every count is a
+product of per-dimension sums. Windows come from ``natkit._window`` (the SPEC formula) in
+dilation-group coordinates, as in the kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+from ..._window import window_1d
+from .configs import TileConfig
+
+
+@dataclass(frozen=True)
+class TileWork:
+    programs: int
+    computed: int
+    unmasked: int
+    useful: int
+
+    @property
+    def waste(self) -> float:
+        """Scores computed per attended pair (1.0 is ideal)."""
+        return self.computed / max(self.useful, 1)
+
+    @property
+    def masked_fraction(self) -> float:
+        """Fraction of the computed scores that pay for the window mask."""
+        return 1.0 - self.unmasked / max(self.computed, 1)
+
+
+@lru_cache(maxsize=4096)
+def _windows(length: int, kernel: int, stride: int, causal: bool) -> tuple[list, list]:
+    """``(start, end)`` per query of one dilation group (group coordinates)."""
+    start, count, _ = window_1d(length, kernel, stride, 1, causal)
+    return start.tolist(), (start + count).tolist()
+
+
+def _group_lengths(length: int, dilation: int) -> list[int]:
+    return [-(-(length - g) // dilation) for g in range(dilation)]
+
+
+def _query_tiles_1d(length, kernel, stride, dilation, causal, bq, bk) -> tuple[int, int, int]:
+    """One dimension, query-tile iteration (forward / dQ): ``(tiles, key tiles, unmasked)``."""
+    tiles = visits = inside = 0
+    for lg in _group_lengths(length, dilation):
+        start, end = _windows(lg, kernel, stride, causal)
+        for a in range(0, lg, bq):
+            b = min(a + bq, lg) - 1
+            lo, hi = start[a], min(end[b], lg)
+            full_lo, full_hi = start[b], min(end[a], lg)
+            n = -(-(hi - lo) // bk)
+            tiles += 1
+            visits += n
+            if a + bq <= lg:
+                inside += sum(1 for u in range(n)
+                              if lo + u * bk >= full_lo and lo + (u + 1) * bk <= full_hi)
+    return tiles, visits, inside
+
+
+def _key_tiles_1d(length, kernel, stride, dilation, causal, bq, bk) -> tuple[int, int, int]:
+    """One dimension, key-tile iteration (dK/dV): ``(tiles, query tiles, unmasked)``."""
+    tiles = visits = inside = 0
+    for lg in _group_lengths(length, dilation):
+        start, end = _windows(lg, kernel, stride, causal)
+        for c in range(0, lg, bk):
+            e = min(c + bk, lg) - 1
+            # the queries attending any key of [c, e]: end > c and start <= e (both monotone)
+            first = next((i for i in range(lg) if end[i] > c), lg)
+            last = next((i for i in range(lg) if start[i] > e), lg)
+            n = max(-(-(last - first) // bq), 0)
+            tiles += 1
+            visits += n
+            if c + bk <= lg:
+                for u in range(n):
+                    a = first + u * bq
+                    if (a + bq <= lg and start[a + bq - 1] <= c and c + bk <= end[a]):
+                        inside += 1
+    return tiles, visits, inside
+
+
+def _useful_1d(length, kernel, stride, dilation, causal) -> int:
+    _, count, _ = window_1d(length, kernel, stride, dilation, causal)
+    return int(count.sum())
+
+
+def tile_work(spatial, kernel, dilation, stride, causal, cfg: TileConfig, kind: str = "fwd",
+              batch_heads: int = 1) -> TileWork:
+    """Work of kernel ``kind`` (``"fwd"``, ``"dq"`` or ``"dkdv"``) for one problem.
+
+    Per-dimension arguments are sequences of the input's rank (1 to 3); ``cfg`` holds 3-D
+    tiles as the kernels use them (leading dimensions of size 1 for lower ranks).
+    ``batch_heads`` multiplies every count (batch * query heads); for ``"dkdv"`` with GQA the
+    launch has ``programs / (heads per kv head)`` programs, each looping over its heads.
+    """
+    if kind not in ("fwd", "dq", "dkdv"):
+        raise ValueError(f"kind must be 'fwd', 'dq' or 'dkdv', got {kind!r}")
+    pad = 3 - len(spatial)
+    dims = zip((1,) * pad + tuple(spatial), (1,) * pad + tuple(kernel),
+               (1,) * pad + tuple(stride), (1,) * pad + tuple(dilation),
+               (False,) * pad + tuple(bool(c) for c in causal), cfg.q_tile, cfg.k_tile)
+    per_dim = _key_tiles_1d if kind == "dkdv" else _query_tiles_1d
+    tiles = visits = inside = useful = 1
+    for L, K, S, D, C, bq, bk in dims:
+        t, v, i = per_dim(L, K, S, D, C, bq, bk)
+        tiles, visits, inside = tiles * t, visits * v, inside * i
+        useful *= _useful_1d(L, K, S, D, C)
+    scores = cfg.block_m * cfg.block_n * batch_heads
+    return TileWork(programs=tiles * batch_heads, computed=visits * scores,
+                    unmasked=inside * scores, useful=useful * batch_heads)
+
+
+def describe(work: TileWork) -> str:
+    return (f"{work.programs} programs, {work.waste:.2f} scores computed per attended pair, "
+            f"{100 * work.masked_fraction:.0f}% of them masked")
+
+
+__all__ = ["TileWork", "describe", "tile_work"]
