@@ -1,0 +1,79 @@
+"""Where the Triton kernels' time can go, measured without a GPU.
+
+For every shape of ``bench_gpu.py`` (BENCH.md), every kernel (forward, dQ, dK/dV) and every
+tile config the autotuner may pick, prints:
+
+- tile work (``natkit.backends.triton.work``): scores computed per attended pair (tile
+  waste) and the share of them that pays for the window mask, counted exactly as the
+  kernels iterate;
+- sm_90 resources (``natkit.backends.triton.aot``): registers per thread, spill bytes,
+  shared memory, and the occupancy that follows (programs and warps resident per SM),
+  from ptxas on the PTX Triton emits for an H100.
+
+Runs on a CPU machine (Triton's wheel carries ptxas); writes every row to a CSV.
+
+    PYTHONPATH=src python benchmarks/triton_static.py --csv triton_static.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gpu import SHAPES  # noqa: E402
+
+from natkit.backends.triton import aot, configs  # noqa: E402
+from natkit.backends.triton.work import tile_work  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--csv", default="triton_static.csv")
+    ap.add_argument("--only", default="", help="comma-separated substrings of shape names")
+    args = ap.parse_args()
+    only = [s for s in args.only.split(",") if s]
+    fields = ["shape", "rpb", "kind", "config", "default", "waste", "masked_pct", "programs",
+              "registers", "spill_bytes", "shared_kb", "ctas_per_sm", "warps_per_sm"]
+    with open(args.csv, "w", newline="") as raw:
+        writer = csv.DictWriter(raw, fieldnames=fields)
+        writer.writeheader()
+        for name, b, spatial, h, d, kernel, passes, rpbs in SHAPES:
+            if only and not any(o in name for o in only):
+                continue
+            nd = len(spatial)
+            groups = (1,) * (3 - nd) + tuple(spatial)
+            ones = (1,) * nd
+            kinds = ("fwd",) + (("dq", "dkdv") if "fwd+bwd" in passes else ())
+            print(f"== {name}: B={b} spatial={spatial} heads={h} dim={d} kernel={kernel}")
+            for rpb in rpbs:
+                for kind in kinds:
+                    cands = configs.candidates(nd, configs.block_d(d), groups, kind, rpb)
+                    for i, cfg in enumerate(cands):
+                        work = tile_work(spatial, kernel, ones, ones, (False,) * nd, cfg,
+                                         kind, batch_heads=b * h)
+                        res = aot.resources(kind, cfg, nd, d, rpb)
+                        row = dict(shape=name, rpb=int(rpb), kind=kind,
+                                   config=f"q{'x'.join(map(str, cfg.q_tile))} "
+                                          f"k{'x'.join(map(str, cfg.k_tile))} "
+                                          f"w{cfg.num_warps} s{cfg.num_stages}",
+                                   default=int(i == 0), waste=round(work.waste, 2),
+                                   masked_pct=round(100 * work.masked_fraction, 1),
+                                   programs=work.programs, registers=res.registers,
+                                   spill_bytes=res.spill_stores + res.spill_loads,
+                                   shared_kb=round(res.shared / 1024, 1),
+                                   ctas_per_sm=res.ctas_per_sm, warps_per_sm=res.warps_per_sm)
+                        writer.writerow(row)
+                        print(f"  rpb={int(rpb)} {kind:4s} {row['config']:22s}"
+                              f"{'*' if i == 0 else ' '} waste {row['waste']:5.2f}  "
+                              f"masked {row['masked_pct']:5.1f}%  regs {res.registers:3d}  "
+                              f"spill {row['spill_bytes']:5d} B  smem {row['shared_kb']:5.1f} KB  "
+                              f"{res.ctas_per_sm:2d} programs / {res.warps_per_sm:2d} warps per SM",
+                              flush=True)
+    print(f"(* = default when not autotuning; CSV: {args.csv})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The Triton kernels' default configs compile for an H100 (sm_90a) without register spills.
+
+No GPU needed: Triton lowers to PTX on any machine and its wheel ships ``ptxas``, whose
+report gives registers and spill bytes (``natkit.backends.triton.aot``). A spilling default
+was once a 12x slower forward; this catches the next one when a kernel or the config table
+changes. Head dim 256 cannot be spill-free in the backward kernels (two ``[keys, 256]`` fp32
+accumulators per program), so it gets a bound instead: 1 KB per thread (the configs before
+this check spilled up to 27 KB there).
+
+The compiles run in subprocesses without ``TRITON_INTERPRET`` (which the test session sets),
+one per rank, in parallel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HEAD_DIMS = (32, 64, 128, 256)
+
+
+@pytest.fixture(scope="module")
+def reports():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json, sys\nfrom natkit.backends.triton.aot import default_report\n"
+            "for d in %r:\n"
+            "    for row in default_report(int(sys.argv[1]), d):\n"
+            "        print(json.dumps(dict(row, head_dim=d)))\n" % (HEAD_DIMS,))
+    procs = {nd: subprocess.Popen([sys.executable, "-c", code, str(nd)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for nd in (1, 2, 3)}
+    out = {}
+    for nd, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+        out[nd] = [json.loads(line) for line in stdout.splitlines()]
+    return out
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_defaults_do_not_spill(reports, ndim):
+    rows = reports[ndim]
+    assert len(rows) == len(HEAD_DIMS) * 3 * 2  # every head dim, kernel, with/without RPB
+    bad = [r for r in rows if r["spill_bytes"] > (0 if r["head_dim"] <= 128 else 1024)]
+    assert not bad, f"spilling default configs: {bad}"
+    assert all(0 < r["registers"] <= 255 for r in rows)
+
+
+def test_resources_reports_spills():
+    """A config known to spill heavily is reported as spilling (the check can fail)."""
+    code = ("from natkit.backends.triton import aot, configs\n"
+            "r = aot.resources('dkdv', configs.TileConfig((1, 8, 16), (1, 8, 8), 4, 2), 2, 256)\n"
+            "print(r.registers, r.spill_stores, r.ctas_per_sm, r.warps_per_sm)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    regs, spills, ctas, warps = map(int, out)
+    assert regs == 255 and spills > 1024 and ctas >= 1 and warps == 4 * ctas
+
+
+def test_compile_refuses_interpreted_kernels():
+    from natkit.backends.triton import aot, configs
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        aot.resources("fwd", configs.TileConfig((1, 1, 16), (1, 1, 16)), 1)
