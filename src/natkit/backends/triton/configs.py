@@ -41,6 +41,11 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def block_d(head_dim: int) -> int:
+    """The head dimension as the kernels tile it: a power of two, at least 16."""
+    return max(16, _pow2(head_dim))
+
+
 def fit(tile: tuple[int, int, int], group_lengths: tuple[int, int, int]) -> tuple[int, int, int]:
     """Clamps a tile to the problem (no dimension wider than needed) keeping >= 16 tokens.
 
@@ -57,57 +62,73 @@ def sanitize(cfg: TileConfig, group_lengths) -> TileConfig:
     return replace(cfg, q_tile=fit(cfg.q_tile, group_lengths), k_tile=fit(cfg.k_tile, group_lengths))
 
 
-# Candidates per (rank, kind, rpb), default first. Chosen by register pressure (ptxas -v for
-# sm_90: the RPB gather's per-element 64-bit addresses spilled up to 4 KB per thread at 4 warps
-# on 128x64 tiles; the RPB candidates below compile without spills) and by H100 timings
-# (2-D without RPB: 8x16 query / 8x8 key tiles at 4 warps measured fastest on NAT-Tiny
-# stage 1); autotuning picks among them per shape bucket.
-def _c(q, k, warps, stages):
-    return TileConfig(q, k, warps, stages)
+# Candidates per (kind, rpb, head-dim class), default first, autotuning picks among them per
+# shape bucket. Written as 2-D "query/key tile, warps, stages"; 1-D and 3-D use tiles of the
+# same token counts (``_RANK_SHAPES``). Chosen without a GPU from ptxas's report for sm_90
+# (``aot.py``; benchmarks/triton_static.py prints it): every default compiles without
+# register spills for head dims up to 128 (tests/test_triton_static.py checks it). Head dim
+# 256 has no spill-free tile in the dQ and dK/dV kernels (two [keys, 256] fp32
+# accumulators); its smallest tiles spill at most 1 KB per thread. The 2-D head-dim-32
+# defaults (8x16 / 8x8 at 4 warps; 8x16 / 4x8 at 8 warps with RPB) were the fastest measured
+# on an H100 at NAT-Tiny stage 1. The small tiles (4x8 / 2x16, 4x4 / 2x8) compute 2-3x fewer
+# scores for 7x7 kernels (``work.py``).
+_TABLE: dict[tuple[str, bool, int], str] = {
+    ("fwd", False, 32): "8x16/8x8 w4 s2, 8x8/8x8 w4 s2, 4x8/2x16 w4 s2",
+    ("fwd", True, 32): "8x16/4x8 w8 s1, 8x8/4x8 w8 s1, 4x8/2x16 w4 s1",
+    ("fwd", False, 64): "8x16/8x8 w8 s2, 8x16/4x8 w8 s2, 4x8/2x16 w4 s2",
+    ("fwd", True, 64): "8x8/4x8 w8 s1, 8x16/2x8 w8 s1, 4x8/2x16 w4 s1",
+    ("fwd", False, 128): "8x16/4x8 w8 s2, 8x8/4x8 w8 s2, 4x4/2x8 w4 s2",
+    ("fwd", True, 128): "8x8/2x8 w8 s1, 4x4/2x8 w4 s1",
+    ("fwd", False, 256): "8x8/2x8 w8 s1, 4x4/2x8 w4 s1",
+    ("fwd", True, 256): "4x4/2x8 w4 s1",
+    ("dq", False, 32): "8x16/8x8 w4 s2, 8x8/8x8 w8 s2, 4x8/2x16 w4 s2",
+    ("dq", True, 32): "8x16/4x8 w8 s1, 8x8/4x8 w8 s1, 4x8/2x16 w4 s1",
+    ("dq", False, 64): "8x16/8x8 w8 s2, 8x8/4x8 w8 s2, 4x8/2x16 w4 s2",
+    ("dq", True, 64): "8x8/4x8 w8 s1, 8x16/2x8 w8 s1, 4x8/2x16 w4 s1",
+    ("dq", False, 128): "8x16/4x8 w8 s2, 8x8/2x8 w8 s2, 4x4/2x8 w4 s2",
+    ("dq", True, 128): "8x16/2x8 w8 s1, 4x4/2x8 w4 s1",
+    ("dq", False, 256): "4x4/2x8 w4 s1",
+    ("dq", True, 256): "4x4/2x8 w4 s1",
+    ("dkdv", False, 32): "8x8/8x8 w8 s2, 8x16/2x8 w8 s2, 4x8/2x8 w4 s2",
+    ("dkdv", True, 32): "8x8/8x8 w8 s1, 8x16/2x8 w8 s1, 4x4/8x8 w4 s1",
+    ("dkdv", False, 64): "8x8/4x8 w8 s2, 8x16/2x8 w8 s2, 4x4/2x8 w4 s2",
+    ("dkdv", True, 64): "8x8/4x8 w8 s1, 8x8/2x8 w8 s1, 4x4/2x8 w4 s1",
+    ("dkdv", False, 128): "8x8/2x8 w8 s2, 4x4/4x8 w4 s2, 4x4/2x8 w4 s2",
+    ("dkdv", True, 128): "4x4/2x8 w4 s1, 4x4/4x8 w4 s1",
+    ("dkdv", False, 256): "4x4/2x8 w4 s1",
+    ("dkdv", True, 256): "4x4/2x8 w4 s1",
+}
 
-
-_CANDIDATES: dict[tuple, list[TileConfig]] = {
-    (1, "fwd", False): [_c((1, 1, 128), (1, 1, 64), 8, 2), _c((1, 1, 64), (1, 1, 64), 4, 2)],
-    (1, "fwd", True): [_c((1, 1, 128), (1, 1, 32), 8, 1), _c((1, 1, 64), (1, 1, 64), 8, 1)],
-    (1, "dkdv", False): [_c((1, 1, 64), (1, 1, 32), 4, 2), _c((1, 1, 64), (1, 1, 64), 4, 2)],
-    (1, "dkdv", True): [_c((1, 1, 64), (1, 1, 64), 8, 1), _c((1, 1, 64), (1, 1, 32), 4, 1)],
-    (2, "fwd", False): [_c((1, 8, 16), (1, 8, 8), 4, 2), _c((1, 8, 16), (1, 8, 8), 8, 2),
-                        _c((1, 8, 8), (1, 8, 8), 4, 2)],
-    (2, "fwd", True): [_c((1, 8, 16), (1, 4, 8), 8, 1), _c((1, 8, 8), (1, 8, 8), 8, 1)],
-    (2, "dkdv", False): [_c((1, 8, 16), (1, 8, 8), 4, 2), _c((1, 8, 16), (1, 8, 8), 8, 2),
-                         _c((1, 8, 8), (1, 4, 8), 4, 2)],
-    (2, "dkdv", True): [_c((1, 8, 8), (1, 8, 8), 8, 1), _c((1, 8, 8), (1, 4, 8), 4, 1)],
-    (3, "fwd", False): [_c((4, 4, 8), (4, 4, 4), 8, 2), _c((2, 4, 8), (4, 4, 4), 4, 2)],
-    (3, "fwd", True): [_c((4, 4, 8), (2, 4, 4), 8, 1), _c((2, 4, 8), (2, 4, 8), 8, 1)],
-    (3, "dkdv", False): [_c((2, 4, 8), (2, 4, 4), 4, 2), _c((4, 4, 8), (4, 4, 4), 8, 2)],
-    (3, "dkdv", True): [_c((2, 4, 8), (2, 4, 8), 8, 1), _c((2, 4, 8), (2, 4, 4), 4, 1)],
+# 1-D and 3-D tiles of the same token counts as the table's 2-D tiles
+_RANK_SHAPES = {
+    1: lambda n: (1, 1, n),
+    3: {16: (2, 2, 4), 32: (2, 4, 4), 64: (2, 4, 8), 128: (4, 4, 8)}.__getitem__,
 }
 
 
-def _shrink_for_head_dim(cfg: TileConfig, block_d: int, kind: str) -> TileConfig:
-    """Large head dims: fewer tokens per tile to stay within registers / shared memory
-    (dK/dV holds two ``[keys, head_dim]`` fp32 accumulators)."""
-    limit = 64 if block_d >= 256 else (32 if kind == "dkdv" and block_d >= 128 else 1 << 30)
-    q_limit = 64 if block_d >= 256 else 1 << 30
+def _parse(entry: str, ndim: int) -> list[TileConfig]:
+    out = []
+    for item in entry.split(","):
+        tiles, warps, stages = item.split()
+        shapes = []
+        for tile in tiles.split("/"):
+            a, b = map(int, tile.split("x"))
+            shapes.append((1, a, b) if ndim == 2 else _RANK_SHAPES[ndim](a * b))
+        out.append(TileConfig(shapes[0], shapes[1], int(warps[1:]), int(stages[1:])))
+    return out
 
-    def cap(tile, n):
-        tile = list(tile)
-        while math.prod(tile) > n:
-            i = max(range(3), key=lambda d: tile[d])
-            tile[i] //= 2
-        return tuple(tile)
-    k_tile = cap(cfg.k_tile, limit)
-    q_tile = cap(cfg.q_tile, q_limit)
-    return replace(cfg, q_tile=q_tile, k_tile=k_tile,
-                   num_stages=1 if block_d >= 256 else cfg.num_stages)
+
+def head_dim_class(block_d: int) -> int:
+    """The table's head-dim classes: 32 (head dims up to 32), 64, 128, 256."""
+    return min(max(block_d, 32), 256)
 
 
 def candidates(ndim: int, block_d: int, group_lengths, kind: str = "fwd",
                has_rpb: bool = False) -> list[TileConfig]:
-    table_kind = "fwd" if kind == "dq" else kind  # dQ walks the forward's key box
+    """Autotuning candidates for one launch, default first, clamped to the problem."""
     seen, out = set(), []
-    for cfg in _CANDIDATES[(ndim, table_kind, has_rpb)]:
-        cfg = sanitize(_shrink_for_head_dim(cfg, block_d, kind), group_lengths)
+    for cfg in _parse(_TABLE[(kind, has_rpb, head_dim_class(block_d))], ndim):
+        cfg = sanitize(cfg, group_lengths)
         if cfg not in seen:
             seen.add(cfg)
             out.append(cfg)
@@ -116,6 +137,7 @@ def candidates(ndim: int, block_d: int, group_lengths, kind: str = "fwd",
 
 _OVERRIDE: dict[str, TileConfig] = {}
 _CACHE: dict[tuple, TileConfig] = {}
+_LAST: dict[str, TileConfig] = {}
 
 
 def set_override(kind: str, cfg: Optional[TileConfig]) -> None:
@@ -152,10 +174,12 @@ def choose(kind: str, key: tuple, ndim: int, block_d: int, group_lengths,
            has_rpb: bool = False) -> TileConfig:
     """The config for one launch; ``bench(cfg)`` times a candidate (used only when tuning)."""
     if kind in _OVERRIDE:
-        return sanitize(_OVERRIDE[kind], group_lengths)
+        _LAST[kind] = sanitize(_OVERRIDE[kind], group_lengths)
+        return _LAST[kind]
     full_key = (kind,) + key
     if full_key in _CACHE:
-        return _CACHE[full_key]
+        _LAST[kind] = _CACHE[full_key]
+        return _LAST[kind]
     cands = candidates(ndim, block_d, group_lengths, kind, has_rpb)
     best = cands[0]
     if autotune_enabled(device_type) and len(cands) > 1:
@@ -169,7 +193,14 @@ def choose(kind: str, key: tuple, ndim: int, block_d: int, group_lengths,
             best = min(timings, key=lambda x: x[0])[1]
             logger.debug("natkit triton: tuned %s %s -> %s", kind, key, best)
     _CACHE[full_key] = best
+    _LAST[kind] = best
     return best
+
+
+def last_chosen(kind: str) -> Optional[TileConfig]:
+    """The config of the latest launch of kernel ``kind`` in this process (benchmarks use
+    it to report the tile work of what actually ran)."""
+    return _LAST.get(kind)
 
 
 def bucket(n: int) -> int:

@@ -84,17 +84,13 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
 def _bench(fn) -> float:
     from triton.testing import do_bench
     return do_bench(fn, warmup=5, rep=20)
 
 
 def _tune_key(g: Geometry, q, has_rpb, has_extra, groups) -> tuple:
-    return g.key() + (_block_d(q.shape[-1]), q.dtype, has_rpb, has_extra, groups > 1)
+    return g.key() + (configs.block_d(q.shape[-1]), q.dtype, has_rpb, has_extra, groups > 1)
 
 
 def _common_args(g: Geometry):
@@ -107,7 +103,7 @@ def forward(q, k, v, rpb, ek, ev, g: Geometry, scale: float):
     out = _empty(q.shape, q.dtype, q.device)
     lse = _empty(q.shape[:-1], torch.float32, q.device)
     nd = g.ndim
-    block_d = _block_d(hd)
+    block_d = configs.block_d(hd)
     n_extra = 0 if ek is None else ek.shape[1]
 
     def launch(cfg: configs.TileConfig):
@@ -134,7 +130,7 @@ def backward(dout, dlse, q, k, v, out, lse, rpb, ek, ev, g: Geometry, scale: flo
     b, h, hd = q.shape[0], q.shape[-2], q.shape[-1]
     hk = k.shape[-2]
     nd = g.ndim
-    block_d = _block_d(hd)
+    block_d = configs.block_d(hd)
     n_extra = 0 if ek is None else ek.shape[1]
     prec = _precision(q.dtype)
 
