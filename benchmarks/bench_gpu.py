@@ -23,6 +23,8 @@ import natkit
 from natkit.bench.baselines import full_attention, relative_bias_table, window_attention
 from natkit.bench.flex import FlexNA
 from natkit.bench.timing import peak_memory_mb, time_ms
+from natkit.backends.triton import configs
+from natkit.backends.triton.work import tile_work
 
 # name, batch, spatial, heads, dim, kernel, passes, rpb variants
 SHAPES = [
@@ -93,12 +95,27 @@ def main():
               f"{'' if tf is None else f'{tf:7.1f} TFLOP/s'} "
               f"{'' if mem is None else f'{mem:9.1f} MiB'} {note}", flush=True)
 
-    def bench(shape, rpb, pas, impl, fn, inputs, flops, memory=True):
+    def tile_note(spatial, kernel, b, h, pas):
+        """Tile work of the configs natkit just ran: scores computed per attended pair and
+        the share paying for the window mask, per kernel."""
+        ones = (1,) * len(spatial)
+        notes = []
+        for kind in ("fwd", "dq", "dkdv") if pas == "fwd+bwd" else ("fwd",):
+            cfg = configs.last_chosen(kind)
+            if cfg is not None:
+                w = tile_work(spatial, kernel, ones, ones, (False,) * len(spatial), cfg, kind, b * h)
+                notes.append(f"{kind} q{'x'.join(map(str, cfg.q_tile[3 - len(spatial):]))}"
+                             f"/k{'x'.join(map(str, cfg.k_tile[3 - len(spatial):]))} "
+                             f"w{cfg.num_warps}: waste {w.waste:.2f}, "
+                             f"masked {100 * w.masked_fraction:.0f}%")
+        return "; ".join(notes)
+
+    def bench(shape, rpb, pas, impl, fn, inputs, flops, memory=True, note=None):
         try:
             run = make(fn, inputs, pas == "fwd+bwd")
             ms = time_ms(run, dev)
             mem = peak_memory_mb(run, dev) if memory else None
-            record(shape, rpb, pas, impl, ms, flops, mem)
+            record(shape, rpb, pas, impl, ms, flops, mem, note() if note else "")
             return ms
         except Exception as err:  # noqa: BLE001 - a baseline failing (OOM) is a result
             msg = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
@@ -152,7 +169,8 @@ def main():
                 f = flops * (3.5 if pas == "fwd+bwd" else 1.0)
                 inputs = (q, k, v) if not rpb else (q, k, v, table)
                 bench(name, rpb, pas, "natkit", (lambda q, k, v, t=None: na(q, k, v, t)) if rpb
-                      else na, inputs, f)
+                      else na, inputs, f,
+                      note=lambda: tile_note(spatial, kernel, b, h, pas))
                 if not large:
                     bias = relative_bias_table(table.detach(), kernel).requires_grad_() if rpb else None
                     win_in = (q, k, v, bias) if rpb else (q, k, v)
