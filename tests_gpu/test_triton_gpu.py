@@ -2,7 +2,9 @@
 FlashAttention rule, poisoned outputs), autotuning and large head dims.
 
 Not part of the CPU test suite (the interpreter is far too slow for it); run it on a CUDA
-machine with ``python -m pytest tests_gpu``.
+machine with ``python -m pytest tests_gpu -n 8`` (pytest-xdist). Most of the time goes to
+compiling kernel variants, so the sweep is split into ``NATKIT_TRITON_SHARDS`` tests (default
+8) that xdist runs in parallel processes; without xdist they run one after another.
 """
 
 from __future__ import annotations
@@ -46,15 +48,15 @@ def gpu_config(rng: random.Random) -> Config:
 
 
 SWEEP = int(os.environ.get("NATKIT_TRITON_SWEEP", "320"))
-# "i/n": run only sweep configs with index % n == i (parallel processes share compile work)
-SHARD, SHARDS = map(int, os.environ.get("NATKIT_TRITON_SHARD", "0/1").split("/"))
+SHARDS = int(os.environ.get("NATKIT_TRITON_SHARDS", "8"))
 
 
-def sweep(seed: int, count: int, dtype):
+def sweep(seed: int, count: int, dtype, shard: int):
+    """Configs ``i`` with ``i % SHARDS == shard`` of one seeded random sequence."""
     rng = random.Random(seed)
     for i in range(count):
         c = gpu_config(rng)
-        if i % SHARDS != SHARD:
+        if i % SHARDS != shard:
             continue
         try:
             check(c, dtype, seed=i)
@@ -62,13 +64,15 @@ def sweep(seed: int, count: int, dtype):
             raise AssertionError(f"config {i}: {c}: {err}") from None
 
 
-def test_gpu_sweep_float32():
-    sweep(1, SWEEP, torch.float32)
+@pytest.mark.parametrize("shard", range(SHARDS))
+def test_gpu_sweep_float32(shard):
+    sweep(1, SWEEP, torch.float32, shard)
 
 
+@pytest.mark.parametrize("shard", range(SHARDS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_sweep_half(dtype):
-    sweep(2, max(SWEEP // 4, 1), dtype)
+def test_gpu_sweep_half(dtype, shard):
+    sweep(2, max(SWEEP // 4, 1), dtype, shard)
 
 
 def test_gpu_autotuned_and_large_head_dim(monkeypatch):
