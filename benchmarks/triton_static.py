@@ -6,9 +6,10 @@ tile config the autotuner may pick, prints:
 - tile work (``natkit.backends.triton.work``): scores computed per attended pair (tile
   waste) and the share of them that pays for the window mask, counted exactly as the
   kernels iterate;
-- sm_90 resources (``natkit.backends.triton.aot``): registers per thread, spill bytes,
-  shared memory, and the occupancy that follows (programs and warps resident per SM),
-  from ptxas on the PTX Triton emits for an H100.
+- sm_90 resources (``natkit.backends.triton.aot``, compiled with the launch arguments of
+  that very shape): registers per thread, spill bytes, whether the loop's loads are
+  software-pipelined, shared memory, and the occupancy that follows (programs and warps
+  resident per SM), from ptxas on the PTX Triton emits for an H100.
 
 Runs on a CPU machine (Triton's wheel carries ptxas); writes every row to a CSV.
 
@@ -36,7 +37,8 @@ def main():
     args = ap.parse_args()
     only = [s for s in args.only.split(",") if s]
     fields = ["shape", "rpb", "kind", "config", "default", "waste", "masked_pct", "programs",
-              "registers", "spill_bytes", "shared_kb", "ctas_per_sm", "warps_per_sm"]
+              "registers", "spill_bytes", "pipelined", "shared_kb", "ctas_per_sm",
+              "warps_per_sm"]
     with open(args.csv, "w", newline="") as raw:
         writer = csv.DictWriter(raw, fieldnames=fields)
         writer.writeheader()
@@ -54,7 +56,8 @@ def main():
                     for i, cfg in enumerate(cands):
                         work = tile_work(spatial, kernel, ones, ones, (False,) * nd, cfg,
                                          kind, batch_heads=b * h)
-                        res = aot.resources(kind, cfg, nd, d, rpb)
+                        res = aot.resources(kind, cfg, aot.Problem(
+                            spatial, kernel, batch=b, heads=h, head_dim=d, rpb=rpb))
                         row = dict(shape=name, rpb=int(rpb), kind=kind,
                                    config=f"q{'x'.join(map(str, cfg.q_tile))} "
                                           f"k{'x'.join(map(str, cfg.k_tile))} "
@@ -62,14 +65,14 @@ def main():
                                    default=int(i == 0), waste=round(work.waste, 2),
                                    masked_pct=round(100 * work.masked_fraction, 1),
                                    programs=work.programs, registers=res.registers,
-                                   spill_bytes=res.spill_stores + res.spill_loads,
+                                   spill_bytes=res.spill_bytes, pipelined=int(res.pipelined),
                                    shared_kb=round(res.shared / 1024, 1),
                                    ctas_per_sm=res.ctas_per_sm, warps_per_sm=res.warps_per_sm)
                         writer.writerow(row)
                         print(f"  rpb={int(rpb)} {kind:4s} {row['config']:22s}"
                               f"{'*' if i == 0 else ' '} waste {row['waste']:5.2f}  "
                               f"masked {row['masked_pct']:5.1f}%  regs {res.registers:3d}  "
-                              f"spill {row['spill_bytes']:5d} B  smem {row['shared_kb']:5.1f} KB  "
+                              f"spill {row['spill_bytes']:5d} B  {'pipelined' if res.pipelined else 'sync load'}  smem {row['shared_kb']:5.1f} KB  "
                               f"{res.ctas_per_sm:2d} programs / {res.warps_per_sm:2d} warps per SM",
                               flush=True)
     print(f"(* = default when not autotuning; CSV: {args.csv})")

@@ -2,33 +2,64 @@
 
 Register spills are the cheapest large slowdown to introduce by accident (a 12x slower
 forward once, from 4 KB of spills per thread) and need no GPU to detect: Triton lowers to
-PTX on any machine and its wheel ships ``ptxas``. ``resources(kind, cfg, ...)`` compiles
-one kernel for ``sm_90a`` (H100) by default and returns registers per thread, spill bytes,
-shared memory and the resulting occupancy. Integer arguments are compiled unspecialized
-(a real launch may specialize strides divisible by 16, which changes little).
+PTX on any machine and its wheel ships ``ptxas``. ``resources(kind, cfg, problem)``
+compiles one kernel for ``sm_90a`` (H100) by default with the exact arguments the launcher
+in ``op.py`` passes for ``problem`` (built from ``meta`` tensors) and Triton's own
+specialization of them (integers equal to 1 become constants, multiples of 16 and tensor
+pointers are marked 16-divisible, as in a real launch; this decides, for instance, whether
+loads are vectorized and software-pipelined). It returns registers per thread, spill
+bytes, shared memory, whether the loop's loads were pipelined, and the occupancy.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Optional
 
+import torch
 import triton
-from triton.backends.compiler import GPUTarget
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
+from . import op
 from .backward import na_bwd_dkdv_kernel, na_bwd_dq_kernel
-from .configs import TileConfig, block_d
+from .configs import TileConfig
 from .forward import na_fwd_kernel
 
 KERNELS = {"fwd": na_fwd_kernel, "dq": na_bwd_dq_kernel, "dkdv": na_bwd_dkdv_kernel}
-FP32_POINTERS = ("LSE", "DELTA", "DRPB")
+_POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 # per-SM limits of sm_90
 REGISTERS, MAX_WARPS, MAX_SHARED = 65536, 64, 227 * 1024
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One call's shapes: ``[batch, *spatial, heads, head_dim]`` queries."""
+
+    spatial: tuple
+    kernel: tuple
+    batch: int = 2
+    heads: int = 4
+    kv_heads: Optional[int] = None
+    head_dim: int = 32
+    dilation: Optional[tuple] = None
+    stride: Optional[tuple] = None
+    causal: Optional[tuple] = None
+    rpb: bool = False
+    extra: int = 0
+    dtype: torch.dtype = torch.bfloat16
+
+
+# representative problems per rank (what the static test and report compile)
+REPRESENTATIVE = {1: Problem((1000,), (33,)), 2: Problem((56, 56), (7, 7)),
+                  3: Problem((12, 20, 24), (3, 5, 7))}
 
 
 @dataclass(frozen=True)
@@ -38,6 +69,11 @@ class Resources:
     spill_loads: int
     shared: int
     num_warps: int
+    pipelined: bool
+
+    @property
+    def spill_bytes(self) -> int:
+        return self.spill_stores + self.spill_loads
 
     @property
     def ctas_per_sm(self) -> int:
@@ -52,42 +88,60 @@ class Resources:
         return self.ctas_per_sm * self.num_warps
 
 
-def constexprs(kind: str, ndim: int, cfg: TileConfig, head_dim: int, has_rpb: bool,
-               causal=(False, False, False), has_extra: bool = False,
-               precision: str = "tf32") -> dict:
-    """The compile-time arguments the launchers in ``op.py`` pass for this problem."""
-    out = dict(C0=causal[0], C1=causal[1], C2=causal[2], ND=ndim,
-               BQ0=cfg.q_tile[0], BQ1=cfg.q_tile[1], BQ2=cfg.q_tile[2],
-               BK0=cfg.k_tile[0], BK1=cfg.k_tile[1], BK2=cfg.k_tile[2],
-               HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), HAS_RPB=has_rpb, PRECISION=precision)
-    if kind != "dkdv":
-        out["HAS_EXTRA"] = has_extra
-    return out
+def launch_args(kind: str, cfg: TileConfig, p: Problem) -> tuple:
+    """The positional arguments ``op.py`` launches kernel ``kind`` with, on meta tensors."""
+    nd = len(p.spatial)
+    hk = p.kv_heads or p.heads
+
+    def t(*shape, dtype=p.dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+    q, out, dout, dq = (t(p.batch, *p.spatial, p.heads, p.head_dim) for _ in range(4))
+    k, v, dk, dv = (t(p.batch, *p.spatial, hk, p.head_dim) for _ in range(4))
+    lse, delta = (t(p.batch, *p.spatial, p.heads, dtype=torch.float32) for _ in range(2))
+    rpb = t(p.heads, *(2 * x - 1 for x in p.kernel)) if p.rpb else None
+    ek, ev = ((t(p.batch, p.extra, hk, p.head_dim), t(p.batch, p.extra, hk, p.head_dim))
+              if p.extra else (None, None))
+    g = op.geometry(q, p.kernel, p.dilation or (1,) * nd, p.stride or (1,) * nd,
+                    p.causal or (False,) * nd)
+    scale = p.head_dim ** -0.5
+    if kind == "fwd":
+        return op.fwd_args(q, k, v, out, lse, rpb, ek, ev, g, cfg, scale)[1]
+    if kind == "dq":
+        ncopy = min(64, op.dq_grid(g, cfg, q)[0])
+        drpb = t(ncopy, p.heads, math.prod(2 * x - 1 for x in g.K), dtype=torch.float32)
+        return op.dq_args(q, k, v, dout, lse, delta, dq, rpb, drpb, ncopy, ek, ev, g, cfg,
+                          scale)[1]
+    if kind == "dkdv":
+        return op.dkdv_args(q, k, v, dout, lse, delta, dk, dv, rpb, g, cfg, scale)[1]
+    raise ValueError(f"kind must be one of {tuple(KERNELS)}, got {kind!r}")
 
 
-def compile_kernel(kind: str, consts: dict, num_warps: int, num_stages: int,
-                   dtype: str = "bf16", arch: int = 90):
-    """``triton.compile`` of kernel ``kind`` for ``sm_<arch>``; pointers before the first
-    stride argument, fp32 for the log-sum-exp / delta / bias-gradient buffers."""
+def compile_kernel(kind: str, cfg: TileConfig, p: Problem, arch: int = 90):
+    """``triton.compile`` of kernel ``kind`` for ``sm_<arch>``, specialized as a launch is."""
     fn = KERNELS[kind]
     if not isinstance(fn, triton.runtime.JITFunction):
         raise RuntimeError("the kernels were imported under TRITON_INTERPRET=1, which replaces "
                            "them with interpreted functions; compile in a process without it")
-    names = fn.arg_names
-    first_stride = next(i for i, n in enumerate(names) if n.startswith("s"))
-    signature = {}
-    for i, name in enumerate(names):
-        if name in consts:
-            signature[name] = "constexpr"
-        elif i < first_stride:
-            signature[name] = "*" + ("fp32" if name in FP32_POINTERS else dtype)
-        elif name in ("qk_scale", "scale"):
-            signature[name] = "fp32"
+    args = launch_args(kind, cfg, p)
+    assert len(args) == len(fn.arg_names), (kind, len(args), len(fn.arg_names))
+    signature, constants, attrs = {}, {}, {}
+    for i, (name, value) in enumerate(zip(fn.arg_names, args)):
+        if i in fn.constexprs:
+            signature[name], constants[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = _POINTER[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 256-byte aligned
         else:
-            signature[name] = "i32"
-    src = ASTSource(fn, signature, {k: v for k, v in consts.items() if k in names})
+            ty, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+            if ty == "constexpr":
+                signature[name], constants[name] = "constexpr", spec
+            else:
+                signature[name] = ty
+                if spec == "D":
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, signature, constants, attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 128),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
 def _ptxas() -> str:
@@ -95,13 +149,15 @@ def _ptxas() -> str:
 
 
 @lru_cache(maxsize=None)
-def _resources(kind, consts_items, num_warps, num_stages, dtype, arch) -> Resources:
-    compiled = compile_kernel(kind, dict(consts_items), num_warps, num_stages, dtype, arch)
+def resources(kind: str, cfg: TileConfig, p: Problem, arch: int = 90) -> Resources:
+    """ptxas's resource use of kernel ``kind`` (``"fwd"``, ``"dq"``, ``"dkdv"``) with ``cfg``."""
+    compiled = compile_kernel(kind, cfg, p, arch)
+    ptx_text = compiled.asm["ptx"]
     suffix = "a" if arch >= 90 else ""
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")
         with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
+            f.write(ptx_text)
         report = subprocess.run(
             [_ptxas(), "-v", f"--gpu-name=sm_{arch}{suffix}", ptx, "-o",
              os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True, check=True).stderr
@@ -110,29 +166,25 @@ def _resources(kind, consts_items, num_warps, num_stages, dtype, arch) -> Resour
     if regs is None or spills is None:
         raise RuntimeError(f"unexpected ptxas report: {report!r}")
     return Resources(int(regs.group(1)), int(spills.group(1)), int(spills.group(2)),
-                     int(compiled.metadata.shared), num_warps)
-
-
-def resources(kind: str, cfg: TileConfig, ndim: int, head_dim: int = 32,
-              has_rpb: bool = False, dtype: str = "bf16", arch: int = 90, **kw) -> Resources:
-    """ptxas's resource use of kernel ``kind`` (``"fwd"``, ``"dq"``, ``"dkdv"``) with ``cfg``."""
-    consts = constexprs(kind, ndim, cfg, head_dim, has_rpb, **kw)
-    return _resources(kind, tuple(sorted(consts.items())), cfg.num_warps, cfg.num_stages,
-                      dtype, arch)
+                     int(compiled.metadata.shared), cfg.num_warps,
+                     pipelined="cp.async" in ptx_text)
 
 
 def default_report(ndim: int, head_dim: int) -> list[dict]:
-    """Resources of every kernel's default config (without and with RPB) at one rank and
-    head dim, on a problem large enough that no tile is clamped."""
+    """Resources of every kernel's default config (without and with RPB) for the rank's
+    representative problem at ``head_dim``."""
+    from dataclasses import replace
+
     from . import configs
-    group_lengths = {1: (1, 1, 4096), 2: (1, 256, 256), 3: (64, 64, 64)}[ndim]
     out = []
     for kind in configs.KINDS:
         for rpb in (False, True):
+            p = replace(REPRESENTATIVE[ndim], head_dim=head_dim, rpb=rpb)
+            group_lengths = (1,) * (3 - ndim) + tuple(p.spatial)
             cfg = configs.candidates(ndim, configs.block_d(head_dim), group_lengths, kind, rpb)[0]
-            res = resources(kind, cfg, ndim, head_dim, rpb)
+            res = resources(kind, cfg, p)
             out.append(dict(kind=kind, rpb=rpb, config=repr(cfg), registers=res.registers,
-                            spill_bytes=res.spill_stores + res.spill_loads))
+                            spill_bytes=res.spill_bytes, pipelined=res.pipelined))
     return out
 
 
@@ -143,4 +195,5 @@ if __name__ == "__main__":  # python -m natkit.backends.triton.aot NDIM HEAD_DIM
         print(json.dumps(row))
 
 
-__all__ = ["Resources", "compile_kernel", "constexprs", "default_report", "resources"]
+__all__ = ["Problem", "Resources", "compile_kernel", "default_report", "launch_args",
+           "resources"]

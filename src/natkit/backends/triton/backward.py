@@ -18,8 +18,8 @@ gradient of the returned log-sum-exp in (``d lse / d s = P``).
 import triton
 import triton.language as tl
 
-from .window import (group_len, key_range, query_range, rpb_center, rpb_flat, tile_coords,
-                     tile_index, win_end, win_start, window_lengths, window_mask)
+from .window import (bias_and_mask, group_len, key_range, query_range, rpb_center, rpb_flat,
+                     tile_coords, tile_index, win_end, win_start, window_lengths)
 
 
 @triton.jit
@@ -39,35 +39,16 @@ def delta_kernel(O, DO, LSE_GRAD, DELTA, rows, HEAD_DIM: tl.constexpr, BLOCK_D: 
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k, vT, qk_scale, bias_ptr, drpb_ptr, qidx, kidx,
-             j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, evalid,
-             HAS_RPB: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr,
-             ND: tl.constexpr, PRECISION: tl.constexpr):
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    if MASKED:
-        if WINDOW:
-            valid = window_mask(j0[None, :], j1[None, :], j2[None, :], ws0[:, None], wl0[:, None],
-                                ws1[:, None], wl1[:, None], ws2[:, None], wl2[:, None], ND)
-        else:
-            valid = evalid[None, :] & (qidx[:, None] >= 0)
-    if HAS_RPB:
-        idx = kidx[None, :] - qidx[:, None]
-        if MASKED:
-            bias = tl.load(bias_ptr + idx, mask=valid, other=0.0)
-        else:
-            bias = tl.load(bias_ptr + idx)
-        qk += bias.to(tl.float32) * 1.4426950408889634
-    p = tl.math.exp2(qk - lse2[:, None])
-    if MASKED:
-        p = tl.where(valid, p, 0.0)
-    dp = tl.dot(do, vT, input_precision=PRECISION)
+def _dq_update(dq, s, dp, lse2, delta, k, drpb_ptr, idx, HAS_RPB: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """``dQ += dS K`` from scores ``s`` (log2 units, ``-inf`` outside the windows) and
+    ``dP = dO V^T``; ``dRPB += dS`` where a pair is attended (``P > 0``: exactly the window
+    pairs whose probability did not underflow, the others add zero)."""
+    p = tl.math.exp2(s - lse2[:, None])
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     if HAS_RPB:
-        if MASKED:
-            tl.atomic_add(drpb_ptr + idx, ds, mask=valid, sem="relaxed")
-        else:
-            tl.atomic_add(drpb_ptr + idx, ds, sem="relaxed")
+        tl.atomic_add(drpb_ptr + idx, ds, mask=p > 0.0, sem="relaxed")
     return dq
 
 
@@ -148,25 +129,18 @@ def na_bwd_dq_kernel(
         voff = (j0 * D0 + g0) * sv0 + (j1 * D1 + g1) * sv1 + (j2 * D2 + g2) * sv2
         kvalid = (j0 < Lg0) & (j1 < Lg1) & (j2 < Lg2)
         inside = qfull & ((c0 >= flo0) & (c0 + BK0 <= fhi0) & (c1 >= flo1) & (c1 + BK1 <= fhi1)
-                  & (c2 >= flo2) & (c2 + BK2 <= fhi2))
-        if inside:
-            if BLOCK_D == HEAD_DIM:
-                k = tl.load(k_base + koff[:, None] + dd[None, :] * skd)
-                vT = tl.load(v_base + voff[None, :] + dd[:, None] * svd)
-            else:
-                k = tl.load(k_base + koff[:, None] + dd[None, :] * skd, mask=dmask[None, :], other=0.0)
-                vT = tl.load(v_base + voff[None, :] + dd[:, None] * svd, mask=dmask[:, None], other=0.0)
-            dq = _dq_step(dq, q, do, lse2, delta, k, vT, qk_scale, bias_ptr, drpb_ptr, qidx, kidx,
-                          j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, kvalid,
-                          HAS_RPB, False, True, ND, PRECISION)
-        else:
-            k = tl.load(k_base + koff[:, None] + dd[None, :] * skd,
-                        mask=kvalid[:, None] & dmask[None, :], other=0.0)
-            vT = tl.load(v_base + voff[None, :] + dd[:, None] * svd,
-                         mask=kvalid[None, :] & dmask[:, None], other=0.0)
-            dq = _dq_step(dq, q, do, lse2, delta, k, vT, qk_scale, bias_ptr, drpb_ptr, qidx, kidx,
-                          j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, kvalid,
-                          HAS_RPB, True, True, ND, PRECISION)
+                          & (c2 >= flo2) & (c2 + BK2 <= fhi2))
+        # loads outside the branch: Triton software-pipelines them (num_stages) only there
+        k = tl.load(k_base + koff[:, None] + dd[None, :] * skd,
+                    mask=kvalid[:, None] & dmask[None, :], other=0.0)
+        vT = tl.load(v_base + voff[None, :] + dd[:, None] * svd,
+                     mask=kvalid[None, :] & dmask[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        qk = bias_and_mask(qk, inside, bias_ptr, qidx, kidx, j0, j1, j2,
+                           ws0, wl0, ws1, wl1, ws2, wl2, HAS_RPB, ND, False)
+        dq = _dq_update(dq, qk, dp, lse2, delta, k, drpb_ptr, kidx[None, :] - qidx[:, None],
+                        HAS_RPB, PRECISION)
     if HAS_EXTRA:
         ek_base = EK + b * sekb + hk * sekh
         ev_base = EV + b * sevb + hk * sevh
@@ -177,35 +151,19 @@ def na_bwd_dq_kernel(
                         mask=evalid[:, None] & dmask[None, :], other=0.0)
             vT = tl.load(ev_base + n[None, :] * sevn + dd[:, None] * sevd,
                          mask=evalid[None, :] & dmask[:, None], other=0.0)
-            dq = _dq_step(dq, q, do, lse2, delta, k, vT, qk_scale, bias_ptr, drpb_ptr, qidx, n,
-                          n, n, n, ws0, wl0, ws1, wl1, ws2, wl2, evalid,
-                          False, True, False, ND, PRECISION)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            qk = tl.where(evalid[None, :] & qvalid[:, None], qk, float("-inf"))
+            dp = tl.dot(do, vT, input_precision=PRECISION)
+            dq = _dq_update(dq, qk, dp, lse2, delta, k, drpb_ptr, n, False, PRECISION)
     tl.store(DQ + b * sdqb + h * sdqh + r0[:, None] * sdq0 + r1[:, None] * sdq1
              + r2[:, None] * sdq2 + dd[None, :] * sdqd, (dq * scale).to(DQ.dtype.element_ty), mask=qm)
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, bias_ptr, qidx, kidx,
-               j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, valid,
-               HAS_RPB: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr,
-               ND: tl.constexpr, PRECISION: tl.constexpr):
-    """Transposed layout: rows are keys, columns queries (``valid``: ``[N, M]``, used
-    as given when ``WINDOW`` is false)."""
-    qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-    if MASKED:
-        if WINDOW:
-            valid = window_mask(j0[:, None], j1[:, None], j2[:, None], ws0[None, :], wl0[None, :],
-                                ws1[None, :], wl1[None, :], ws2[None, :], wl2[None, :], ND)
-    if HAS_RPB:
-        idx = kidx[:, None] - qidx[None, :]
-        if MASKED:
-            bias = tl.load(bias_ptr + idx, mask=valid, other=0.0)
-        else:
-            bias = tl.load(bias_ptr + idx)
-        qkT += bias.to(tl.float32) * 1.4426950408889634
-    pT = tl.math.exp2(qkT - lse2[None, :])
-    if MASKED:
-        pT = tl.where(valid, pT, 0.0)
+def _dkdv_update(dk, dv, sT, k, v, q, do, lse2, delta, PRECISION: tl.constexpr):
+    """``dV += P^T dO``, ``dK += dS^T Q`` from transposed scores ``sT`` (``[keys, queries]``,
+    log2 units, ``-inf`` for pairs that are not attended)."""
+    pT = tl.math.exp2(sT - lse2[None, :])
     dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     dsT = pT * (dpT - delta[None, :])
@@ -229,7 +187,6 @@ def na_bwd_dkdv_kernel(
         BK0: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_RPB: tl.constexpr, PRECISION: tl.constexpr):
-    BLOCK_M: tl.constexpr = BQ0 * BQ1 * BQ2
     BLOCK_N: tl.constexpr = BK0 * BK1 * BK2
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -299,31 +256,19 @@ def na_bwd_dkdv_kernel(
                       & (c0 + BK0 <= win_end(a0, sa0, K0, C0))
                       & (c1 + BK1 <= win_end(a1, sa1, K1, C1))
                       & (c2 + BK2 <= win_end(a2, sa2, K2, C2)))
-            if inside:
-                if BLOCK_D == HEAD_DIM:
-                    q = tl.load(q_base + qoff[:, None] + dd[None, :] * sqd)
-                    do = tl.load(do_base + dooff[:, None] + dd[None, :] * sdod)
-                else:
-                    q = tl.load(q_base + qoff[:, None] + dd[None, :] * sqd, mask=dmask[None, :], other=0.0)
-                    do = tl.load(do_base + dooff[:, None] + dd[None, :] * sdod, mask=dmask[None, :], other=0.0)
-                lse2 = tl.load(LSE + row) * 1.4426950408889634
-                delta = tl.load(DELTA + row)
-                qidx = rpb_flat(i0, i1, i2, K1, K2)
-                dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, bias_ptr, qidx,
-                                    kidx, j0, j1, j2, ws0, wl0, ws1, wl1, ws2, ws2, kvalid,
-                                    HAS_RPB, False, True, ND, PRECISION)
-            else:
-                qvalid = (i0 < Lg0) & (i1 < Lg1) & (i2 < Lg2)
-                qm = qvalid[:, None] & dmask[None, :]
-                q = tl.load(q_base + qoff[:, None] + dd[None, :] * sqd, mask=qm, other=0.0)
-                do = tl.load(do_base + dooff[:, None] + dd[None, :] * sdod, mask=qm, other=0.0)
-                lse2 = tl.load(LSE + row, mask=qvalid, other=0.0) * 1.4426950408889634
-                delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
-                wl2 = tl.where(qvalid, window_lengths(i2, ws2, Lg2, K2, C2), 0)
-                qidx = tl.where(qvalid, rpb_flat(i0, i1, i2, K1, K2), -1)
-                dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, bias_ptr, qidx,
-                                    kidx, j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, kvalid,
-                                    HAS_RPB, True, True, ND, PRECISION)
+            # loads and dots outside the branch (software-pipelined); only masking depends on it
+            qvalid = (i0 < Lg0) & (i1 < Lg1) & (i2 < Lg2)
+            qm = qvalid[:, None] & dmask[None, :]
+            q = tl.load(q_base + qoff[:, None] + dd[None, :] * sqd, mask=qm, other=0.0)
+            do = tl.load(do_base + dooff[:, None] + dd[None, :] * sdod, mask=qm, other=0.0)
+            lse2 = tl.load(LSE + row, mask=qvalid, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
+            wl2 = tl.where(qvalid, window_lengths(i2, ws2, Lg2, K2, C2), 0)
+            qidx = tl.where(qvalid, rpb_flat(i0, i1, i2, K1, K2), -1)
+            qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+            qkT = bias_and_mask(qkT, inside, bias_ptr, qidx, kidx, j0, j1, j2,
+                                ws0, wl0, ws1, wl1, ws2, wl2, HAS_RPB, ND, True)
+            dk, dv = _dkdv_update(dk, dv, qkT, k, v, q, do, lse2, delta, PRECISION)
     tl.store(DK + b * sdkb + hk * sdkh + s0[:, None] * sdk0 + s1[:, None] * sdk1
              + s2[:, None] * sdk2 + dd[None, :] * sdkd, (dk * scale).to(DK.dtype.element_ty), mask=km)
     tl.store(DV + b * sdvb + hk * sdvh + s0[:, None] * sdv0 + s1[:, None] * sdv1
@@ -372,10 +317,9 @@ def na_bwd_dkdv_extra_kernel(
             row = (b * NQ + m) * H + h
             lse2 = tl.load(LSE + row, mask=qvalid, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
-            valid = evalid[:, None] & qvalid[None, :]
-            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, EK, m, n,
-                                n, n, n, m, m, m, m, m, m, valid,
-                                False, True, False, 3, PRECISION)
+            qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+            qkT = tl.where(evalid[:, None] & qvalid[None, :], qkT, float("-inf"))
+            dk, dv = _dkdv_update(dk, dv, qkT, k, v, q, do, lse2, delta, PRECISION)
     tl.store(DEK + b * sdekb + hk * sdekh + n[:, None] * sdekn + dd[None, :] * sdekd,
              (dk * scale).to(DEK.dtype.element_ty), mask=em)
     tl.store(DEV + b * sdevb + hk * sdevh + n[:, None] * sdevn + dd[None, :] * sdevd,

@@ -10,37 +10,15 @@ the tile run the unmasked inner step; only boundary tiles pay for the window mas
 import triton
 import triton.language as tl
 
-from .window import (group_len, key_range, rpb_center, rpb_flat, tile_coords, tile_index,
-                     win_start, window_lengths, window_mask)
+from .window import (bias_and_mask, group_len, key_range, rpb_center, rpb_flat, tile_coords,
+                     tile_index, win_start, window_lengths)
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, kT, v, qk_scale, bias_ptr, qidx, kidx, j0, j1, j2,
-            ws0, wl0, ws1, wl1, ws2, wl2, evalid,
-            HAS_RPB: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr,
-            ND: tl.constexpr, PRECISION: tl.constexpr):
-    """One online-softmax step over a key tile (``WINDOW=False``: extra tokens, no window)."""
-    qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-    if MASKED:
-        if WINDOW:
-            valid = window_mask(j0[None, :], j1[None, :], j2[None, :], ws0[:, None], wl0[:, None],
-                                ws1[:, None], wl1[:, None], ws2[:, None], wl2[:, None], ND)
-        else:
-            valid = evalid[None, :] & (qidx[:, None] >= 0)
-    if HAS_RPB:
-        idx = kidx[None, :] - qidx[:, None]
-        if MASKED:
-            bias = tl.load(bias_ptr + idx, mask=valid, other=0.0)
-        else:
-            bias = tl.load(bias_ptr + idx)
-        qk += bias.to(tl.float32) * 1.4426950408889634
-    if MASKED:
-        qk = tl.where(valid, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row so far
-    else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = m_new
+def _softmax_step(acc, m_i, l_i, qk, v, PRECISION: tl.constexpr):
+    """Online-softmax update with the scores ``qk`` (log2 units; ``-inf`` = masked)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row so far
     p = tl.math.exp2(qk - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -121,25 +99,16 @@ def na_fwd_kernel(
         voff = (j0 * D0 + g0) * sv0 + (j1 * D1 + g1) * sv1 + (j2 * D2 + g2) * sv2
         inside = qfull & ((c0 >= flo0) & (c0 + BK0 <= fhi0) & (c1 >= flo1) & (c1 + BK1 <= fhi1)
                           & (c2 >= flo2) & (c2 + BK2 <= fhi2))
-        if inside:
-            if BLOCK_D == HEAD_DIM:
-                kT = tl.load(k_base + koff[None, :] + dd[:, None] * skd)
-                v = tl.load(v_base + voff[:, None] + dd[None, :] * svd)
-            else:
-                kT = tl.load(k_base + koff[None, :] + dd[:, None] * skd, mask=dmask[:, None], other=0.0)
-                v = tl.load(v_base + voff[:, None] + dd[None, :] * svd, mask=dmask[None, :], other=0.0)
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, kT, v, qk_scale, bias_ptr, qidx, kidx,
-                                    j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, qvalid,
-                                    HAS_RPB, False, True, ND, PRECISION)
-        else:
-            kvalid = (j0 < Lg0) & (j1 < Lg1) & (j2 < Lg2)
-            kT = tl.load(k_base + koff[None, :] + dd[:, None] * skd,
-                         mask=kvalid[None, :] & dmask[:, None], other=0.0)
-            v = tl.load(v_base + voff[:, None] + dd[None, :] * svd,
-                        mask=kvalid[:, None] & dmask[None, :], other=0.0)
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, kT, v, qk_scale, bias_ptr, qidx, kidx,
-                                    j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, qvalid,
-                                    HAS_RPB, True, True, ND, PRECISION)
+        # loads outside the branch: Triton software-pipelines them (num_stages) only there
+        kvalid = (j0 < Lg0) & (j1 < Lg1) & (j2 < Lg2)
+        kT = tl.load(k_base + koff[None, :] + dd[:, None] * skd,
+                     mask=kvalid[None, :] & dmask[:, None], other=0.0)
+        v = tl.load(v_base + voff[:, None] + dd[None, :] * svd,
+                    mask=kvalid[:, None] & dmask[None, :], other=0.0)
+        qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+        qk = bias_and_mask(qk, inside, bias_ptr, qidx, kidx, j0, j1, j2,
+                           ws0, wl0, ws1, wl1, ws2, wl2, HAS_RPB, ND, False)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, PRECISION)
     if HAS_EXTRA:
         ek_base = EK + b * sekb + hk * sekh
         ev_base = EV + b * sevb + hk * sevh
@@ -150,9 +119,9 @@ def na_fwd_kernel(
                          mask=evalid[None, :] & dmask[:, None], other=0.0)
             v = tl.load(ev_base + n[:, None] * sevn + dd[None, :] * sevd,
                         mask=evalid[:, None] & dmask[None, :], other=0.0)
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, kT, v, qk_scale, bias_ptr, qidx, n,
-                                    n, n, n, ws0, wl0, ws1, wl1, ws2, wl2, evalid,
-                                    False, True, False, ND, PRECISION)
+            qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+            qk = tl.where(evalid[None, :] & qvalid[:, None], qk, float("-inf"))
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, PRECISION)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]

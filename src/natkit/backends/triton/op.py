@@ -97,30 +97,71 @@ def _common_args(g: Geometry):
     return (*g.L, *g.K, *g.S, *g.D)
 
 
-def forward(q, k, v, rpb, ek, ev, g: Geometry, scale: float):
-    b, h, hd = q.shape[0], q.shape[-2], q.shape[-1]
-    hk = k.shape[-2]
-    out = _empty(q.shape, q.dtype, q.device)
-    lse = _empty(q.shape[:-1], torch.float32, q.device)
-    nd = g.ndim
-    block_d = configs.block_d(hd)
-    n_extra = 0 if ek is None else ek.shape[1]
+def _grid(g: Geometry, tile, programs: int):
+    slots = g.slots(tile)
+    return slots, (math.prod(slots), programs)
 
-    def launch(cfg: configs.TileConfig):
-        slots = g.slots(cfg.q_tile)
-        grid = (math.prod(slots), b * h)
-        na_fwd_kernel[grid](
-            q, k, v, out, lse, rpb if rpb is not None else q,
+
+# Launch arguments, one function per kernel: ``(grid, args, options)`` for
+# ``kernel[grid](*args, **options)``. ``aot.py`` compiles from the same arguments.
+def fwd_args(q, k, v, out, lse, rpb, ek, ev, g: Geometry, cfg: configs.TileConfig, scale):
+    b, h, hd, hk, nd = q.shape[0], q.shape[-2], q.shape[-1], k.shape[-2], g.ndim
+    slots, grid = _grid(g, cfg.q_tile, b * h)
+    args = (q, k, v, out, lse, rpb if rpb is not None else q,
             ek if ek is not None else q, ev if ev is not None else q,
             *_strides(q, nd), *_strides(k, nd), *_strides(v, nd), *_strides(out, nd),
             *_extra_strides(ek), *_extra_strides(ev),
-            *_common_args(g), slots[1], slots[2], h, h // hk, n_extra, scale * LOG2E,
-            *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, block_d,
-            rpb is not None, ek is not None, _precision(q.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            *_common_args(g), slots[1], slots[2], h, h // hk,
+            0 if ek is None else ek.shape[1], scale * LOG2E,
+            *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, configs.block_d(hd),
+            rpb is not None, ek is not None, _precision(q.dtype))
+    return grid, args, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    cfg = configs.choose("fwd", _tune_key(g, q, rpb is not None, ek is not None, h // hk), nd,
-                         block_d, g.group_lengths, q.device.type,
+
+def dq_grid(g: Geometry, cfg: configs.TileConfig, q) -> tuple:
+    return _grid(g, cfg.q_tile, q.shape[0] * q.shape[-2])[1]
+
+
+def dq_args(q, k, v, dout, lse, delta, dq, rpb, drpb, ncopy, ek, ev, g: Geometry,
+            cfg: configs.TileConfig, scale):
+    b, h, hd, hk, nd = q.shape[0], q.shape[-2], q.shape[-1], k.shape[-2], g.ndim
+    slots, grid = _grid(g, cfg.q_tile, b * h)
+    args = (q, k, v, dout, lse, delta, dq, rpb if rpb is not None else q,
+            drpb if rpb is not None else q,
+            ek if ek is not None else q, ev if ev is not None else q,
+            *_strides(q, nd), *_strides(k, nd), *_strides(v, nd), *_strides(dout, nd),
+            *_strides(dq, nd), *_extra_strides(ek), *_extra_strides(ev),
+            *_common_args(g), slots[1], slots[2], h, h // hk,
+            0 if ek is None else ek.shape[1], scale * LOG2E, scale,
+            ncopy, *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, configs.block_d(hd),
+            rpb is not None, ek is not None, _precision(q.dtype))
+    return grid, args, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def dkdv_args(q, k, v, dout, lse, delta, dk, dv, rpb, g: Geometry, cfg: configs.TileConfig,
+              scale):
+    b, h, hd, hk, nd = q.shape[0], q.shape[-2], q.shape[-1], k.shape[-2], g.ndim
+    slots, grid = _grid(g, cfg.k_tile, b * hk)
+    args = (q, k, v, dout, lse, delta, dk, dv, rpb if rpb is not None else q,
+            *_strides(q, nd), *_strides(k, nd), *_strides(v, nd), *_strides(dout, nd),
+            *_strides(dk, nd), *_strides(dv, nd),
+            *_common_args(g), slots[1], slots[2], h, hk, h // hk, scale * LOG2E, scale,
+            *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, configs.block_d(hd),
+            rpb is not None, _precision(q.dtype))
+    return grid, args, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def forward(q, k, v, rpb, ek, ev, g: Geometry, scale: float):
+    h, hk = q.shape[-2], k.shape[-2]
+    out = _empty(q.shape, q.dtype, q.device)
+    lse = _empty(q.shape[:-1], torch.float32, q.device)
+
+    def launch(cfg: configs.TileConfig):
+        grid, args, options = fwd_args(q, k, v, out, lse, rpb, ek, ev, g, cfg, scale)
+        na_fwd_kernel[grid](*args, **options)
+
+    cfg = configs.choose("fwd", _tune_key(g, q, rpb is not None, ek is not None, h // hk),
+                         g.ndim, configs.block_d(q.shape[-1]), g.group_lengths, q.device.type,
                          lambda c: _bench(lambda: launch(c)), rpb is not None)
     launch(cfg)
     return out, lse
@@ -147,37 +188,21 @@ def backward(dout, dlse, q, k, v, out, lse, rpb, ek, ev, g: Geometry, scale: flo
     dv = _empty(v.shape, v.dtype, v.device)
     table = math.prod(2 * kk - 1 for kk in g.K)
     key = _tune_key(g, q, rpb is not None, ek is not None, h // hk)
-    ncopy = [1]
     drpb_buf = [None]
 
     def launch_dq(cfg: configs.TileConfig):
-        slots = g.slots(cfg.q_tile)
-        grid = (math.prod(slots), b * h)
+        ncopy = 1
         if rpb is not None:
             # private copies bound atomic contention; a copy per program at most
-            ncopy[0] = min(64, grid[0])
-            drpb_buf[0] = torch.zeros((ncopy[0], h, table), dtype=torch.float32, device=q.device)
-        na_bwd_dq_kernel[grid](
-            q, k, v, dout, lse, delta, dq, rpb if rpb is not None else q,
-            drpb_buf[0] if rpb is not None else q,
-            ek if ek is not None else q, ev if ev is not None else q,
-            *_strides(q, nd), *_strides(k, nd), *_strides(v, nd), *_strides(dout, nd),
-            *_strides(dq, nd), *_extra_strides(ek), *_extra_strides(ev),
-            *_common_args(g), slots[1], slots[2], h, h // hk, n_extra, scale * LOG2E, scale,
-            ncopy[0], *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, block_d,
-            rpb is not None, ek is not None, prec,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            ncopy = min(64, dq_grid(g, cfg, q)[0])
+            drpb_buf[0] = torch.zeros((ncopy, h, table), dtype=torch.float32, device=q.device)
+        grid, args, options = dq_args(q, k, v, dout, lse, delta, dq, rpb, drpb_buf[0], ncopy,
+                                      ek, ev, g, cfg, scale)
+        na_bwd_dq_kernel[grid](*args, **options)
 
     def launch_dkdv(cfg: configs.TileConfig):
-        slots = g.slots(cfg.k_tile)
-        grid = (math.prod(slots), b * hk)
-        na_bwd_dkdv_kernel[grid](
-            q, k, v, dout, lse, delta, dk, dv, rpb if rpb is not None else q,
-            *_strides(q, nd), *_strides(k, nd), *_strides(v, nd), *_strides(dout, nd),
-            *_strides(dk, nd), *_strides(dv, nd),
-            *_common_args(g), slots[1], slots[2], h, hk, h // hk, scale * LOG2E, scale,
-            *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, block_d, rpb is not None, prec,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        grid, args, options = dkdv_args(q, k, v, dout, lse, delta, dk, dv, rpb, g, cfg, scale)
+        na_bwd_dkdv_kernel[grid](*args, **options)
 
     for kind, launch in (("dq", launch_dq), ("dkdv", launch_dkdv)):
         cfg = configs.choose(kind, key, nd, block_d, g.group_lengths, q.device.type,

@@ -129,3 +129,33 @@ def rpb_flat(i0, i1, i2, K1, K2):
 @triton.jit
 def rpb_center(K0, K1, K2):
     return ((K0 - 1) * (2 * K1 - 1) + (K1 - 1)) * (2 * K2 - 1) + (K2 - 1)
+
+
+@triton.jit
+def bias_and_mask(s, inside, bias_ptr, qidx, kidx, j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2,
+                  HAS_RPB: tl.constexpr, ND: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """Adds the relative bias to scores ``s`` (log2 units) and sets pairs outside the windows
+    to ``-inf``. ``s`` is ``[queries, keys]``, or ``[keys, queries]`` with ``KEYS_FIRST``.
+
+    A key tile ``inside`` every window of the query tile skips the mask. Only this
+    elementwise work sits under the runtime branch: the kernels keep their loads and dots
+    outside it, which is what lets Triton software-pipeline the loads (``num_stages``).
+    """
+    if KEYS_FIRST:
+        idx = kidx[:, None] - qidx[None, :]
+    else:
+        idx = kidx[None, :] - qidx[:, None]
+    if inside:
+        if HAS_RPB:
+            s += tl.load(bias_ptr + idx).to(tl.float32) * 1.4426950408889634
+    else:
+        if KEYS_FIRST:
+            valid = window_mask(j0[:, None], j1[:, None], j2[:, None], ws0[None, :], wl0[None, :],
+                                ws1[None, :], wl1[None, :], ws2[None, :], wl2[None, :], ND)
+        else:
+            valid = window_mask(j0[None, :], j1[None, :], j2[None, :], ws0[:, None], wl0[:, None],
+                                ws1[:, None], wl1[:, None], ws2[:, None], wl2[:, None], ND)
+        if HAS_RPB:
+            s += tl.load(bias_ptr + idx, mask=valid, other=0.0).to(tl.float32) * 1.4426950408889634
+        s = tl.where(valid, s, float("-inf"))
+    return s
