@@ -3,9 +3,9 @@
 No GPU needed: Triton lowers to PTX on any machine and its wheel ships ``ptxas``, whose
 report gives registers and spill bytes (``natkit.backends.triton.aot``). A spilling default
 was once a 12x slower forward; this catches the next one when a kernel or the config table
-changes. Head dim 256 cannot be spill-free in the backward kernels (two ``[keys, 256]`` fp32
-accumulators per program), so it gets a bound instead: 1 KB per thread (the configs before
-this check spilled up to 27 KB there).
+changes. Head dim 256 gets a small bound instead of zero (its 3-D dK/dV default, holding two
+``[keys, 256]`` fp32 accumulators, spills 28 bytes). The loads of the tile loop must be
+software-pipelined wherever the config asks for more than one stage.
 
 The compiles run in subprocesses without ``TRITON_INTERPRET`` (which the test session sets),
 one per rank, in parallel.
@@ -45,7 +45,7 @@ def reports():
 def test_defaults_do_not_spill(reports, ndim):
     rows = reports[ndim]
     assert len(rows) == len(HEAD_DIMS) * 3 * 2  # every head dim, kernel, with/without RPB
-    bad = [r for r in rows if r["spill_bytes"] > (0 if r["head_dim"] <= 128 else 1024)]
+    bad = [r for r in rows if r["spill_bytes"] > (0 if r["head_dim"] <= 128 else 64)]
     assert not bad, f"spilling default configs: {bad}"
     assert all(0 < r["registers"] <= 255 for r in rows)
     # the tile loop's loads are software-pipelined (cp.async) wherever num_stages asks for it

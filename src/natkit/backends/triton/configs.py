@@ -65,13 +65,13 @@ def sanitize(cfg: TileConfig, group_lengths) -> TileConfig:
 # Candidates per (kind, rpb, head-dim class), default first, autotuning picks among them per
 # shape bucket. Written as 2-D "query/key tile, warps, stages"; 1-D and 3-D use tiles of the
 # same token counts (``_RANK_SHAPES``). Chosen without a GPU from ptxas's report for sm_90
-# (``aot.py``; benchmarks/triton_static.py prints it): every default compiles without
-# register spills for head dims up to 128 (tests/test_triton_static.py checks it). Head dim
-# 256 has no spill-free tile in the dQ and dK/dV kernels (two [keys, 256] fp32
-# accumulators); its smallest tiles spill at most 1 KB per thread. The 2-D head-dim-32
-# defaults (8x16 / 8x8 at 4 warps; 8x16 / 4x8 at 8 warps with RPB) were the fastest measured
-# on an H100 at NAT-Tiny stage 1. The small tiles (4x8 / 2x16, 4x4 / 2x8) compute 2-3x fewer
-# scores for 7x7 kernels (``work.py``).
+# (``aot.py``; benchmarks/triton_static.py prints it): compiled as launched, every default
+# below head dim 256 is spill-free with software-pipelined loads, and head dim 256 (one
+# stage, for shared memory) spills at most 28 bytes (3-D dK/dV); tests/test_triton_static.py
+# checks both. The 2-D head-dim-32 forward/dQ tiles (8x16 / 8x8 at 4 warps; 8x16 / 4x8 at 8
+# warps with RPB) were the fastest measured on an H100 at NAT-Tiny stage 1 (before the
+# loads were pipelined). The small tiles (4x8 / 2x16, 4x4 / 2x8) compute 2-3x fewer scores
+# for 7x7 kernels (``work.py``).
 _TABLE: dict[tuple[str, bool, int], str] = {
     ("fwd", False, 32): "8x16/8x8 w4 s2, 8x8/8x8 w4 s2, 4x8/2x16 w4 s2",
     ("fwd", True, 32): "8x16/4x8 w8 s2, 8x8/4x8 w8 s2, 4x8/2x16 w4 s2",
