@@ -48,6 +48,8 @@ def test_defaults_do_not_spill(reports, ndim):
     bad = [r for r in rows if r["spill_bytes"] > (0 if r["head_dim"] <= 128 else 64)]
     assert not bad, f"spilling default configs: {bad}"
     assert all(0 < r["registers"] <= 255 for r in rows)
+    # fits on an SM at all (shared memory <= 227 KB with its pipeline buffers)
+    assert all(r["ctas_per_sm"] >= 1 for r in rows), [r for r in rows if r["ctas_per_sm"] < 1]
     # the tile loop's loads are software-pipelined (cp.async) wherever num_stages asks for it
     unpipelined = [r for r in rows if "num_stages=1" not in r["config"] and not r["pipelined"]]
     assert not unpipelined, f"defaults whose loads are not pipelined: {unpipelined}"

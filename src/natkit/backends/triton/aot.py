@@ -184,7 +184,8 @@ def default_report(ndim: int, head_dim: int) -> list[dict]:
             cfg = configs.candidates(ndim, configs.block_d(head_dim), group_lengths, kind, rpb)[0]
             res = resources(kind, cfg, p)
             out.append(dict(kind=kind, rpb=rpb, config=repr(cfg), registers=res.registers,
-                            spill_bytes=res.spill_bytes, pipelined=res.pipelined))
+                            spill_bytes=res.spill_bytes, pipelined=res.pipelined,
+                            shared=res.shared, ctas_per_sm=res.ctas_per_sm))
     return out
 
 
