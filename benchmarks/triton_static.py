@@ -9,7 +9,10 @@ tile config the autotuner may pick, prints:
 - sm_90 resources (``natkit.backends.triton.aot``, compiled with the launch arguments of
   that very shape): registers per thread, spill bytes, whether the loop's loads are
   software-pipelined, shared memory, and the occupancy that follows (programs and warps
-  resident per SM), from ptxas on the PTX Triton emits for an H100.
+  resident per SM), from ptxas on the PTX Triton emits for an H100;
+- an issue-bound time (``aot.issue_bound_ms``): SASS instructions of the tile loop times the
+  tile pairs visited, over 132 SMs x 4 schedulers at 1.755 GHz. A lower bound, not a
+  prediction: it ignores memory, the matrix and exp units' limits and load imbalance.
 
 Runs on a CPU machine (Triton's wheel carries ptxas); writes every row to a CSV.
 
@@ -38,7 +41,7 @@ def main():
     only = [s for s in args.only.split(",") if s]
     fields = ["shape", "rpb", "kind", "config", "default", "waste", "masked_pct", "programs",
               "registers", "spill_bytes", "pipelined", "shared_kb", "ctas_per_sm",
-              "warps_per_sm"]
+              "warps_per_sm", "loop_instructions", "issue_bound_ms"]
     with open(args.csv, "w", newline="") as raw:
         writer = csv.DictWriter(raw, fieldnames=fields)
         writer.writeheader()
@@ -67,13 +70,17 @@ def main():
                                    programs=work.programs, registers=res.registers,
                                    spill_bytes=res.spill_bytes, pipelined=int(res.pipelined),
                                    shared_kb=round(res.shared / 1024, 1),
-                                   ctas_per_sm=res.ctas_per_sm, warps_per_sm=res.warps_per_sm)
+                                   ctas_per_sm=res.ctas_per_sm, warps_per_sm=res.warps_per_sm,
+                                   loop_instructions=res.loop_instructions,
+                                   issue_bound_ms=round(aot.issue_bound_ms(
+                                       res, work.computed // (cfg.block_m * cfg.block_n)), 4))
                         writer.writerow(row)
                         print(f"  rpb={int(rpb)} {kind:4s} {row['config']:22s}"
                               f"{'*' if i == 0 else ' '} waste {row['waste']:5.2f}  "
                               f"masked {row['masked_pct']:5.1f}%  regs {res.registers:3d}  "
                               f"spill {row['spill_bytes']:5d} B  {'pipelined' if res.pipelined else 'sync load'}  smem {row['shared_kb']:5.1f} KB  "
-                              f"{res.ctas_per_sm:2d} programs / {res.warps_per_sm:2d} warps per SM",
+                              f"{res.ctas_per_sm:2d} programs / {res.warps_per_sm:2d} warps per SM  "
+                              f"issue-bound {row['issue_bound_ms']:.3f} ms",
                               flush=True)
     print(f"(* = default when not autotuning; CSV: {args.csv})")
 

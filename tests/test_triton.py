@@ -131,6 +131,20 @@ def test_unmasked_interior_tiles():
         check(cfg((60,), 33, stride=2, heads=1, kv_heads=1))
 
 
+@pytest.mark.parametrize("rpb", [False, True])
+def test_every_2d_candidate(rpb):
+    """Every config the autotuner may pick for 2-D head dims <= 32 (the NAT case) is exact,
+    not only the defaults the other tests run."""
+    c = cfg((12, 20), 5, rpb=rpb, heads=2, kv_heads=1)
+    group_lengths = (1, 12, 20)
+    per_kind = {kind: configs.candidates(2, configs.block_d(c.head_dim), group_lengths, kind, rpb)
+                for kind in configs.KINDS}
+    for i in range(max(len(v) for v in per_kind.values())):
+        chosen = {kind: cands[min(i, len(cands) - 1)] for kind, cands in per_kind.items()}
+        with configs.override(**chosen):
+            check(c, seed=i)
+
+
 def test_can_run_reasons(monkeypatch):
     q = torch.randn(1, 8, 2, 4, dtype=torch.float64)
     p = check_inputs(1, q, q, q, 3, 1, 1, False, None, None, None, None)

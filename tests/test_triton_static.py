@@ -48,6 +48,8 @@ def test_defaults_do_not_spill(reports, ndim):
     bad = [r for r in rows if r["spill_bytes"] > (0 if r["head_dim"] <= 128 else 64)]
     assert not bad, f"spilling default configs: {bad}"
     assert all(0 < r["registers"] <= 255 for r in rows)
+    # the SASS parser found the tile loop (the issue-bound estimates rest on it)
+    assert all(r["loop_instructions"] > 100 for r in rows), rows
     # fits on an SM at all (shared memory <= 227 KB with its pipeline buffers)
     assert all(r["ctas_per_sm"] >= 1 for r in rows), [r for r in rows if r["ctas_per_sm"] < 1]
     # the tile loop's loads are software-pipelined (cp.async) wherever num_stages asks for it

@@ -70,6 +70,7 @@ class Resources:
     shared: int
     num_warps: int
     pipelined: bool
+    loop_instructions: int  # SASS instructions in the tile loop's body (masked path)
 
     @property
     def spill_bytes(self) -> int:
@@ -144,8 +145,36 @@ def compile_kernel(kind: str, cfg: TileConfig, p: Problem, arch: int = 90):
                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
-def _ptxas() -> str:
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"BRA\s+(?:[^`]*`\()?(\.L_x_\d+)")
+
+
+def loop_instructions(sass: str) -> int:
+    """Instructions in the body of the tile loop: the largest backward branch's span that
+    contains matrix instructions (HGMMA/HMMA). Both sides of a branch inside the body count
+    (the masked path executes all of them)."""
+    labels, body = {}, []
+    for line in sass.splitlines():
+        label = _LABEL.match(line)
+        if label:
+            labels[label.group(1)] = len(body)
+            continue
+        ins = _INSTRUCTION.match(line)
+        if ins:
+            body.append(ins.group(1))
+    best = 0
+    for end, ins in enumerate(body):
+        branch = _BRANCH.search(ins)
+        if branch and labels.get(branch.group(1), end + 1) <= end:
+            span = body[labels[branch.group(1)]:end + 1]
+            if any("MMA" in i for i in span):
+                best = max(best, len(span))
+    return best
 
 
 @lru_cache(maxsize=None)
@@ -158,16 +187,32 @@ def resources(kind: str, cfg: TileConfig, p: Problem, arch: int = 90) -> Resourc
         ptx = os.path.join(tmp, "kernel.ptx")
         with open(ptx, "w") as f:
             f.write(ptx_text)
+        cubin = os.path.join(tmp, "kernel.cubin")
         report = subprocess.run(
-            [_ptxas(), "-v", f"--gpu-name=sm_{arch}{suffix}", ptx, "-o",
-             os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True, check=True).stderr
+            [_tool("ptxas"), "-v", f"--gpu-name=sm_{arch}{suffix}", ptx, "-o", cubin],
+            capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([_tool("nvdisasm"), "-c", cubin], capture_output=True, text=True,
+                              check=True).stdout
     regs = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     if regs is None or spills is None:
         raise RuntimeError(f"unexpected ptxas report: {report!r}")
     return Resources(int(regs.group(1)), int(spills.group(1)), int(spills.group(2)),
                      int(compiled.metadata.shared), cfg.num_warps,
-                     pipelined="cp.async" in ptx_text)
+                     pipelined="cp.async" in ptx_text, loop_instructions=loop_instructions(sass))
+
+
+# H100 SXM: 132 SMs, 4 warp schedulers each issuing one instruction per clock, ~1.755 GHz
+SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.755e9
+
+
+def issue_bound_ms(res: Resources, tile_visits: int) -> float:
+    """A lower bound on a kernel's time from instruction issue alone: every visited tile pair
+    executes the loop body once per warp of its program, spread over all schedulers of all
+    SMs. It ignores memory latency and bandwidth, the matrix and exp units' own limits, the
+    prologue/epilogue and load imbalance, so a real time can only be larger."""
+    cycles = tile_visits * res.loop_instructions * res.num_warps / (SMS * SCHEDULERS)
+    return 1e3 * cycles / CLOCK_HZ
 
 
 def default_report(ndim: int, head_dim: int) -> list[dict]:
@@ -185,7 +230,8 @@ def default_report(ndim: int, head_dim: int) -> list[dict]:
             res = resources(kind, cfg, p)
             out.append(dict(kind=kind, rpb=rpb, config=repr(cfg), registers=res.registers,
                             spill_bytes=res.spill_bytes, pipelined=res.pipelined,
-                            shared=res.shared, ctas_per_sm=res.ctas_per_sm))
+                            shared=res.shared, ctas_per_sm=res.ctas_per_sm,
+                            loop_instructions=res.loop_instructions))
     return out
 
 
@@ -196,5 +242,5 @@ if __name__ == "__main__":  # python -m natkit.backends.triton.aot NDIM HEAD_DIM
         print(json.dumps(row))
 
 
-__all__ = ["Problem", "Resources", "compile_kernel", "default_report", "launch_args",
-           "resources"]
+__all__ = ["Problem", "Resources", "compile_kernel", "default_report", "issue_bound_ms",
+           "launch_args", "loop_instructions", "resources"]
