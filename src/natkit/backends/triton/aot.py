@@ -70,7 +70,7 @@ class Resources:
     shared: int
     num_warps: int
     pipelined: bool
-    loop_instructions: int  # SASS instructions in the tile loop's body (masked path)
+    loop_instructions: int  # SASS instructions of one tile-loop iteration (masked path)
 
     @property
     def spill_bytes(self) -> int:
@@ -155,9 +155,13 @@ _BRANCH = re.compile(r"BRA\s+(?:[^`]*`\()?(\.L_x_\d+)")
 
 
 def loop_instructions(sass: str) -> int:
-    """Instructions in the body of the tile loop: the largest backward branch's span that
-    contains matrix instructions (HGMMA/HMMA). Both sides of a branch inside the body count
-    (the masked path executes all of them)."""
+    """Instructions executed by one iteration of the tile loop along its longest path.
+
+    The tile loop is the largest backward branch's span that contains matrix instructions
+    (HGMMA/HMMA). Within it, basic blocks (split at labels and after branches) are chained by
+    their forward edges and the longest path is taken: the masked step, which runs the mask
+    code that interior tiles skip, and only one copy of any code the compiler duplicated
+    into both sides of a branch."""
     labels, body = {}, []
     for line in sass.splitlines():
         label = _LABEL.match(line)
@@ -170,10 +174,24 @@ def loop_instructions(sass: str) -> int:
     best = 0
     for end, ins in enumerate(body):
         branch = _BRANCH.search(ins)
-        if branch and labels.get(branch.group(1), end + 1) <= end:
-            span = body[labels[branch.group(1)]:end + 1]
-            if any("MMA" in i for i in span):
-                best = max(best, len(span))
+        start = labels.get(branch.group(1), end + 1) if branch else end + 1
+        if start > end or not any("MMA" in i for i in body[start:end + 1]):
+            continue
+        # basic blocks of [start, end]: cut at labels inside and after every branch
+        cuts = sorted({start, end + 1} | {i for i in labels.values() if start < i <= end}
+                      | {i + 1 for i in range(start, end) if _BRANCH.search(body[i])})
+        longest = {}  # block start -> longest path (instructions) from there to the loop end
+        for lo, hi in reversed(list(zip(cuts, cuts[1:]))):
+            last = body[hi - 1]
+            target = _BRANCH.search(last)
+            nexts = []
+            if target is None or last.lstrip().startswith("@"):
+                nexts.append(hi)  # falls through
+            if target is not None and labels.get(target.group(1), -1) > hi - 1:
+                nexts.append(labels[target.group(1)])  # forward branch inside the loop
+            longest[lo] = (hi - lo) + max((longest.get(n, 0) for n in nexts if n <= end),
+                                          default=0)
+        best = max(best, longest[start])
     return best
 
 
