@@ -74,3 +74,24 @@ def test_compile_refuses_interpreted_kernels():
     from natkit.backends.triton import aot, configs
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         aot.resources("fwd", configs.TileConfig((1, 1, 16), (1, 1, 16)), aot.Problem((64,), (3,)))
+
+
+def test_loop_instructions_takes_the_longest_path():
+    """One iteration = the longest path through the loop's blocks; code duplicated into both
+    sides of a branch counts once, and a loop without matrix instructions is not the tile
+    loop."""
+    from natkit.backends.triton.aot import loop_instructions
+    lines = [".L_x_0:", "IADD3 R1, R1, 0x1", "@P2 BRA `(.L_x_0)",  # a loop without MMA
+             ".L_x_1:", "HGMMA.64x64x16 R0, gdesc[UR4], R0", "@P0 BRA `(.L_x_3)",
+             "FADD R2, R2, R3", "FADD R2, R2, R3", "FSEL R2, R2, RZ, P1", "BRA `(.L_x_4)",
+             ".L_x_3:", "FADD R2, R2, R3",
+             ".L_x_4:", "FMUL R4, R2, R2", "@P1 BRA `(.L_x_1)", "EXIT"]
+    sass, addr = [], 0
+    for line in lines:
+        if line.startswith(".L"):
+            sass.append(line)
+        else:
+            sass.append(f"        /*{addr:04x}*/                   {line} ;")
+            addr += 16
+    # HGMMA, BRA, 3 on the long side, BRA, FMUL, BRA: 8 (the span holds 9)
+    assert loop_instructions("\n".join(sass)) == 8
