@@ -72,12 +72,12 @@ def sanitize(cfg: TileConfig, group_lengths) -> TileConfig:
 # warps with RPB) were the fastest measured on an H100 at NAT-Tiny stage 1 (before the
 # loads were pipelined). Small query tiles compute 2-3x fewer scores for 7x7 kernels
 # (``work.py``: 8x16 / 8x8 computes 8.2 per attended pair, 4x8 / 2x16 3.2); the head-dim-32
-# alternates without RPB have the lowest issue-bound estimates at NAT-Tiny stages 1 and 3
-# (``aot.issue_bound_ms``: 0.033-0.056 ms vs 0.063-0.069 ms for the defaults at stage 1),
-# which only a GPU can confirm.
+# alternates have the lowest issue-bound estimates at NAT-Tiny stages 1 and 3
+# (``aot.issue_bound_ms``, stage 1: 0.033-0.056 ms vs 0.063-0.183 ms for the defaults; with
+# RPB 0.070-0.103 ms vs 0.197-0.250 ms), which only a GPU can confirm.
 _TABLE: dict[tuple[str, bool, int], str] = {
     ("fwd", False, 32): "8x16/8x8 w4 s2, 4x8/2x16 w2 s2, 2x8/8x8 w1 s2",
-    ("fwd", True, 32): "8x16/4x8 w8 s2, 8x8/4x8 w8 s2, 4x8/2x16 w4 s2",
+    ("fwd", True, 32): "8x16/4x8 w8 s2, 2x8/2x16 w1 s2, 2x8/4x8 w1 s2",
     ("fwd", False, 64): "8x16/8x8 w8 s2, 8x16/4x8 w8 s2, 4x8/2x16 w4 s2",
     ("fwd", True, 64): "8x8/4x8 w8 s2, 8x16/2x8 w8 s2, 4x8/2x16 w4 s2",
     ("fwd", False, 128): "8x16/4x8 w8 s2, 8x8/4x8 w8 s2, 4x4/2x8 w4 s2",
@@ -85,7 +85,7 @@ _TABLE: dict[tuple[str, bool, int], str] = {
     ("fwd", False, 256): "8x8/2x8 w8 s1, 4x4/2x8 w4 s1",
     ("fwd", True, 256): "4x4/2x8 w4 s1",
     ("dq", False, 32): "8x16/8x8 w4 s2, 4x8/2x16 w2 s2, 2x8/8x8 w1 s2",
-    ("dq", True, 32): "8x16/4x8 w8 s2, 8x8/4x8 w8 s2, 4x8/2x16 w4 s2",
+    ("dq", True, 32): "8x16/4x8 w8 s2, 2x8/2x16 w1 s2, 2x8/4x8 w1 s2",
     ("dq", False, 64): "8x16/8x8 w8 s2, 8x8/4x8 w8 s2, 4x8/2x16 w4 s2",
     ("dq", True, 64): "8x8/4x8 w8 s2, 8x16/2x8 w8 s2, 4x8/2x16 w4 s2",
     ("dq", False, 128): "8x16/4x8 w8 s2, 8x8/2x8 w8 s2, 4x4/2x8 w4 s2",
@@ -93,7 +93,7 @@ _TABLE: dict[tuple[str, bool, int], str] = {
     ("dq", False, 256): "4x4/2x8 w4 s1",
     ("dq", True, 256): "4x4/2x8 w4 s1",
     ("dkdv", False, 32): "8x8/8x8 w8 s2, 4x8/2x16 w1 s2, 8x8/2x16 w2 s2",
-    ("dkdv", True, 32): "8x8/8x8 w8 s2, 8x16/2x8 w8 s2, 4x4/8x8 w4 s2",
+    ("dkdv", True, 32): "8x8/8x8 w8 s2, 2x8/4x8 w1 s2, 4x8/4x8 w2 s2",
     ("dkdv", False, 64): "8x8/4x8 w8 s2, 8x16/2x8 w8 s2, 4x4/2x8 w4 s2",
     ("dkdv", True, 64): "8x8/4x8 w8 s2, 8x8/2x8 w8 s2, 4x4/2x8 w4 s2",
     ("dkdv", False, 128): "8x8/2x8 w8 s2, 4x4/4x8 w4 s2, 4x4/2x8 w4 s2",
