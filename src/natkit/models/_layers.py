@@ -29,7 +29,29 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class ClassifierMixin:
-    """timm's classifier accessors for models with ``head``, ``norm``, ``num_features``."""
+    """timm's classifier accessors, head and intermediate-feature output for models with
+    ``head``, ``norm``, ``num_features``, ``features_only`` and optional ``norm{i}``."""
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Average-pools NHWC features; returns the pooled features if ``pre_logits``."""
+        x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    @staticmethod
+    def _check_output_fmt(output_fmt: str) -> None:
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+
+    def _intermediate(self, i: int, f: torch.Tensor, last: bool, norm: bool,
+                      output_fmt: str) -> torch.Tensor:
+        """Output ``i`` of ``forward_intermediates``: through its own ``norm{i}`` (backbone
+        mode), else through the final norm when ``norm`` asks for it on the last output."""
+        out_norm = getattr(self, f"norm{i}", None)
+        if out_norm is not None:
+            f = out_norm(f)
+        elif norm and last and not self.features_only:
+            f = self.norm(f)
+        return f.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else f
 
     def get_classifier(self) -> nn.Module:
         return self.head

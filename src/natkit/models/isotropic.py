@@ -102,21 +102,14 @@ class NATIsotropic(ClassifierMixin, nn.Module):
                               stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False):
         """Features after each requested block (see ``NAT.forward_intermediates``)."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        self._check_output_fmt(output_fmt)
         take = take_indices(self.depth, indices)
         x = self.pos_drop(self.patch_embed(x))
         feats = []
         for i, blk in enumerate(self.layers):
             x = run_blocks([blk], x, self.grad_checkpointing)
             if i in take:
-                out_norm = getattr(self, f"norm{i}", None)
-                f = x
-                if out_norm is not None:
-                    f = out_norm(f)
-                elif norm and i == self.depth - 1 and not self.features_only:
-                    f = self.norm(f)
-                feats.append(f.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else f)
+                feats.append(self._intermediate(i, x, i == self.depth - 1, norm, output_fmt))
             if (stop_early or intermediates_only) and i == take[-1]:
                 break
         if intermediates_only:
@@ -131,11 +124,6 @@ class NATIsotropic(ClassifierMixin, nn.Module):
         x = self.pos_drop(self.patch_embed(x))
         x = run_blocks(self.layers, x, self.grad_checkpointing)
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Average-pools NHWC features; returns the pooled features if ``pre_logits``."""
-        x = x.mean(dim=(1, 2))
-        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor):
         x = self.forward_features(x)

@@ -189,8 +189,7 @@ class NAT(ClassifierMixin, nn.Module):
             ``[features...]`` if ``intermediates_only``, else ``(final, [features...])``
             with ``final`` as ``forward_features`` returns it.
         """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        self._check_output_fmt(output_fmt)
         stages = self.stages
         take = take_indices(len(stages), indices)
         x = self.pos_drop(self.patch_embed(x))
@@ -198,13 +197,7 @@ class NAT(ClassifierMixin, nn.Module):
         for i, stage in enumerate(stages):
             pre, x = stage(x)
             if i in take:
-                out_norm = getattr(self, f"norm{i}", None)
-                if out_norm is not None:
-                    pre = out_norm(pre)
-                elif norm and i == len(stages) - 1 and not self.features_only:
-                    pre = self.norm(pre)
-                feats.append(pre.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW"
-                             else pre)
+                feats.append(self._intermediate(i, pre, i == len(stages) - 1, norm, output_fmt))
             if (stop_early or intermediates_only) and i == take[-1]:
                 break
         if intermediates_only:
@@ -220,11 +213,6 @@ class NAT(ClassifierMixin, nn.Module):
         for stage in self.stages:
             _, x = stage(x)
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Average-pools NHWC features; returns the pooled features if ``pre_logits``."""
-        x = x.mean(dim=(1, 2))
-        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor):
         x = self.forward_features(x)
