@@ -9,7 +9,7 @@ gradient of the returned log-sum-exp in (``d lse / d s = P``).
   table (program ``pid`` uses copy ``pid % NCOPY``), so at most ``ceil(programs / NCOPY)``
   programs contend per address; the copies are summed on the host.
 - ``na_bwd_dkdv_kernel``, grid ``(key-tile slots, batch * kv_heads)``: the inverse
-  neighborhood (``window.query_range``) of every query head of the GQA group; deterministic,
+  neighborhood (``window.query_box``) of every query head of the GQA group; deterministic,
   no atomics. ``dK = scale * dS^T Q``, ``dV = P^T dO``.
 - ``na_bwd_dkdv_extra_kernel``, grid ``(extra-token tiles, batch * kv_heads)``: every query
   attends the extra tokens, so their gradient is a reduction over all queries.
@@ -18,8 +18,8 @@ gradient of the returned log-sum-exp in (``d lse / d s = P``).
 import triton
 import triton.language as tl
 
-from .window import (bias_and_mask, group_len, key_range, query_range, rpb_center, rpb_flat,
-                     tile_coords, tile_index, win_end, win_start, window_lengths)
+from .window import (bias_and_mask, box_tile, group_len, key_box, query_box, rpb_center,
+                     rpb_flat, tile_coords, tile_index, win_end, win_start, window_lengths)
 
 
 @triton.jit
@@ -105,13 +105,10 @@ def na_bwd_dq_kernel(
     ws2 = win_start(i2, Lg2, K2, S2, C2)
     wl2 = tl.where(qvalid, window_lengths(i2, ws2, Lg2, K2, C2), 0)
     qidx = tl.where(qvalid, rpb_flat(i0, i1, i2, K1, K2), -1)
-    lo0, hi0, flo0, fhi0 = key_range(tl.minimum(a0, Lg0 - 1), tl.minimum(a0 + BQ0, Lg0) - 1, Lg0, K0, S0, C0)
-    lo1, hi1, flo1, fhi1 = key_range(tl.minimum(a1, Lg1 - 1), tl.minimum(a1 + BQ1, Lg1) - 1, Lg1, K1, S1, C1)
-    lo2, hi2, flo2, fhi2 = key_range(tl.minimum(a2, Lg2 - 1), tl.minimum(a2 + BQ2, Lg2) - 1, Lg2, K2, S2, C2)
-    nk0 = tl.cdiv(hi0 - lo0, BK0)
-    nk1 = tl.cdiv(hi1 - lo1, BK1)
-    nk2 = tl.cdiv(hi2 - lo2, BK2)
-    qfull = (a0 + BQ0 <= Lg0) & (a1 + BQ1 <= Lg1) & (a2 + BQ2 <= Lg2)
+    lo0, nk0, flo0, fhi0, full0 = key_box(a0, Lg0, K0, S0, C0, BQ0, BK0)
+    lo1, nk1, flo1, fhi1, full1 = key_box(a1, Lg1, K1, S1, C1, BQ1, BK1)
+    lo2, nk2, flo2, fhi2, full2 = key_box(a2, Lg2, K2, S2, C2, BQ2, BK2)
+    qfull = full0 & full1 & full2
 
     table = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
     bias_ptr = RPB + h * table + rpb_center(K0, K1, K2)
@@ -120,9 +117,7 @@ def na_bwd_dq_kernel(
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BQ0 * BQ1 * BQ2, BLOCK_D], tl.float32)
     for t in range(0, nk0 * nk1 * nk2):
-        c0 = lo0 + (t // (nk1 * nk2)) * BK0
-        c1 = lo1 + ((t // nk2) % nk1) * BK1
-        c2 = lo2 + (t % nk2) * BK2
+        c0, c1, c2 = box_tile(t, lo0, lo1, lo2, nk1, nk2, BK0, BK1, BK2)
         j0, j1, j2 = tile_coords(c0, c1, c2, BK0, BK1, BK2)
         kidx = rpb_flat(j0, j1, j2, K1, K2)
         koff = (j0 * D0 + g0) * sk0 + (j1 * D1 + g1) * sk1 + (j2 * D2 + g2) * sk2
@@ -212,12 +207,9 @@ def na_bwd_dkdv_kernel(
                 + dd[None, :] * skd, mask=km, other=0.0)
     v = tl.load(V + b * svb + hk * svh + s0[:, None] * sv0 + s1[:, None] * sv1 + s2[:, None] * sv2
                 + dd[None, :] * svd, mask=km, other=0.0)
-    qlo0, qhi0 = query_range(c0, tl.minimum(c0 + BK0, Lg0) - 1, Lg0, K0, S0, C0)
-    qlo1, qhi1 = query_range(c1, tl.minimum(c1 + BK1, Lg1) - 1, Lg1, K1, S1, C1)
-    qlo2, qhi2 = query_range(c2, tl.minimum(c2 + BK2, Lg2) - 1, Lg2, K2, S2, C2)
-    nq0 = tl.maximum(tl.cdiv(qhi0 - qlo0, BQ0), 0)
-    nq1 = tl.maximum(tl.cdiv(qhi1 - qlo1, BQ1), 0)
-    nq2 = tl.maximum(tl.cdiv(qhi2 - qlo2, BQ2), 0)
+    qlo0, nq0 = query_box(c0, Lg0, K0, S0, C0, BK0, BQ0)
+    qlo1, nq1 = query_box(c1, Lg1, K1, S1, C1, BK1, BQ1)
+    qlo2, nq2 = query_box(c2, Lg2, K2, S2, C2, BK2, BQ2)
     kin = (c0 + BK0 <= Lg0) & (c1 + BK1 <= Lg1) & (c2 + BK2 <= Lg2)
 
     table = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
@@ -230,9 +222,7 @@ def na_bwd_dkdv_kernel(
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
         for t in range(0, nq0 * nq1 * nq2):
-            a0 = qlo0 + (t // (nq1 * nq2)) * BQ0
-            a1 = qlo1 + ((t // nq2) % nq1) * BQ1
-            a2 = qlo2 + (t % nq2) * BQ2
+            a0, a1, a2 = box_tile(t, qlo0, qlo1, qlo2, nq1, nq2, BQ0, BQ1, BQ2)
             i0, i1, i2 = tile_coords(a0, a1, a2, BQ0, BQ1, BQ2)
             r0 = i0 * D0 + g0
             r1 = i1 * D1 + g1

@@ -2,7 +2,7 @@
 
 Grid: ``(query-tile slots, batch * heads)``. A program owns one multi-dimensional query
 tile (``BQ0 x BQ1 x BQ2`` tokens of one dilation group), walks the key tiles of its
-neighborhoods' bounding box (``window.key_range`` per dimension), then the extra key/value
+neighborhoods' bounding box (``window.key_box`` per dimension), then the extra key/value
 tokens, and writes the output and the log-sum-exp. Key tiles inside every neighborhood of
 the tile run the unmasked inner step; only boundary tiles pay for the window mask.
 """
@@ -10,8 +10,8 @@ the tile run the unmasked inner step; only boundary tiles pay for the window mas
 import triton
 import triton.language as tl
 
-from .window import (bias_and_mask, group_len, key_range, rpb_center, rpb_flat, tile_coords,
-                     tile_index, win_start, window_lengths)
+from .window import (bias_and_mask, box_tile, group_len, key_box, rpb_center, rpb_flat,
+                     tile_coords, tile_index, win_start, window_lengths)
 
 
 @triton.jit
@@ -75,13 +75,10 @@ def na_fwd_kernel(
     wl2 = tl.where(qvalid, window_lengths(i2, ws2, Lg2, K2, C2), 0)
     qidx = tl.where(qvalid, rpb_flat(i0, i1, i2, K1, K2), -1)
     # the tile's key box per dimension, and the keys every query of the tile attends
-    lo0, hi0, flo0, fhi0 = key_range(tl.minimum(a0, Lg0 - 1), tl.minimum(a0 + BQ0, Lg0) - 1, Lg0, K0, S0, C0)
-    lo1, hi1, flo1, fhi1 = key_range(tl.minimum(a1, Lg1 - 1), tl.minimum(a1 + BQ1, Lg1) - 1, Lg1, K1, S1, C1)
-    lo2, hi2, flo2, fhi2 = key_range(tl.minimum(a2, Lg2 - 1), tl.minimum(a2 + BQ2, Lg2) - 1, Lg2, K2, S2, C2)
-    nk0 = tl.cdiv(hi0 - lo0, BK0)
-    nk1 = tl.cdiv(hi1 - lo1, BK1)
-    nk2 = tl.cdiv(hi2 - lo2, BK2)
-    qfull = (a0 + BQ0 <= Lg0) & (a1 + BQ1 <= Lg1) & (a2 + BQ2 <= Lg2)
+    lo0, nk0, flo0, fhi0, full0 = key_box(a0, Lg0, K0, S0, C0, BQ0, BK0)
+    lo1, nk1, flo1, fhi1, full1 = key_box(a1, Lg1, K1, S1, C1, BQ1, BK1)
+    lo2, nk2, flo2, fhi2, full2 = key_box(a2, Lg2, K2, S2, C2, BQ2, BK2)
+    qfull = full0 & full1 & full2
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -90,9 +87,7 @@ def na_fwd_kernel(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     for t in range(0, nk0 * nk1 * nk2):
-        c0 = lo0 + (t // (nk1 * nk2)) * BK0
-        c1 = lo1 + ((t // nk2) % nk1) * BK1
-        c2 = lo2 + (t % nk2) * BK2
+        c0, c1, c2 = box_tile(t, lo0, lo1, lo2, nk1, nk2, BK0, BK1, BK2)
         j0, j1, j2 = tile_coords(c0, c1, c2, BK0, BK1, BK2)
         kidx = rpb_flat(j0, j1, j2, K1, K2)
         koff = (j0 * D0 + g0) * sk0 + (j1 * D1 + g1) * sk1 + (j2 * D2 + g2) * sk2

@@ -47,16 +47,18 @@ def group_len(L, g, D):
 
 
 @triton.jit
-def key_range(a, b, L, K, S, CAUSAL: tl.constexpr):
-    """For the query tile ``[a, b]`` (valid queries, ``b < L``): ``(lo, hi, full_lo, full_hi)``.
-
-    ``[lo, hi)`` are all keys touched; ``[full_lo, full_hi)`` the keys attended by every query.
-    """
-    s_a = win_start(a, L, K, S, CAUSAL)
-    s_b = win_start(b, L, K, S, CAUSAL)
-    hi = tl.minimum(win_end(b, s_b, K, CAUSAL), L)
-    full_hi = tl.minimum(win_end(a, s_a, K, CAUSAL), L)
-    return s_a, hi, s_b, full_hi
+def key_box(a, L, K, S, CAUSAL: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
+    """The key tiles of the query tile ``[a, a + BQ)`` (clipped to ``L``) in one dimension:
+    ``(lo, n, full_lo, full_hi, full)``. Its key tiles start at ``lo + u * BK`` for ``u < n``;
+    every query of the tile attends the keys ``[full_lo, full_hi)``; ``full`` says no query
+    of the tile lies past ``L``."""
+    first = tl.minimum(a, L - 1)
+    last = tl.minimum(a + BQ, L) - 1
+    lo = win_start(first, L, K, S, CAUSAL)
+    full_lo = win_start(last, L, K, S, CAUSAL)
+    hi = tl.minimum(win_end(last, full_lo, K, CAUSAL), L)
+    full_hi = tl.minimum(win_end(first, lo, K, CAUSAL), L)
+    return lo, tl.cdiv(hi - lo, BK), full_lo, full_hi, a + BQ <= L
 
 
 @triton.jit
@@ -80,6 +82,21 @@ def query_range(c, e, L, K, S, CAUSAL: tl.constexpr):
         hi = tl.where(after, mid, hi)
         lo = tl.where(after, lo, mid + 1)
     return first, lo
+
+
+@triton.jit
+def query_box(c, L, K, S, CAUSAL: tl.constexpr, BK: tl.constexpr, BQ: tl.constexpr):
+    """The query tiles of the key tile ``[c, c + BK)`` (clipped to ``L``) in one dimension:
+    ``(lo, n)``, tiles starting at ``lo + u * BQ`` for ``u < n``."""
+    lo, hi = query_range(c, tl.minimum(c + BK, L) - 1, L, K, S, CAUSAL)
+    return lo, tl.maximum(tl.cdiv(hi - lo, BQ), 0)
+
+
+@triton.jit
+def box_tile(t, lo0, lo1, lo2, n1, n2, B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr):
+    """Origin of tile ``t`` (row-major) of a box of ``n0 x n1 x n2`` tiles of ``B0 x B1 x B2``
+    starting at ``lo*``."""
+    return lo0 + (t // (n1 * n2)) * B0, lo1 + ((t // n2) % n1) * B1, lo2 + (t % n2) * B2
 
 
 @triton.jit
