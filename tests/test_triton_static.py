@@ -23,14 +23,18 @@ import pytest
 HEAD_DIMS = (32, 64, 128, 256)
 
 
+def _compile_env() -> dict:
+    """The environment for compiling subprocesses: the test session's, minus the interpreter."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 @pytest.fixture(scope="module")
 def reports():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json, sys\nfrom natkit.backends.triton.aot import default_report\n"
             "for d in %r:\n"
             "    for row in default_report(int(sys.argv[1]), d):\n"
             "        print(json.dumps(dict(row, head_dim=d)))\n" % (HEAD_DIMS,))
-    procs = {nd: subprocess.Popen([sys.executable, "-c", code, str(nd)], env=env,
+    procs = {nd: subprocess.Popen([sys.executable, "-c", code, str(nd)], env=_compile_env(),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for nd in (1, 2, 3)}
     out = {}
@@ -63,9 +67,8 @@ def test_resources_reports_spills():
             "r = aot.resources('dkdv', configs.TileConfig((1, 8, 16), (1, 8, 8), 4, 2),\n"
             "                  aot.Problem((56, 56), (7, 7), head_dim=256))\n"
             "print(r.registers, r.spill_stores, r.ctas_per_sm, r.warps_per_sm)\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", code], env=_compile_env(), capture_output=True,
+                         text=True, check=True).stdout.split()
     regs, spills, ctas, warps = map(int, out)
     assert regs == 255 and spills > 1024 and warps == 4 * ctas
 

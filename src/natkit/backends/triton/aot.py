@@ -18,7 +18,7 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Optional
 
@@ -28,9 +28,8 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
-from . import op
+from . import configs, op
 from .backward import na_bwd_dkdv_kernel, na_bwd_dq_kernel
-from .configs import TileConfig
 from .forward import na_fwd_kernel
 
 KERNELS = {"fwd": na_fwd_kernel, "dq": na_bwd_dq_kernel, "dkdv": na_bwd_dkdv_kernel}
@@ -89,7 +88,7 @@ class Resources:
         return self.ctas_per_sm * self.num_warps
 
 
-def launch_args(kind: str, cfg: TileConfig, p: Problem) -> tuple:
+def launch_args(kind: str, cfg: configs.TileConfig, p: Problem) -> tuple:
     """The positional arguments ``op.py`` launches kernel ``kind`` with, on meta tensors."""
     nd = len(p.spatial)
     hk = p.kv_heads or p.heads
@@ -117,7 +116,7 @@ def launch_args(kind: str, cfg: TileConfig, p: Problem) -> tuple:
     raise ValueError(f"kind must be one of {tuple(KERNELS)}, got {kind!r}")
 
 
-def compile_kernel(kind: str, cfg: TileConfig, p: Problem, arch: int = 90):
+def compile_kernel(kind: str, cfg: configs.TileConfig, p: Problem, arch: int = 90):
     """``triton.compile`` of kernel ``kind`` for ``sm_<arch>``, specialized as a launch is."""
     fn = KERNELS[kind]
     if not isinstance(fn, triton.runtime.JITFunction):
@@ -196,19 +195,23 @@ def loop_instructions(sass: str) -> int:
 
 
 @lru_cache(maxsize=None)
-def resources(kind: str, cfg: TileConfig, p: Problem, arch: int = 90) -> Resources:
-    """ptxas's resource use of kernel ``kind`` (``"fwd"``, ``"dq"``, ``"dkdv"``) with ``cfg``."""
+def resources(kind: str, cfg: configs.TileConfig, p: Problem, arch: int = 90) -> Resources:
+    """ptxas's resource use of kernel ``kind`` (``"fwd"``, ``"dq"``, ``"dkdv"``) with ``cfg``.
+
+    Registers and spills come from ``ptxas -v`` on Triton's PTX (Triton's own ptxas run does
+    not report them without a GPU); the SASS is Triton's cubin, disassembled."""
     compiled = compile_kernel(kind, cfg, p, arch)
     ptx_text = compiled.asm["ptx"]
     suffix = "a" if arch >= 90 else ""
     with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "kernel.ptx")
+        ptx, cubin = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
         with open(ptx, "w") as f:
             f.write(ptx_text)
-        cubin = os.path.join(tmp, "kernel.cubin")
         report = subprocess.run(
             [_tool("ptxas"), "-v", f"--gpu-name=sm_{arch}{suffix}", ptx, "-o", cubin],
             capture_output=True, text=True, check=True).stderr
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
         sass = subprocess.run([_tool("nvdisasm"), "-c", cubin], capture_output=True, text=True,
                               check=True).stdout
     regs = re.search(r"Used (\d+) registers", report)
@@ -236,9 +239,6 @@ def issue_bound_ms(res: Resources, tile_visits: int) -> float:
 def default_report(ndim: int, head_dim: int) -> list[dict]:
     """Resources of every kernel's default config (without and with RPB) for the rank's
     representative problem at ``head_dim``."""
-    from dataclasses import replace
-
-    from . import configs
     out = []
     for kind in configs.KINDS:
         for rpb in (False, True):
