@@ -17,6 +17,7 @@ dilation-group coordinates, as in the kernels.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -80,8 +81,8 @@ def _key_tiles_1d(length, kernel, stride, dilation, causal, bq, bk) -> tuple[int
         for c in range(0, lg, bk):
             e = min(c + bk, lg) - 1
             # the queries attending any key of [c, e]: end > c and start <= e (both monotone)
-            first = next((i for i in range(lg) if end[i] > c), lg)
-            last = next((i for i in range(lg) if start[i] > e), lg)
+            first = bisect.bisect_right(end, c)
+            last = bisect.bisect_right(start, e)
             n = max(-(-(last - first) // bq), 0)
             tiles += 1
             visits += n
