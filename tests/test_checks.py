@@ -35,7 +35,15 @@ Q, K, V = qkv(1, 10, 12, 4, 8)
     (dict(kernel_size=3, rpb=torch.zeros(4, 5, 5, dtype=torch.long)), TypeError, r"rpb must be a floating"),
     (dict(kernel_size=3, rpb=[1.0]), TypeError, r"rpb must be a torch.Tensor"),
     (dict(kernel_size=3, scale="1"), TypeError, r"scale must be a finite real number.*'1'"),
-    (dict(kernel_size=3, scale=float("nan")), TypeError, r"scale.*nan"),
+    (dict(kernel_size=3, scale=float("nan")), ValueError, r"scale must be finite.*nan"),
+    (dict(kernel_size=3, scale=1e39), ValueError, r"scale must be finite and at most 3.403e\+38 "
+     r"in magnitude for torch.float32 inputs, got 1e\+39"),
+    (dict(kernel_size=3, scale=10 ** 400), ValueError, r"scale must be finite"),
+    (dict(kernel_size=b"\x03"), TypeError, r"kernel_size must be int or a tuple"),
+    (dict(kernel_size={3, 5}), TypeError, r"kernel_size must be int or a tuple"),
+    (dict(kernel_size=3, return_lse="False"), TypeError, r"return_lse must be a bool, got 'False'"),
+    (dict(kernel_size=3, rpb=torch.zeros(4, 5, 5).to_sparse()), TypeError,
+     r"rpb must be a dense \(strided\) tensor, got layout torch.sparse_coo"),
     (dict(kernel_size=3, additional_keys=torch.zeros(1, 2, 4, 8)), ValueError,
      r"additional_keys and additional_values must be given together"),
     (dict(kernel_size=3, additional_keys=torch.zeros(1, 2, 3, 8),
@@ -68,6 +76,7 @@ def test_bad_arguments(kwargs, error, match):
     ((Q, None, V), TypeError, r"key must be a torch.Tensor, got NoneType"),
     ((Q[:, :0], K[:, :0], V[:, :0]), ValueError, r"query is empty"),
     ((Q, K.to("meta"), V.to("meta")), ValueError, r"key is on meta but query is on cpu"),
+    ((Q.to_sparse(), K, V), TypeError, r"query must be a dense \(strided\) tensor"),
 ])
 def test_bad_tensors(args, error, match):
     with pytest.raises(error, match=match):
@@ -93,3 +102,35 @@ def test_module_argument_errors():
     m = natkit.NeighborhoodAttention2D(32, 4, 3)
     with pytest.raises(ValueError, match=r"input must be \[batch, \*spatial\(2 dims\), dim=32\]"):
         m(torch.randn(1, 5, 5, 16))
+
+
+def test_module_argument_types():
+    for kwargs, error, match in [
+            (dict(attn_drop=-0.5), ValueError, r"attn_drop must be a probability in \[0, 1\), got -0.5"),
+            (dict(attn_drop=float("nan")), ValueError, r"attn_drop must be a probability"),
+            (dict(proj_drop="x"), ValueError, r"proj_drop must be a probability.*'x'"),
+            (dict(qk_scale="x"), ValueError, r"qk_scale must be a finite real number or None, got 'x'"),
+            (dict(qkv_bias="no"), TypeError, r"qkv_bias must be a bool, got 'no'"),
+            (dict(rel_pos_bias="yes"), TypeError, r"rel_pos_bias must be a bool"),
+            (dict(num_heads=True), ValueError, r"num_heads must be a positive int"),
+            (dict(dim=True), ValueError, r"dim must be a positive int, got True")]:
+        args = dict(dim=32, num_heads=4, kernel_size=3) | kwargs
+        with pytest.raises(error, match=match):
+            natkit.NeighborhoodAttention2D(**args)
+    m = natkit.NeighborhoodAttention2D(32, 4, 3)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor, got list"):
+        m([[0.0]])
+    with pytest.raises(TypeError, match="input dtype torch.float64 differs from the module's "
+                                        "torch.float32"):
+        m(torch.randn(1, 5, 5, 32, dtype=torch.float64))
+    assert m(torch.randn(0, 5, 5, 32)).shape == (0, 5, 5, 32)  # empty batch, like nn.Linear
+
+
+def test_merge_attentions_argument_errors():
+    o, lse = natkit.na2d(Q, K, V, 3, return_lse=True)
+    with pytest.raises(TypeError, match="outputs must be a list or tuple of tensors, got Tensor"):
+        natkit.merge_attentions(o, lse)  # would otherwise merge along the batch dimension
+    with pytest.raises(TypeError, match=r"outputs\[0\] must be a floating-point tensor"):
+        natkit.merge_attentions([o.long()], [lse])
+    with pytest.raises(ValueError, match=r"lses\[1\] is on meta, outputs\[0\] on cpu"):
+        natkit.merge_attentions([o, o], [lse, lse.to("meta")])

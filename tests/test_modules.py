@@ -59,6 +59,28 @@ def test_padding_mask_is_exact_in_low_precision(dtype):
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("qk_scale", [0.0, -1.0, 1e-31, 40.0])
+def test_padding_mask_is_exact_for_any_scale(qk_scale):
+    """Padded keys get no weight whatever the sign or size of the logit scale."""
+    m = natkit.NeighborhoodAttention2D(16, 2, kernel_size=5, qk_scale=qk_scale,
+                                       rel_pos_bias=True).double()
+    x = torch.randn(2, 3, 4, 16, dtype=torch.float64)
+    torch.testing.assert_close(m(x), module_reference(m, x), atol=1e-10, rtol=0)
+
+
+def test_padding_mask_holds_for_large_negative_half_logits():
+    """float16 logits far below zero (about -2e4 here) still leave padded keys at 0."""
+    m = natkit.NeighborhoodAttention1D(2, 1, kernel_size=4)
+    with torch.no_grad():
+        m.qkv.weight.copy_(torch.cat([-60 * torch.eye(2), 60 * torch.eye(2), torch.eye(2)]))
+        m.qkv.bias.zero_()
+        m.proj.weight.copy_(torch.eye(2))
+        m.proj.bias.zero_()
+    x = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    ref = module_reference(m.double(), x.double())
+    torch.testing.assert_close(m.half()(x.half()).double(), ref, atol=1e-2, rtol=0)
+
+
 def test_parameter_names_match_official_checkpoints():
     m = natkit.NeighborhoodAttention2D(64, 2, 7, rel_pos_bias=True)
     shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}

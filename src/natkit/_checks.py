@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Real
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
@@ -51,12 +51,13 @@ class NAParams:
 
 def _tuple(name: str, value, nd: int, kind: type) -> tuple:
     """``value`` as a tuple of ``nd`` entries of ``kind`` (an int or a bool)."""
-    items = (value,) if isinstance(value, (int, bool)) else value
-    try:
-        items = tuple(items)
-    except TypeError:
+    if isinstance(value, (int, bool)):
+        items = (value,)
+    elif isinstance(value, (tuple, list)):
+        items = tuple(value)
+    else:
         raise TypeError(f"{name} must be {kind.__name__} or a tuple of {nd} "
-                        f"{kind.__name__}s, got {value!r}") from None
+                        f"{kind.__name__}s, got {value!r}")
     if len(items) == 1:
         items = items * nd
     if len(items) != nd:
@@ -76,6 +77,8 @@ def _check_tensor(name: str, t, layout: str) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, "
                         f"float64), got dtype {t.dtype}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     rank = layout.count(",") + 1
     if t.dim() != rank:
         raise ValueError(f"{name} must have {rank} dims {layout}, got shape {tuple(t.shape)}")
@@ -132,6 +135,8 @@ def check_inputs(nd: int, query, key, value, kernel_size: IntOrTuple, dilation: 
             raise TypeError(f"rpb must be a torch.Tensor or None, got {type(rpb).__name__}")
         if rpb.dtype not in FLOAT_DTYPES:
             raise TypeError(f"rpb must be a floating tensor, got dtype {rpb.dtype}")
+        if rpb.layout != torch.strided:
+            raise TypeError(f"rpb must be a dense (strided) tensor, got layout {rpb.layout}")
         if any(k % 2 == 0 for k in kernel):
             raise ValueError(f"rpb requires an odd kernel_size in every dimension, got "
                              f"{kernel_size!r}")
@@ -146,8 +151,18 @@ def check_inputs(nd: int, query, key, value, kernel_size: IntOrTuple, dilation: 
 
     if scale is None:
         scale = head_dim ** -0.5
-    elif not isinstance(scale, Real) or isinstance(scale, bool) or not math.isfinite(scale):
+    elif not isinstance(scale, Real) or isinstance(scale, bool):
         raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
+    else:
+        # half and single precision inputs compute in float32: the scale must fit there
+        limit = torch.finfo(torch.float64 if query.dtype == torch.float64 else torch.float32).max
+        try:
+            ok = math.isfinite(scale) and abs(float(scale)) <= limit
+        except OverflowError:  # an int beyond float range
+            ok = False
+        if not ok:
+            raise ValueError(f"scale must be finite and at most {limit:.4g} in magnitude for "
+                             f"{query.dtype} inputs, got {scale!r}")
 
     num_extra = 0
     if (additional_keys is None) != (additional_values is None):

@@ -62,6 +62,8 @@ def _run(nd, query, key, value, kernel_size, dilation, stride, is_causal, rpb, s
          additional_keys, additional_values, return_lse, backend):
     p = check_inputs(nd, query, key, value, kernel_size, dilation, stride, is_causal, rpb,
                      scale, additional_keys, additional_values)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     tensors = (query, key, value, rpb, additional_keys, additional_values)
     requires_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
@@ -100,6 +102,10 @@ def merge_attentions(outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tenso
         ``(out, lse)``: the attention over the union of the key sets (dtype of ``outputs``)
         and its log-sum-exp (float32, or float64 for float64 inputs).
     """
+    for name, seq in (("outputs", outputs), ("lses", lses)):
+        if not isinstance(seq, (list, tuple)):  # a tensor would split along its batch dim
+            raise TypeError(f"{name} must be a list or tuple of tensors, got "
+                            f"{type(seq).__name__}")
     outputs, lses = list(outputs), list(lses)
     if len(outputs) != len(lses) or not outputs:
         raise ValueError(f"merge_attentions needs matching non-empty lists, got "
@@ -107,6 +113,11 @@ def merge_attentions(outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tenso
     for i, (o, l) in enumerate(zip(outputs, lses)):
         if not isinstance(o, torch.Tensor) or not isinstance(l, torch.Tensor):
             raise TypeError(f"outputs[{i}] and lses[{i}] must be tensors")
+        for name, t in ((f"outputs[{i}]", o), (f"lses[{i}]", l)):
+            if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+            if t.device != outputs[0].device:
+                raise ValueError(f"{name} is on {t.device}, outputs[0] on {outputs[0].device}")
         if o.shape != outputs[0].shape:
             raise ValueError(f"outputs[{i}] shape {tuple(o.shape)} differs from outputs[0] "
                              f"shape {tuple(outputs[0].shape)}")

@@ -6,6 +6,9 @@ Inputs are channels-last ``[batch, *spatial, dim]``.
 
 from __future__ import annotations
 
+import math
+from numbers import Real
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,6 +16,10 @@ import torch.nn.functional as F
 from ._checks import _tuple, check_inputs
 from .backends.portable import na_portable
 from .functional import neighborhood_attention
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _pad_spatial(x: torch.Tensor, pads: tuple[int, ...], value: float = 0.0) -> torch.Tensor:
@@ -31,11 +38,20 @@ class _NeighborhoodAttention(nn.Module):
                  qk_scale=None, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         nd = self.ndim
-        if not isinstance(dim, int) or dim <= 0:
+        if not _is_int(dim) or dim <= 0:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if not isinstance(num_heads, int) or num_heads <= 0 or dim % num_heads:
+        if not _is_int(num_heads) or num_heads <= 0 or dim % num_heads:
             raise ValueError(f"num_heads must be a positive int dividing dim={dim}, "
                              f"got {num_heads!r}")
+        for name, flag in (("rel_pos_bias", rel_pos_bias), ("qkv_bias", qkv_bias)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        for name, rate in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
+            if not isinstance(rate, Real) or isinstance(rate, bool) or not 0 <= rate < 1:
+                raise ValueError(f"{name} must be a probability in [0, 1), got {rate!r}")
+        if qk_scale is not None and (not isinstance(qk_scale, Real) or isinstance(qk_scale, bool)
+                                     or not math.isfinite(qk_scale)):
+            raise ValueError(f"qk_scale must be a finite real number or None, got {qk_scale!r}")
         self.kernel_size = _tuple("kernel_size", kernel_size, nd, int)
         self.dilation = _tuple("dilation", dilation, nd, int)
         self.stride = _tuple("stride", stride, nd, int)
@@ -69,22 +85,33 @@ class _NeighborhoodAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         nd = self.ndim
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != nd + 2 or x.shape[-1] != self.dim:
             raise ValueError(f"input must be [batch, *spatial({nd} dims), dim={self.dim}], got "
                              f"shape {tuple(x.shape)}")
+        weight = self.qkv.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"input dtype {x.dtype} differs from the module's {weight.dtype}")
+        if x.device != weight.device:
+            raise ValueError(f"input is on {x.device}, the module on {weight.device}")
         batch, *spatial, _ = x.shape
+        if x.numel() == 0:  # nothing to attend (batch 0): an empty output of the right shape
+            return self.proj_drop(self.proj(x))
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))
         q, k, v = qkv.unbind(-3)  # strided views: no copy
         pads = tuple(max(kk * d - s, 0) for kk, d, s in zip(self.kernel_size, self.dilation,
                                                              spatial))
+        scale = self.scale
         if any(pads):
-            q, k, v = _masked_padding(q, k, v, pads)
+            q, k, v = _masked_padding(q * scale, k, v, pads)
+            scale = 1.0
         args = dict(kernel_size=self.kernel_size, dilation=self.dilation, stride=self.stride,
-                    is_causal=self.is_causal, rpb=self.rpb, scale=self.scale)
+                    is_causal=self.is_causal, rpb=self.rpb, scale=scale)
         if self.training and self.attn_drop > 0:
             # probability dropout needs the probabilities: only the portable path has them
             p = check_inputs(nd, q, k, v, args["kernel_size"], args["dilation"], args["stride"],
-                             args["is_causal"], self.rpb, self.scale, None, None)
+                             args["is_causal"], self.rpb, scale, None, None)
             out, _ = na_portable(q, k, v, p, self.rpb, dropout_p=self.attn_drop)
         else:
             out = neighborhood_attention(q, k, v, **args)
@@ -97,15 +124,18 @@ class _NeighborhoodAttention(nn.Module):
 def _masked_padding(q, k, v, pads):
     """Pads q/k/v so every spatial size reaches ``kernel * dilation`` and masks padded keys.
 
-    The mask rides on one extra channel: queries carry 1 there, real keys 0 and padded
-    keys a huge negative number, so a padded key's logit underflows to probability 0
-    exactly, on every backend, without a mask argument in the op. Values get a zero
-    channel, cropped by the caller along with the padded queries.
+    ``q`` comes pre-scaled (the op then runs with scale 1), so the mask does not depend on
+    the sign or size of ``qk_scale``. It rides on one extra channel: queries carry ``c``
+    there, real keys 0 and padded keys ``-c``, so a padded key's logit is ``real - c**2``
+    and its probability underflows to exactly 0 on every backend, without a mask argument
+    in the op: ``c**2`` is 1e30 (float32/float64/bfloat16 hold it) or 2**30 in float16,
+    beyond any logit float16 inputs reach in practice. Values get a zero channel, cropped
+    by the caller along with the padded queries.
     """
-    big = 1e30 if q.dtype in (torch.float32, torch.float64) else torch.finfo(q.dtype).max / 4
+    c = 2.0 ** 15 if q.dtype == torch.float16 else 1e15
     ones = q.new_ones(q.shape[:-1] + (1,))
-    q = _pad_spatial(torch.cat([q, ones], -1), pads)
-    k = torch.cat([_pad_spatial(k, pads), _pad_spatial(ones * 0, pads, value=-big)], -1)
+    q = _pad_spatial(torch.cat([q, ones * c], -1), pads)
+    k = torch.cat([_pad_spatial(k, pads), _pad_spatial(ones * 0, pads, value=-c)], -1)
     v = _pad_spatial(torch.cat([v, ones * 0], -1), pads)
     return q, k, v
 
