@@ -12,7 +12,9 @@ tile config the autotuner may pick, prints:
   resident per SM), from ptxas on the PTX Triton emits for an H100;
 - an issue-bound time (``aot.issue_bound_ms``): SASS instructions of the tile loop times the
   tile pairs visited, over 132 SMs x 4 schedulers at 1.755 GHz. A lower bound, not a
-  prediction: it ignores memory, the matrix and exp units' limits and load imbalance.
+  prediction: it ignores memory, the matrix and exp units' limits and load imbalance;
+- a tensor-core bound (``aot.mma_bound_ms``): the matrix products of every visited tile pair at
+  the dense peak. A kernel takes at least the larger of the two ("bound").
 
 Runs on a CPU machine (Triton's wheel carries ptxas); writes every row to a CSV.
 
@@ -41,7 +43,8 @@ def main():
     only = [s for s in args.only.split(",") if s]
     fields = ["shape", "rpb", "kind", "config", "default", "waste", "masked_pct", "programs",
               "registers", "spill_bytes", "pipelined", "shared_kb", "ctas_per_sm",
-              "warps_per_sm", "loop_instructions", "issue_bound_ms"]
+              "warps_per_sm", "loop_instructions", "issue_bound_ms", "mma_bound_ms",
+              "bound_ms"]
     with open(args.csv, "w", newline="") as raw:
         writer = csv.DictWriter(raw, fieldnames=fields)
         writer.writeheader()
@@ -61,6 +64,9 @@ def main():
                                          kind, batch_heads=b * h)
                         res = aot.resources(kind, cfg, aot.Problem(
                             spatial, kernel, batch=b, heads=h, head_dim=d, rpb=rpb))
+                        visits = work.computed // (cfg.block_m * cfg.block_n)
+                        issue = aot.issue_bound_ms(res, visits)
+                        mma = aot.mma_bound_ms(kind, cfg, configs.block_d(d), visits)
                         row = dict(shape=name, rpb=int(rpb), kind=kind,
                                    config=f"q{'x'.join(map(str, cfg.q_tile))} "
                                           f"k{'x'.join(map(str, cfg.k_tile))} "
@@ -72,15 +78,16 @@ def main():
                                    shared_kb=round(res.shared / 1024, 1),
                                    ctas_per_sm=res.ctas_per_sm, warps_per_sm=res.warps_per_sm,
                                    loop_instructions=res.loop_instructions,
-                                   issue_bound_ms=round(aot.issue_bound_ms(
-                                       res, work.computed // (cfg.block_m * cfg.block_n)), 4))
+                                   issue_bound_ms=round(issue, 4),
+                                   mma_bound_ms=round(mma, 4),
+                                   bound_ms=round(max(issue, mma), 4))
                         writer.writerow(row)
                         print(f"  rpb={int(rpb)} {kind:4s} {row['config']:22s}"
                               f"{'*' if i == 0 else ' '} waste {row['waste']:5.2f}  "
                               f"masked {row['masked_pct']:5.1f}%  regs {res.registers:3d}  "
                               f"spill {row['spill_bytes']:5d} B  {'pipelined' if res.pipelined else 'sync load'}  smem {row['shared_kb']:5.1f} KB  "
                               f"{res.ctas_per_sm:2d} programs / {res.warps_per_sm:2d} warps per SM  "
-                              f"issue-bound {row['issue_bound_ms']:.3f} ms",
+                              f"issue {issue:.3f} / tensor cores {mma:.3f} ms",
                               flush=True)
     print(f"(* = default when not autotuning; CSV: {args.csv})")
 

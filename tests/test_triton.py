@@ -132,10 +132,12 @@ def test_unmasked_interior_tiles():
 
 
 @pytest.mark.parametrize("rpb", [False, True])
-def test_every_2d_candidate(rpb):
-    """Every config the autotuner may pick for 2-D head dims <= 32 (the NAT case) is exact,
-    not only the defaults the other tests run."""
-    c = cfg((12, 20), 5, rpb=rpb, heads=2, kv_heads=1)
+@pytest.mark.parametrize("head_dim", [16, 96])
+def test_every_2d_candidate(head_dim, rpb):
+    """Every config the autotuner may pick for 2-D head dims <= 32 (the NAT case) and
+    65-128 (large kernels; 96 also pads the head dim) is exact, not only the defaults the
+    other tests run. 12x20 tokens leave the largest tiles (8x16 / 8x16) unclamped."""
+    c = cfg((12, 20), 5, rpb=rpb, heads=2, kv_heads=1, head_dim=head_dim)
     group_lengths = (1, 12, 20)
     per_kind = {kind: configs.candidates(2, configs.block_d(c.head_dim), group_lengths, kind, rpb)
                 for kind in configs.KINDS}

@@ -98,3 +98,17 @@ def test_loop_instructions_takes_the_longest_path():
             addr += 16
     # HGMMA, BRA, 3 on the long side, BRA, FMUL, BRA: 8 (the span holds 9)
     assert loop_instructions("\n".join(sass)) == 8
+
+
+def test_mma_bound_is_the_dense_tensor_core_peak():
+    """128x128 tiles at head dim 128: 2 products of 2*128^3 FLOPs per visited pair (forward),
+    3 for dQ, 4 for dK/dV; at 132 SMs x 4096 FLOP/clock x 1.755 GHz (949 TFLOP/s, bf16)."""
+    import torch
+    from natkit.backends.triton import aot, configs
+    cfg = configs.TileConfig((1, 8, 16), (1, 8, 16), 8, 2)
+    visits = 132 * 1000
+    fwd = aot.mma_bound_ms("fwd", cfg, 128, visits)
+    assert fwd == pytest.approx(1e3 * visits * 2 * 2 * 128 ** 3 / 949.0e12, rel=1e-3)
+    assert aot.mma_bound_ms("dq", cfg, 128, visits) == pytest.approx(1.5 * fwd)
+    assert aot.mma_bound_ms("dkdv", cfg, 128, visits) == pytest.approx(2 * fwd)
+    assert aot.mma_bound_ms("fwd", cfg, 128, visits, torch.float32) == pytest.approx(2 * fwd)

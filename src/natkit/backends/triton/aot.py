@@ -236,6 +236,23 @@ def issue_bound_ms(res: Resources, tile_visits: int) -> float:
     return 1e3 * cycles / CLOCK_HZ
 
 
+# dense tensor-core multiply-adds per SM per clock (sm_90): 16-bit inputs; TF32 runs at half
+MMA_FLOPS_PER_CLOCK = {torch.bfloat16: 4096, torch.float16: 4096, torch.float32: 2048}
+# matrix products per visited tile pair: forward S = QK^T, O += PV; dQ recomputes S and dP =
+# dO V^T, then dQ += dS K; dK/dV recomputes both and adds dV += P^T dO, dK += dS^T Q
+DOTS = {"fwd": 2, "dq": 3, "dkdv": 4}
+
+
+def mma_bound_ms(kind: str, cfg: configs.TileConfig, block_d: int, tile_visits: int,
+                 dtype: torch.dtype = torch.bfloat16) -> float:
+    """A lower bound on a kernel's time from its matrix products alone, at the tensor cores'
+    dense peak (the padded head dim and every computed score count, attended or not;
+    float32 assumes TF32). Together with ``issue_bound_ms`` it bounds a kernel from below:
+    the two units overlap, so a kernel takes at least the larger."""
+    flops = tile_visits * DOTS[kind] * 2 * cfg.block_m * cfg.block_n * block_d
+    return 1e3 * flops / (SMS * MMA_FLOPS_PER_CLOCK[dtype] * CLOCK_HZ)
+
+
 def default_report(ndim: int, head_dim: int) -> list[dict]:
     """Resources of every kernel's default config (without and with RPB) for the rank's
     representative problem at ``head_dim``."""
@@ -261,4 +278,4 @@ if __name__ == "__main__":  # python -m natkit.backends.triton.aot NDIM HEAD_DIM
 
 
 __all__ = ["Problem", "Resources", "compile_kernel", "default_report", "issue_bound_ms",
-           "launch_args", "loop_instructions", "resources"]
+           "launch_args", "loop_instructions", "mma_bound_ms", "resources"]

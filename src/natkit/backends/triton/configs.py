@@ -74,14 +74,20 @@ def sanitize(cfg: TileConfig, group_lengths) -> TileConfig:
 # (``work.py``: 8x16 / 8x8 computes 8.2 per attended pair, 4x8 / 2x16 3.2); the head-dim-32
 # alternates have the lowest issue-bound estimates at NAT-Tiny stages 1 and 3
 # (``aot.issue_bound_ms``, stage 1: 0.033-0.056 ms vs 0.063-0.183 ms for the defaults; with
-# RPB 0.070-0.103 ms vs 0.197-0.250 ms), which only a GPU can confirm.
+# RPB 0.070-0.103 ms vs 0.197-0.250 ms), which only a GPU can confirm. Head dims 65-128 (the
+# large-kernel shapes of BENCH.md) default to the tiles with the lowest static bound,
+# max(issue bound, tensor-core bound ``aot.mma_bound_ms``), on every such shape: forward
+# 8x16 / 8x16 at 8 warps (the shape of Triton's Hopper flash-attention tutorial; 256² k31
+# 0.51 ms vs 0.87 for 8x16 / 4x8, 1-D k2048 0.92 vs 1.32, FLUX 6.7 vs 11.3, 3-D video 26 vs
+# 43) and dK/dV 2x8 queries / 8x8 keys at 4 warps (k31 1.41 vs 2.11 for 8x8 / 2x8, 1-D 2.5 vs
+# 4.1, FLUX 21 vs 36, 3-D 77 vs 130); dQ's default already sits at its tensor-core bound.
 _TABLE: dict[tuple[str, bool, int], str] = {
     ("fwd", False, 32): "8x16/8x8 w4 s2, 4x8/2x16 w2 s2, 2x8/8x8 w1 s2",
     ("fwd", True, 32): "8x16/4x8 w8 s2, 2x8/2x16 w1 s2, 2x8/4x8 w1 s2",
     ("fwd", False, 64): "8x16/8x8 w8 s2, 8x16/4x8 w8 s2, 4x8/2x16 w4 s2",
     ("fwd", True, 64): "8x8/4x8 w8 s2, 8x16/2x8 w8 s2, 4x8/2x16 w4 s2",
-    ("fwd", False, 128): "8x16/4x8 w8 s2, 8x8/4x8 w8 s2, 4x4/2x8 w4 s2",
-    ("fwd", True, 128): "8x8/2x8 w8 s2, 4x4/2x8 w4 s2",
+    ("fwd", False, 128): "8x16/8x16 w8 s2, 8x16/4x8 w8 s2, 8x8/8x8 w4 s2, 4x4/2x8 w4 s2",
+    ("fwd", True, 128): "8x8/4x8 w8 s2, 8x8/2x8 w8 s2, 4x4/2x8 w4 s2",
     ("fwd", False, 256): "8x8/2x8 w8 s1, 4x4/2x8 w4 s1",
     ("fwd", True, 256): "4x4/2x8 w4 s1",
     ("dq", False, 32): "8x16/8x8 w4 s2, 4x8/2x16 w2 s2, 2x8/8x8 w1 s2",
@@ -89,15 +95,15 @@ _TABLE: dict[tuple[str, bool, int], str] = {
     ("dq", False, 64): "8x16/8x8 w8 s2, 8x8/4x8 w8 s2, 4x8/2x16 w4 s2",
     ("dq", True, 64): "8x8/4x8 w8 s2, 8x16/2x8 w8 s2, 4x8/2x16 w4 s2",
     ("dq", False, 128): "8x16/4x8 w8 s2, 8x8/2x8 w8 s2, 4x4/2x8 w4 s2",
-    ("dq", True, 128): "8x16/2x8 w8 s2, 4x4/2x8 w4 s2",
+    ("dq", True, 128): "8x16/4x8 w8 s2, 8x16/2x8 w8 s2, 4x4/2x8 w4 s2",
     ("dq", False, 256): "4x4/2x8 w4 s1",
     ("dq", True, 256): "4x4/2x8 w4 s1",
     ("dkdv", False, 32): "8x8/8x8 w8 s2, 4x8/2x16 w1 s2, 8x8/2x16 w2 s2",
     ("dkdv", True, 32): "8x8/8x8 w8 s2, 2x8/4x8 w1 s2, 4x8/4x8 w2 s2",
     ("dkdv", False, 64): "8x8/4x8 w8 s2, 8x16/2x8 w8 s2, 4x4/2x8 w4 s2",
     ("dkdv", True, 64): "8x8/4x8 w8 s2, 8x8/2x8 w8 s2, 4x4/2x8 w4 s2",
-    ("dkdv", False, 128): "8x8/2x8 w8 s2, 4x4/4x8 w4 s2, 4x4/2x8 w4 s2",
-    ("dkdv", True, 128): "4x4/2x8 w4 s2, 4x4/4x8 w4 s2",
+    ("dkdv", False, 128): "2x8/8x8 w4 s2, 8x8/2x8 w8 s2, 4x8/8x8 w4 s2, 4x4/2x8 w4 s2",
+    ("dkdv", True, 128): "4x4/2x8 w4 s2, 2x8/8x8 w4 s2, 4x4/4x8 w4 s2",
     ("dkdv", False, 256): "4x4/2x8 w4 s1",
     ("dkdv", True, 256): "4x4/2x8 w4 s1",
 }
