@@ -182,6 +182,127 @@ def test_create_model_errors():
         create_model("nat_micro", pretrained="/nonexistent/ckpt.pth")
 
 
+BAD_ARGS = [  # (model, the bad argument, the exception): each error names the argument
+    ("nat_mini", dict(depths=3), TypeError),
+    ("nat_mini", dict(depths=None), TypeError),
+    ("nat_mini", dict(depths=()), ValueError),
+    ("nat_mini", dict(num_heads=None), TypeError),
+    ("nat_mini", dict(dilations=5), TypeError),
+    ("dinat_mini", dict(dilations=5), TypeError),
+    ("dinat_mini", dict(dilations=[[1, 1, 1]] * 3), ValueError),
+    ("nat_isotropic_small", dict(dilations=5), TypeError),
+    ("nat_micro", dict(mlp_ratio=-1), ValueError),
+    ("nat_micro", dict(mlp_ratio=0), ValueError),
+    ("nat_micro", dict(mlp_ratio=math.inf), ValueError),
+    ("nat_micro", dict(mlp_ratio="x"), TypeError),
+    ("nat_micro", dict(mlp_ratio=None), TypeError),
+    ("dinat_s_tiny", dict(mlp_ratio=0), ValueError),
+    ("nat_micro", dict(drop_path_rate="x"), TypeError),
+    ("nat_micro", dict(drop_path_rate=None), TypeError),
+    ("nat_micro", dict(drop_path_rate=1.0), ValueError),
+    ("nat_micro", dict(attn_drop_rate=-1), ValueError),
+    ("nat_micro", dict(drop_rate=math.nan), ValueError),
+    ("nat_micro", dict(in_chans=0), ValueError),
+    ("nat_micro", dict(in_chans=-1), ValueError),
+    ("nat_micro", dict(in_chans=1.5), TypeError),
+    ("nat_micro", dict(layer_scale="x"), TypeError),
+    ("nat_micro", dict(layer_scale=math.nan), ValueError),
+    ("nat_micro", dict(layer_scale=0), ValueError),
+    ("nat_micro", dict(num_classes=True), TypeError),
+    ("nat_micro", dict(features_only="yes"), TypeError),
+    ("nat_micro", dict(img_size=True), TypeError),
+    ("nat_isotropic_small", dict(num_classes=True), TypeError),
+    ("nat_isotropic_small", dict(mlp_ratio=0), ValueError),
+    ("nat_isotropic_small", dict(in_chans=0), ValueError),
+    ("nat_isotropic_small", dict(embed_dim=None), TypeError),
+    ("nat_isotropic_small", dict(patch_size=0), ValueError),
+    ("dinat_isotropic_small", dict(patch_size=0), ValueError),
+    ("dinat_isotropic_small", dict(kernel_size=(7, 7)), TypeError),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, exc", BAD_ARGS,
+                         ids=[f"{n}-{kw}" for n, kw, _ in BAD_ARGS])
+def test_bad_constructor_args_raise_named_errors(name, kwargs, exc):
+    (arg, value), = kwargs.items()
+    with pytest.raises(exc) as info:
+        create_model(name, **kwargs)
+    assert arg in str(info.value) and repr(value) in str(info.value)
+
+
+def _write_truncated(path):
+    torch.save(create_model("nat_micro").state_dict(), path)
+    path.write_bytes(path.read_bytes()[:2000])
+
+
+BAD_FILES = {  # kind: (how to write it, exception, text of the message)
+    "empty": (lambda p: p.write_bytes(b""), ValueError, "not a readable PyTorch checkpoint"),
+    "text": (lambda p: p.write_text("hello world\n"), ValueError, "not a readable PyTorch"),
+    "binary": (lambda p: p.write_bytes(bytes(range(256)) * 8), ValueError, "not a readable"),
+    "truncated": (_write_truncated, ValueError, "not a readable PyTorch checkpoint"),
+    "int_keys": (lambda p: torch.save({1: torch.zeros(1)}, p), ValueError, "str keys"),
+    "directory": (lambda p: p.mkdir(), ValueError, "is a directory"),
+    "missing": (lambda p: None, FileNotFoundError, "not found"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_FILES)
+def test_bad_pretrained_files_raise_named_errors(tmp_path, kind):
+    write, exc, text = BAD_FILES[kind]
+    path = tmp_path / "ckpt.pth"
+    write(path)
+    with pytest.raises(exc, match=text) as info:
+        create_model("nat_micro", pretrained=path)
+    assert f"pretrained={str(path)!r}" in str(info.value)
+    if "readable" in text:   # the reader's own error stays attached
+        assert info.value.__cause__ is not None
+
+
+def test_load_checkpoint_argument_errors():
+    model = create_model("nat_micro")
+    with pytest.raises(ValueError, match="checkpoint holds no state dict.*str keys.*1"):
+        M.load_checkpoint(model, {1: torch.zeros(1)})
+    with pytest.raises(TypeError, match="checkpoint must be a path or a state dict"):
+        M.load_checkpoint(model, 3)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        M.load_checkpoint({}, {})
+
+
+BAD_INPUTS = {  # input images: each error names ``x``
+    "channels": (torch.randn(1, 4, 32, 32), ValueError),
+    "nhwc": (torch.randn(1, 32, 32, 3), ValueError),
+    "5d": (torch.randn(1, 3, 2, 32, 32), ValueError),
+    "unbatched": (torch.randn(3, 32, 32), ValueError),
+    "0x0": (torch.randn(1, 3, 0, 0), ValueError),
+    "width0": (torch.randn(1, 3, 32, 0), ValueError),
+    "int": (torch.ones(1, 3, 32, 32, dtype=torch.long), TypeError),
+    "float64": (torch.randn(1, 3, 32, 32, dtype=torch.float64), TypeError),
+    "list": ([[0.0]], TypeError),
+}
+ENTRY_FAMILIES = ["nat_tiny", "dinat_s_tiny", "nat_isotropic_small"]
+
+
+@pytest.mark.parametrize("kind", BAD_INPUTS)
+@pytest.mark.parametrize("name", ENTRY_FAMILIES)
+def test_bad_inputs_raise_named_errors(name, kind):
+    x, exc = BAD_INPUTS[kind]
+    kw = tiny_kwargs(name)
+    model = create_model(name, **kw)
+    backbone = create_model(name, features_only=True, **kw | dict(num_classes=0))
+    for entry in (model, model.forward_features, model.forward_intermediates, backbone):
+        with pytest.raises(exc, match=r"^x (must|has)"):
+            entry(x)
+
+
+@pytest.mark.parametrize("name", ENTRY_FAMILIES)
+def test_empty_batch_gives_empty_outputs(name):
+    kw = tiny_kwargs(name) | dict(drop_path_rate=0.1)
+    x = torch.randn(0, 3, 40, 40)
+    assert create_model(name, **kw)(x).shape == (0, 5)
+    feats = create_model(name, features_only=True, **kw | dict(num_classes=0))(x)
+    assert feats and all(f.shape[0] == 0 for f in feats)
+
+
 # -- published architectures (meta device: no memory, no time) ----------------------------
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_M))

@@ -8,10 +8,9 @@ registered with it too.
 """
 
 from ._registry import create_model, list_models, register_model
-from . import nat, dinat, isotropic  # noqa: E402,F401  (populate the registry)
 from .convert import (CheckpointMismatchError, from_hf_state_dict, load_checkpoint,
                       to_hf_state_dict)
-from .dinat import DiNAT, DiNAT_s
+from .dinat import DiNAT, DiNAT_s   # importing the families populates the registry
 from .isotropic import NATIsotropic
 from .nat import NAT
 from ._timm import register_with_timm

@@ -9,7 +9,9 @@ Feature maps are channels-last ``[batch, height, width, channels]`` between modu
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import math
+from numbers import Real
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,6 +19,79 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..modules import NeighborhoodAttention2D
+
+
+# -- argument checks shared by every model family ------------------------------------------
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` if it is an int (not a bool) >= ``minimum``, else a TypeError/ValueError."""
+    if not is_int(value) or value < minimum:
+        raise (ValueError if is_int(value) else TypeError)(
+            f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_ints(name: str, value, length: Optional[int] = None, minimum: int = 1) -> list[int]:
+    """``value``, a non-empty list or tuple of ints >= ``minimum`` (``length`` of them when
+    given), as a list."""
+    count = "" if length is None else f"{length} "
+    msg = f"{name} must be a list or tuple of {count}ints >= {minimum}, got {value!r}"
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(msg)
+    if not value or (length is not None and len(value) != length) or not all(
+            is_int(v) and v >= minimum for v in value):
+        raise ValueError(msg)
+    return list(value)
+
+
+def check_real(name: str, value, ok: Callable[[float], bool], what: str) -> float:
+    """``value`` if it is a finite real number (not a bool) for which ``ok`` holds, else a
+    TypeError/ValueError saying that it must be ``what``."""
+    real = isinstance(value, Real) and not isinstance(value, bool)
+    if not real or not math.isfinite(value) or not ok(value):
+        raise (ValueError if real else TypeError)(f"{name} must be {what}, got {value!r}")
+    return value
+
+
+def check_model_args(mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate, layer_scale,
+                     in_chans, num_classes, features_only) -> None:
+    """Validates the constructor arguments that NAT, DiNAT, DiNAT_s and the isotropic
+    models share (their architecture arguments are checked by each family)."""
+    check_real("mlp_ratio", mlp_ratio, lambda v: v > 0, "a finite number > 0")
+    for name, rate in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
+                       ("drop_path_rate", drop_path_rate)):
+        check_real(name, rate, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    if layer_scale is not None:
+        check_real("layer_scale", layer_scale, lambda v: v > 0,
+                   "None or a finite number > 0")
+    check_int("in_chans", in_chans)
+    check_int("num_classes", num_classes, minimum=0)
+    if not isinstance(features_only, bool):
+        raise TypeError(f"features_only must be a bool, got {features_only!r}")
+
+
+def check_images(x, in_chans: int, weight: torch.Tensor) -> None:
+    """Checks a model's input: a dense floating-point ``[batch, in_chans, H, W]`` tensor
+    with ``H, W >= 1``, on the device and of the dtype of ``weight`` (any float dtype
+    under autocast)."""
+    layout = f"[batch, in_chans={in_chans}, height, width]"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor {layout}, got {type(x).__name__}")
+    if not x.is_floating_point() or x.layout != torch.strided:
+        raise TypeError(f"x must be a dense floating-point tensor {layout}, got dtype "
+                        f"{x.dtype} (layout {x.layout})")
+    if x.dim() != 4 or x.shape[1] != in_chans or min(x.shape[2:]) < 1:
+        raise ValueError(f"x must be a {layout} tensor (NCHW) with height, width >= 1, got "
+                         f"shape {tuple(x.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the model is on {weight.device}")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"x has dtype {x.dtype} but the model {weight.dtype} (cast one of "
+                        f"them, or run under torch.autocast)")
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -29,8 +104,15 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class ClassifierMixin:
-    """timm's classifier accessors, head and intermediate-feature output for models with
-    ``head``, ``norm``, ``num_features``, ``features_only`` and optional ``norm{i}``."""
+    """The checked stem, timm's classifier accessors, head and intermediate-feature output
+    for models with ``in_chans``, ``patch_embed``, ``pos_drop``, ``head``, ``norm``,
+    ``num_features``, ``features_only`` and optional ``norm{i}``."""
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The entry of every forward method: checks the images ``x``, then embeds them
+        (``[B, C, H, W] -> [B, h, w, embed_dim]``)."""
+        check_images(x, self.in_chans, self.patch_embed.norm.weight)
+        return self.pos_drop(self.patch_embed(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Average-pools NHWC features; returns the pooled features if ``pre_logits``."""
@@ -62,9 +144,7 @@ class ClassifierMixin:
             raise ValueError("reset_classifier: a features_only model has no classifier")
         if global_pool not in (None, "avg"):
             raise ValueError(f"global_pool must be 'avg' or None, got {global_pool!r}")
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
-        self.num_classes = num_classes
+        self.num_classes = check_int("num_classes", num_classes, minimum=0)
         device = self.norm.weight.device
         self.head = (nn.Linear(self.num_features, num_classes, device=device) if num_classes
                      else nn.Identity())

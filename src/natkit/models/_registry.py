@@ -66,7 +66,7 @@ def create_model(name: str, pretrained: Union[str, os.PathLike, None] = None,
     model = _ENTRYPOINTS[name](**kwargs)
     if pretrained is not None:
         from .convert import load_checkpoint
-        load_checkpoint(model, pretrained, new_head="num_classes" in kwargs)
+        load_checkpoint(model, pretrained, new_head="num_classes" in kwargs, name="pretrained")
     return model
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import pickle
 import re
 import warnings
 from typing import Mapping, Union
@@ -57,35 +56,45 @@ def _clip(items, limit: int = 20) -> str:
 
 # -- reading -------------------------------------------------------------------------------
 
-def read_state_dict(path: Union[str, os.PathLike]) -> StateDict:
+def read_state_dict(path: Union[str, os.PathLike], *, name: str = "path") -> StateDict:
     """Reads a checkpoint file into a flat state dict on the CPU.
 
     Accepts ``torch.save`` files (bare state dict, or one wrapped in ``"model"``,
     ``"state_dict"`` or ``"module"``) and ``.safetensors`` files (needs the
     ``safetensors`` package). A ``module.`` prefix (DistributedDataParallel) is removed;
     from a detection/segmentation checkpoint (mmdetection/mmsegmentation) only the
-    ``backbone.*`` weights are kept, without the prefix.
+    ``backbone.*`` weights are kept, without the prefix. ``name``: the argument that
+    error messages name.
     """
     path = os.fspath(path)
+    source = f"{name}={path!r}"
+    if os.path.isdir(path):
+        raise ValueError(f"{source} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path!r}")
+        raise FileNotFoundError(f"{source}: checkpoint file not found")
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
         except ImportError as err:
             raise ImportError(f"reading {path!r} needs the 'safetensors' package "
                               f"(pip install safetensors)") from err
-        sd = load_file(path, device="cpu")
-    else:
-        try:   # timm training checkpoints also hold their argparse arguments
+    try:
+        if path.endswith(".safetensors"):
+            sd = load_file(path, device="cpu")
+        else:   # timm training checkpoints also hold their argparse arguments
             with torch.serialization.safe_globals([argparse.Namespace]):
                 sd = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(f"checkpoint {path!r} holds pickled objects besides tensors, "
+    except OSError:   # the file itself cannot be read (permissions, I/O): as it is
+        raise
+    except Exception as err:   # torch.load raises anything from EOFError to KeyError
+        foreign = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if foreign:
+            raise ValueError(f"{source} holds pickled objects besides tensors ({foreign[1]}), "
                              f"which natkit does not unpickle (torch.load weights_only=True); "
-                             f"if you trust the file, save its state dict alone: "
-                             f"{str(err).splitlines()[0]}") from None
-    return unwrap_state_dict(sd, source=repr(path))
+                             f"if you trust the file, save its state dict alone") from None
+        raise ValueError(f"{source} is not a readable PyTorch checkpoint (empty, truncated "
+                         f"or another format: {type(err).__name__})") from err
+    return unwrap_state_dict(sd, source=source)
 
 
 def unwrap_state_dict(obj, source: str = "checkpoint") -> StateDict:
@@ -94,10 +103,13 @@ def unwrap_state_dict(obj, source: str = "checkpoint") -> StateDict:
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
             break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor)
-                                               for v in obj.values()):
+    if not isinstance(obj, Mapping):
         raise ValueError(f"{source} holds no state dict (expected a mapping of tensors, "
-                         f"bare or under 'model'/'state_dict')")
+                         f"bare or under 'model'/'state_dict'), got {type(obj).__name__}")
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(f"{source} holds no state dict (expected str keys and tensor "
+                             f"values), got the entry {key!r}: {type(value).__name__}")
     sd = dict(obj)
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
@@ -251,7 +263,7 @@ def interpolate_rpb(rpb: torch.Tensor, size) -> torch.Tensor:
 # -- loading ------------------------------------------------------------------------------
 
 def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping],
-                    new_head: bool = False) -> list[str]:
+                    new_head: bool = False, *, name: str = "checkpoint") -> list[str]:
     """Loads a checkpoint into ``model`` strictly, after the adaptations below.
 
     - the file is read with ``read_state_dict`` (wrappers and prefixes removed) and a
@@ -264,14 +276,19 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
 
     Anything else that differs raises ``CheckpointMismatchError`` naming every missing,
     unexpected and mis-shaped key; the model is left unchanged then.
+    An unreadable file raises a ``ValueError`` naming ``name`` (the caller's argument).
 
     Returns:
         The model keys that kept their initialization.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(checkpoint, Mapping):
-        source, sd = "state dict", unwrap_state_dict(checkpoint)
+        source, sd = "state dict", unwrap_state_dict(checkpoint, source=name)
+    elif isinstance(checkpoint, (str, os.PathLike)):
+        source, sd = repr(os.fspath(checkpoint)), read_state_dict(checkpoint, name=name)
     else:
-        source, sd = repr(os.fspath(checkpoint)), read_state_dict(checkpoint)
+        raise TypeError(f"{name} must be a path or a state dict, got {type(checkpoint).__name__}")
     if is_hf_state_dict(sd):
         sd = from_hf_state_dict(sd)
     own = model.state_dict()

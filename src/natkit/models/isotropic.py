@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ._layers import ClassifierMixin, NATLayer, PatchEmbed, init_weights, no_weight_decay_names, run_blocks
+from ._layers import (ClassifierMixin, NATLayer, PatchEmbed, check_int, check_ints,
+                      check_model_args, init_weights, no_weight_decay_names, run_blocks)
 from .nat import build, take_indices
 from ._registry import register_model
 
@@ -47,18 +48,16 @@ class NATIsotropic(ClassifierMixin, nn.Module):
                  in_chans: int = 3, num_classes: int = 1000, features_only: bool = False,
                  out_indices: Sequence[int] = (-1,)):
         super().__init__()
-        if not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be a positive int, got {depth!r}")
-        dilations = [1] * depth if dilations is None else list(dilations)
-        if len(dilations) != depth or not all(isinstance(d, int) and d >= 1 for d in dilations):
-            raise ValueError(f"dilations must hold one positive int per block (depth={depth}), "
-                             f"got {dilations!r}")
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        check_model_args(mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate, layer_scale,
+                         in_chans, num_classes, features_only)
+        check_int("embed_dim", embed_dim)
+        check_int("depth", depth)
+        check_int("patch_size", patch_size)
+        dilations = [1] * depth if dilations is None else check_ints("dilations", dilations, depth)
         self.embed_dim = self.num_features = embed_dim
         self.depth, self.num_heads, self.kernel_size = depth, num_heads, kernel_size
         self.dilations = dilations
-        self.features_only = features_only
+        self.in_chans, self.features_only = in_chans, features_only
         self.num_classes = 0 if features_only else num_classes
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"layers.{i}")
                              for i in range(depth)]
@@ -84,9 +83,11 @@ class NATIsotropic(ClassifierMixin, nn.Module):
     @classmethod
     def dilations_for(cls, img_size: int, args: dict) -> list[int]:
         """DiNAT-iso dilations at ``img_size``: 1 alternating with ``feature_size // kernel``."""
-        size = math.ceil(img_size / args.get("patch_size", cls.stem_stride))
-        big = max(1, size // args.get("kernel_size", 7))
-        return [1 if i % 2 == 0 else big for i in range(args.get("depth", 12))]
+        patch = check_int("patch_size", args.get("patch_size", cls.stem_stride))
+        kernel = check_int("kernel_size", args.get("kernel_size", 7))
+        depth = check_int("depth", args.get("depth", 12))
+        big = max(1, math.ceil(img_size / patch) // kernel)
+        return [1 if i % 2 == 0 else big for i in range(depth)]
 
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters to exclude from weight decay (rpb and norms)."""
@@ -104,7 +105,7 @@ class NATIsotropic(ClassifierMixin, nn.Module):
         """Features after each requested block (see ``NAT.forward_intermediates``)."""
         self._check_output_fmt(output_fmt)
         take = take_indices(self.depth, indices)
-        x = self.pos_drop(self.patch_embed(x))
+        x = self._stem(x)
         feats = []
         for i, blk in enumerate(self.layers):
             x = run_blocks([blk], x, self.grad_checkpointing)
@@ -121,7 +122,7 @@ class NATIsotropic(ClassifierMixin, nn.Module):
         Backbone mode: the list of NCHW output features."""
         if self.features_only:
             return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
-        x = self.pos_drop(self.patch_embed(x))
+        x = self._stem(x)
         x = run_blocks(self.layers, x, self.grad_checkpointing)
         return self.norm(x)
 

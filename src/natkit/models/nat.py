@@ -19,21 +19,17 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ._layers import (ClassifierMixin, ConvDownsampler, ConvTokenizer, Stage, init_weights, level_dilations,
+from ._layers import (ClassifierMixin, ConvDownsampler, ConvTokenizer, Stage, check_int,
+                      check_ints, check_model_args, init_weights, is_int, level_dilations,
                       no_weight_decay_names)
 from ._registry import default_cfg, register_model
 
 __all__ = ["NAT", "nat_micro", "nat_mini", "nat_tiny", "nat_small", "nat_base"]
 
 
-def _per_level(name: str, value, levels: int, kind=int) -> list:
-    """``value`` (one item or one per level) as a list of ``levels`` items."""
-    items = [value] * levels if isinstance(value, (int, float)) else list(value)
-    if len(items) != levels or not all(isinstance(v, kind) and not isinstance(v, bool)
-                                       for v in items):
-        raise ValueError(f"{name} must be a {kind.__name__} or {levels} {kind.__name__}s "
-                         f"(one per level), got {value!r}")
-    return items
+def _per_level(name: str, value, levels: int) -> list[int]:
+    """``value`` (one positive int, or one per level) as a list of ``levels`` ints."""
+    return check_ints(name, [value] * levels if is_int(value) else value, levels)
 
 
 def take_indices(num: int, indices, name: str = "indices") -> list[int]:
@@ -41,10 +37,12 @@ def take_indices(num: int, indices, name: str = "indices") -> list[int]:
     (negative ones count from the end)."""
     if indices is None:
         return list(range(num))
-    if isinstance(indices, int) and not isinstance(indices, bool):
+    if is_int(indices):
         if not 0 < indices <= num:
             raise ValueError(f"{name}={indices} must be in [1, {num}] (the last n outputs)")
         return list(range(num - indices, num))
+    if not isinstance(indices, (list, tuple, range)):
+        raise TypeError(f"{name} must be None, an int or a list of ints, got {indices!r}")
     taken = []
     for i in indices:
         if not isinstance(i, int) or isinstance(i, bool) or not -num <= i < num:
@@ -87,30 +85,28 @@ class NAT(ClassifierMixin, nn.Module):
                  in_chans: int = 3, num_classes: int = 1000, features_only: bool = False,
                  out_indices: Optional[Sequence[int]] = None):
         super().__init__()
-        if not isinstance(embed_dim, int) or embed_dim < 2:
-            raise ValueError(f"embed_dim must be an int >= 2, got {embed_dim!r}")
+        check_model_args(mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate, layer_scale,
+                         in_chans, num_classes, features_only)
+        check_int("embed_dim", embed_dim, minimum=2)
+        depths = check_ints("depths", depths)
         levels = len(depths)
-        depths = _per_level("depths", depths, levels)
-        if levels < 1 or min(depths) < 1:
-            raise ValueError(f"depths must hold positive ints, got {depths!r}")
         num_heads = _per_level("num_heads", num_heads, levels)
         kernels = _per_level("kernel_size", kernel_size, levels)
         if dilations is None:
             dilations = [[1] * d for d in depths]
-        dilations = [list(d) for d in dilations]
-        if len(dilations) != levels or any(len(d) != n for d, n in zip(dilations, depths)):
+        if not isinstance(dilations, (list, tuple)):
+            raise TypeError(f"dilations must be a list of per-level lists, got {dilations!r}")
+        if len(dilations) != levels:
             raise ValueError(f"dilations must hold one list per level with one dilation per "
                              f"block (depths={depths}), got {dilations!r}")
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+        dilations = [check_ints(f"dilations[{i}]", d, n)
+                     for i, (d, n) in enumerate(zip(dilations, depths))]
 
         self.embed_dim, self.depths, self.num_heads = embed_dim, depths, num_heads
         self.kernel_size, self.dilations = kernels, dilations
         self.dims = [embed_dim * 2 ** i for i in range(levels)]
         self.num_features = self.dims[-1]
-        self.features_only = features_only
+        self.in_chans, self.features_only = in_chans, features_only
         self.num_classes = 0 if features_only else num_classes
         self.feature_info = [dict(num_chs=d, reduction=self.stem_stride * 2 ** i,
                                   module=f"{self._stages_attr}.{i}")
@@ -143,7 +139,7 @@ class NAT(ClassifierMixin, nn.Module):
     def dilations_for(cls, img_size: int, args: dict) -> list[list[int]]:
         """DiNAT's dilations at ``img_size`` for the architecture ``args`` (``depths``,
         ``kernel_size``): per level, 1 alternating with ``feature_size // kernel``."""
-        depths = list(args["depths"])
+        depths = check_ints("depths", args["depths"])
         kernels = _per_level("kernel_size", args.get("kernel_size", 7), len(depths))
         return [level_dilations(d, math.ceil(img_size / (cls.stem_stride * 2 ** i)), k)
                 for i, (d, k) in enumerate(zip(depths, kernels))]
@@ -192,7 +188,7 @@ class NAT(ClassifierMixin, nn.Module):
         self._check_output_fmt(output_fmt)
         stages = self.stages
         take = take_indices(len(stages), indices)
-        x = self.pos_drop(self.patch_embed(x))
+        x = self._stem(x)
         feats = []
         for i, stage in enumerate(stages):
             pre, x = stage(x)
@@ -209,7 +205,7 @@ class NAT(ClassifierMixin, nn.Module):
         Backbone mode: the list of NCHW output features."""
         if self.features_only:
             return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
-        x = self.pos_drop(self.patch_embed(x))
+        x = self._stem(x)
         for stage in self.stages:
             _, x = stage(x)
         return self.norm(x)
@@ -228,8 +224,7 @@ def build(cls, arch: dict, kwargs: dict, dilated: bool = False, **cfg) -> nn.Mod
     """
     kwargs = dict(kwargs)
     img_size = kwargs.pop("img_size", cfg.pop("img_size", 224))
-    if not isinstance(img_size, int) or img_size < 1:
-        raise ValueError(f"img_size must be a positive int, got {img_size!r}")
+    check_int("img_size", img_size)
     args = {**arch, **kwargs}
     if dilated and "dilations" not in kwargs:
         args["dilations"] = cls.dilations_for(img_size, args)
