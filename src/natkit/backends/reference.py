@@ -7,7 +7,6 @@ favors obviousness over speed and memory: never use it on large inputs.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
