@@ -170,6 +170,20 @@ def test_config_override_validation():
     assert configs.fit((4, 4, 8), (1, 3, 2)) == (1, 4, 4)  # clamped, then grown to 16 tokens
 
 
+def test_strided_rpb():
+    """A non-contiguous bias table (here a transposed view) reads the same values as its copy."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 9, 10, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    base = torch.randn(2, 9, 9, device=DEVICE)
+    grads = []
+    for backend in ("reference", "triton"):
+        rpb = base.clone().requires_grad_()
+        out = natkit.na2d(q, k, v, 5, rpb=rpb.transpose(1, 2), backend=backend)
+        grads.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v, rpb))))
+    for ref, got in zip(*grads):
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+
+
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     backend = "inductor" if CUDA else "aot_eager"

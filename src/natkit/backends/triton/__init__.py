@@ -70,6 +70,8 @@ def can_run(p, query, rpb, requires_grad) -> str | None:
 def na_triton(query, key, value, p, rpb=None, additional_keys=None, additional_values=None):
     """Returns ``(out, lse)`` through the ``natkit::triton_na_fwd`` custom op (differentiable)."""
     from .op import na_fwd_op
+    if rpb is not None:
+        rpb = rpb.contiguous()  # the kernels index the bias table densely (q/k/v pass strides)
     return na_fwd_op(query, key, value, rpb, additional_keys, additional_values,
                      list(p.kernel_size), list(p.dilation), list(p.stride),
                      [bool(c) for c in p.is_causal], float(p.scale))
