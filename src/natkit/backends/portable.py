@@ -49,8 +49,9 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
     kk = keys.shape[1]
 
     q = query.reshape(b, n, hk, g, -1).to(compute)
-    k = key.reshape(b, n, hk, -1)[:, keys.reshape(-1)].view(b, n, kk, hk, -1).to(compute)
-    v = value.reshape(b, n, hk, -1)[:, keys.reshape(-1)].view(b, n, kk, hk, -1).to(compute)
+    # cast before gathering: the gather's backward then sums dK/dV in ``compute`` precision
+    k = key.reshape(b, n, hk, -1).to(compute)[:, keys.reshape(-1)].view(b, n, kk, hk, -1)
+    v = value.reshape(b, n, hk, -1).to(compute)[:, keys.reshape(-1)].view(b, n, kk, hk, -1)
     logits = torch.einsum("bnhgd,bnkhd->bnhgk", q, k) * p.scale
     if rpb is not None:
         bias = rpb.to(compute).reshape(p.heads, -1)[:, rpb_index]            # hq n K
@@ -61,7 +62,8 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
         ek = additional_keys.to(compute)
         logits = torch.cat([logits, torch.einsum("bnhgd,behd->bnhge", q, ek) * p.scale], -1)
     lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.exp(logits - lse[..., None])
+    probs = torch.softmax(logits, dim=-1)  # not exp(logits - lse): that loses the
+    # softmax backward's cancellation when |lse| is large (an lse error of eps * |lse|)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     out = torch.einsum("bnhgk,bnkhd->bnhgd", probs[..., :kk], v)
