@@ -49,6 +49,16 @@ class NAParams:
         return math.prod(self.kernel_size)
 
 
+def is_int(x) -> bool:
+    """An int that is not a bool."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_real(x) -> bool:
+    """A real number (int, float, numpy scalar, ...) that is not a bool."""
+    return isinstance(x, Real) and not isinstance(x, bool)
+
+
 def _tuple(name: str, value, nd: int, kind: type) -> tuple:
     """``value`` as a tuple of ``nd`` entries of ``kind`` (an int or a bool)."""
     if isinstance(value, (int, bool)):
@@ -64,8 +74,7 @@ def _tuple(name: str, value, nd: int, kind: type) -> tuple:
         raise ValueError(f"{name} must have {nd} entries (one per spatial dimension), "
                          f"got {value!r}")
     for item in items:
-        ok = isinstance(item, bool) if kind is bool else (
-            isinstance(item, int) and not isinstance(item, bool))
+        ok = isinstance(item, bool) if kind is bool else is_int(item)
         if not ok:
             raise TypeError(f"{name} entries must be {kind.__name__}s, got {value!r}")
     return items
@@ -151,7 +160,7 @@ def check_inputs(nd: int, query, key, value, kernel_size: IntOrTuple, dilation: 
 
     if scale is None:
         scale = head_dim ** -0.5
-    elif not isinstance(scale, Real) or isinstance(scale, bool):
+    elif not is_real(scale):
         raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
     else:
         # half and single precision inputs compute in float32: the scale must fit there

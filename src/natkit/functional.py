@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._checks import BoolOrTuple, IntOrTuple, check_inputs
+from ._checks import FLOAT_DTYPES, BoolOrTuple, IntOrTuple, check_inputs
 from .backends import choose_backend
 
 
@@ -114,7 +114,7 @@ def merge_attentions(outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tenso
         if not isinstance(o, torch.Tensor) or not isinstance(l, torch.Tensor):
             raise TypeError(f"outputs[{i}] and lses[{i}] must be tensors")
         for name, t in ((f"outputs[{i}]", o), (f"lses[{i}]", l)):
-            if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            if t.dtype not in FLOAT_DTYPES:
                 raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
             if t.device != outputs[0].device:
                 raise ValueError(f"{name} is on {t.device}, outputs[0] on {outputs[0].device}")

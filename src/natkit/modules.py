@@ -7,19 +7,14 @@ Inputs are channels-last ``[batch, *spatial, dim]``.
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import _tuple, check_inputs
+from ._checks import _tuple, check_inputs, is_int, is_real
 from .backends.portable import na_portable
 from .functional import neighborhood_attention
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _pad_spatial(x: torch.Tensor, pads: tuple[int, ...], value: float = 0.0) -> torch.Tensor:
@@ -38,19 +33,18 @@ class _NeighborhoodAttention(nn.Module):
                  qk_scale=None, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         nd = self.ndim
-        if not _is_int(dim) or dim <= 0:
+        if not is_int(dim) or dim <= 0:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if not _is_int(num_heads) or num_heads <= 0 or dim % num_heads:
+        if not is_int(num_heads) or num_heads <= 0 or dim % num_heads:
             raise ValueError(f"num_heads must be a positive int dividing dim={dim}, "
                              f"got {num_heads!r}")
         for name, flag in (("rel_pos_bias", rel_pos_bias), ("qkv_bias", qkv_bias)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
         for name, rate in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
-            if not isinstance(rate, Real) or isinstance(rate, bool) or not 0 <= rate < 1:
+            if not is_real(rate) or not 0 <= rate < 1:
                 raise ValueError(f"{name} must be a probability in [0, 1), got {rate!r}")
-        if qk_scale is not None and (not isinstance(qk_scale, Real) or isinstance(qk_scale, bool)
-                                     or not math.isfinite(qk_scale)):
+        if qk_scale is not None and not (is_real(qk_scale) and math.isfinite(qk_scale)):
             raise ValueError(f"qk_scale must be a finite real number or None, got {qk_scale!r}")
         self.kernel_size = _tuple("kernel_size", kernel_size, nd, int)
         self.dilation = _tuple("dilation", dilation, nd, int)

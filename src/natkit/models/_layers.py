@@ -10,7 +10,6 @@ Feature maps are channels-last ``[batch, height, width, channels]`` between modu
 from __future__ import annotations
 
 import math
-from numbers import Real
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -18,14 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .._checks import is_int, is_real
 from ..modules import NeighborhoodAttention2D
 
 
 # -- argument checks shared by every model family ------------------------------------------
-
-def is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
 
 def check_int(name: str, value, minimum: int = 1) -> int:
     """``value`` if it is an int (not a bool) >= ``minimum``, else a TypeError/ValueError."""
@@ -51,7 +47,7 @@ def check_ints(name: str, value, length: Optional[int] = None, minimum: int = 1)
 def check_real(name: str, value, ok: Callable[[float], bool], what: str) -> float:
     """``value`` if it is a finite real number (not a bool) for which ``ok`` holds, else a
     TypeError/ValueError saying that it must be ``what``."""
-    real = isinstance(value, Real) and not isinstance(value, bool)
+    real = is_real(value)
     if not real or not math.isfinite(value) or not ok(value):
         raise (ValueError if real else TypeError)(f"{name} must be {what}, got {value!r}")
     return value

@@ -45,7 +45,7 @@ def take_indices(num: int, indices, name: str = "indices") -> list[int]:
         raise TypeError(f"{name} must be None, an int or a list of ints, got {indices!r}")
     taken = []
     for i in indices:
-        if not isinstance(i, int) or isinstance(i, bool) or not -num <= i < num:
+        if not is_int(i) or not -num <= i < num:
             raise ValueError(f"{name} must hold ints in [-{num}, {num}), got {indices!r}")
         taken.append(i % num)
     if not taken:

@@ -55,43 +55,48 @@ def _group_lengths(length: int, dilation: int) -> list[int]:
     return [-(-(length - g) // dilation) for g in range(dilation)]
 
 
-def _query_tiles_1d(length, kernel, stride, dilation, causal, bq, bk) -> tuple[int, int, int]:
-    """One dimension, query-tile iteration (forward / dQ): ``(tiles, key tiles, unmasked)``."""
+def _walk_1d(length, kernel, stride, dilation, causal, block, visit) -> tuple[int, int, int]:
+    """One dimension: every dilation group's tiles of ``block`` tokens, each counted by
+    ``visit(start, end, lg, origin) -> (tiles visited, unmasked)``; returns
+    ``(tiles, visits, unmasked)``."""
     tiles = visits = inside = 0
     for lg in _group_lengths(length, dilation):
         start, end = _windows(lg, kernel, stride, causal)
-        for a in range(0, lg, bq):
-            b = min(a + bq, lg) - 1
-            lo, hi = start[a], min(end[b], lg)
-            full_lo, full_hi = start[b], min(end[a], lg)
-            n = -(-(hi - lo) // bk)
+        for origin in range(0, lg, block):
+            n, unmasked = visit(start, end, lg, origin)
             tiles += 1
             visits += n
-            if a + bq <= lg:
-                inside += sum(1 for u in range(n)
-                              if lo + u * bk >= full_lo and lo + (u + 1) * bk <= full_hi)
+            inside += unmasked
     return tiles, visits, inside
+
+
+def _query_tiles_1d(length, kernel, stride, dilation, causal, bq, bk) -> tuple[int, int, int]:
+    """One dimension, query-tile iteration (forward / dQ): ``(tiles, key tiles, unmasked)``."""
+    def visit(start, end, lg, a):
+        b = min(a + bq, lg) - 1
+        lo, hi = start[a], min(end[b], lg)
+        full_lo, full_hi = start[b], min(end[a], lg)
+        n = -(-(hi - lo) // bk)
+        if a + bq > lg:
+            return n, 0
+        return n, sum(1 for u in range(n)
+                      if lo + u * bk >= full_lo and lo + (u + 1) * bk <= full_hi)
+    return _walk_1d(length, kernel, stride, dilation, causal, bq, visit)
 
 
 def _key_tiles_1d(length, kernel, stride, dilation, causal, bq, bk) -> tuple[int, int, int]:
     """One dimension, key-tile iteration (dK/dV): ``(tiles, query tiles, unmasked)``."""
-    tiles = visits = inside = 0
-    for lg in _group_lengths(length, dilation):
-        start, end = _windows(lg, kernel, stride, causal)
-        for c in range(0, lg, bk):
-            e = min(c + bk, lg) - 1
-            # the queries attending any key of [c, e]: end > c and start <= e (both monotone)
-            first = bisect.bisect_right(end, c)
-            last = bisect.bisect_right(start, e)
-            n = max(-(-(last - first) // bq), 0)
-            tiles += 1
-            visits += n
-            if c + bk <= lg:
-                for u in range(n):
-                    a = first + u * bq
-                    if (a + bq <= lg and start[a + bq - 1] <= c and c + bk <= end[a]):
-                        inside += 1
-    return tiles, visits, inside
+    def visit(start, end, lg, c):
+        e = min(c + bk, lg) - 1
+        # the queries attending any key of [c, e]: end > c and start <= e (both monotone)
+        first = bisect.bisect_right(end, c)
+        last = bisect.bisect_right(start, e)
+        n = max(-(-(last - first) // bq), 0)
+        if c + bk > lg:
+            return n, 0
+        return n, sum(1 for a in range(first, first + n * bq, bq)
+                      if a + bq <= lg and start[a + bq - 1] <= c and c + bk <= end[a])
+    return _walk_1d(length, kernel, stride, dilation, causal, bk, visit)
 
 
 def _useful_1d(length, kernel, stride, dilation, causal) -> int:
