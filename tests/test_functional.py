@@ -39,6 +39,33 @@ def test_portable_matches_reference_float64(seed):
     compare(cfg, "torch", torch.float64, atol=1e-10)
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_portable_any_tiling_matches_reference(seed):
+    """The portable backend with random query tiles (1 query up to more than the length,
+    per dimension) and chunks (one tile at a time, or all): tile borders, padded query
+    slots and padded key slots in every feature combination, forward and every gradient,
+    float64."""
+    from natkit._checks import check_inputs
+    from natkit.backends.portable import na_portable
+    rng = random.Random(3000 + seed)
+    cfg = random_config(rng)
+    tiles = [rng.randint(1, n + 2) for n in cfg.spatial]
+    d = make_inputs(cfg)
+    p = check_inputs(len(cfg.spatial), d["query"], d["key"], d["value"], cfg.kernel_size,
+                     cfg.dilation, cfg.stride, cfg.is_causal, d["rpb"], None,
+                     d["additional_keys"], d["additional_values"])
+    args = (d["query"], d["key"], d["value"], p, d["rpb"], d["additional_keys"],
+            d["additional_values"])
+    out, lse = na_portable(*args, tiles=tiles, chunk_elements=rng.choice((1, 1 << 22)))
+    ref, ref_lse = run(cfg, d, "reference")
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=0)
+    g_out, g_lse = torch.randn(out.shape, dtype=torch.float64), torch.randn(lse.shape).double()
+    got, want = grads(out, lse, d, g_out, g_lse), grads(ref, ref_lse, d, g_out, g_lse)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-10, rtol=0, msg=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("seed", range(6))
 def test_portable_half_precision(seed, dtype):
@@ -125,6 +152,23 @@ def test_all_features_at_once_gradcheck():
     names = [n for n, v in inputs.items() if v is not None]
     fn = lambda *t: run(cfg, dict(inputs, **dict(zip(names, t))), "torch")
     assert torch.autograd.gradcheck(fn, [inputs[n] for n in names], atol=1e-8)
+
+
+def test_portable_double_backward_gradgradcheck():
+    """The README promises double backward (``create_graph=True``) on the torch backend:
+    RPB + extra KV + GQA + dilation + stride + causal, second derivatives by gradgradcheck."""
+    from sweep import Config
+    cfg = Config((5, 4), (3, 2), (1, 2), (2, 1), (False, True), 1, 2, 1, 3, False, 2)
+    inputs = make_inputs(cfg)
+    inputs["rpb"] = None
+    names = [n for n, v in inputs.items() if v is not None]
+    fn = lambda *t: run(cfg, dict(inputs, **dict(zip(names, t))), "torch")
+    assert torch.autograd.gradgradcheck(fn, [inputs[n] for n in names], atol=1e-7)
+    cfg = Config((6,), (3,), (1,), (1,), (False,), 1, 2, 2, 2, True, 0)
+    inputs = make_inputs(cfg)
+    names = [n for n, v in inputs.items() if v is not None]
+    fn = lambda *t: run(cfg, dict(inputs, **dict(zip(names, t))), "torch")
+    assert torch.autograd.gradgradcheck(fn, [inputs[n] for n in names], atol=1e-7)
 
 
 def test_merge_attentions_is_exact():

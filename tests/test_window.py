@@ -8,7 +8,7 @@ import torch
 
 from natkit._checks import check_inputs
 from natkit.backends.reference import dense_mask
-from natkit.backends.portable import neighbor_table
+from natkit.backends.portable import tile_tables
 
 
 def spec_keys_1d(i, length, k, s, d, causal):
@@ -66,17 +66,42 @@ def test_reference_mask_matches_spec(seed):
     assert torch.equal(dense_mask(p), brute_force_mask(*case)), case
 
 
-@pytest.mark.parametrize("seed", range(40, 60))
-def test_neighbor_table_matches_reference_mask(seed):
-    case = random_case(random.Random(seed))
+@pytest.mark.parametrize("seed", range(40, 70))
+def test_tile_tables_cover_the_reference_mask(seed):
+    """The portable backend's tiling, expanded back to pairs: every attended (query, key)
+    pair exactly once per query row, nothing else, and the RPB index of each pair."""
+    rng = random.Random(seed)
+    case = random_case(rng)
     p = params(*case)
-    keys, valid, _ = neighbor_table(p, "cpu")
-    table = torch.zeros(p.num_tokens, p.num_tokens, dtype=torch.bool)
-    rows = torch.arange(p.num_tokens)[:, None].expand_as(keys)
-    table[rows[valid], keys[valid]] = True
-    assert torch.equal(table, dense_mask(p))
-    # every valid slot is a distinct key
-    assert int(valid.sum()) == int(dense_mask(p).sum())
+    tiles = [rng.randint(1, n + 1) for n in p.spatial]  # beyond the length: clamped
+    tables = tile_tables(p, "cpu", tiles)
+    want = dense_mask(p)
+    got = torch.zeros_like(want)
+    covered = torch.zeros(p.num_tokens, dtype=torch.bool)
+    strides = [1] * p.ndim
+    for i in reversed(range(p.ndim - 1)):
+        strides[i] = strides[i + 1] * p.spatial[i + 1]
+    for combo in itertools.product(*(range(t.queries.shape[0]) for t in tables)):
+        rows = [t.queries[c] for t, c in zip(tables, combo)]
+        cols = [t.keys[c] for t, c in zip(tables, combo)]
+        masks = [t.mask[c] for t, c in zip(tables, combo)]
+        rels = [t.rel[c] for t, c in zip(tables, combo)]
+        for qs in itertools.product(*(range(len(r)) for r in rows)):
+            query = sum(int(r[x]) * st for r, x, st in zip(rows, qs, strides))
+            covered[query] = True
+            row = torch.zeros(p.num_tokens, dtype=torch.long)
+            for ks in itertools.product(*(range(len(c)) for c in cols)):
+                if all(bool(m[x, y]) for m, x, y in zip(masks, qs, ks)):
+                    key = sum(int(c[y]) * st for c, y, st in zip(cols, ks, strides))
+                    row[key] += 1
+                    # RPB index: (j' - i') + k - 1 per dimension
+                    for dim, (r, c, x, y) in enumerate(zip(rows, cols, qs, ks)):
+                        d, k = p.dilation[dim], p.kernel_size[dim]
+                        assert int(rels[dim][x, y]) == int(c[y]) // d - int(r[x]) // d + k - 1
+            assert row.max() <= 1, "a key counted twice in one query row"
+            assert torch.equal(row.bool(), want[query]), (case, tiles, query)
+            got[query] = row.bool()
+    assert covered.all() and torch.equal(got, want)
 
 
 def test_special_cases():

@@ -1,75 +1,231 @@
 """Portable neighborhood attention in plain PyTorch ops (backend name ``"torch"``).
 
-Runs on any device and differentiates through autograd. Each query gathers its
-``K = prod(kernel_size)`` keys and values, so memory is ``O(N * K * head_dim)``: no
-``N x N`` tensor. Half-precision inputs are computed in float32.
+Runs on any device and differentiates through autograd (double backward included).
+Queries are cut into tiles (per dimension ``T`` consecutive queries of one dilation
+group); a tile attends the ``W`` keys its windows span (per dimension ``W <= T + k - 1``)
+through two batched matrix products and a mask, the tile-local form of NA that dense
+hardware runs well. Memory is ``O(N * W^d)`` scores and ``O(N / T^d * W^d * head_dim)``
+gathered keys: no ``N x N`` tensor and no ``N x K x head_dim`` gather. Half-precision
+inputs are computed in float32.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .._checks import NAParams
-from .._window import neighbor_table_1d
+from .._window import window_1d
 
 
-def neighbor_table(p: NAParams, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flattened per-query key slots: ``(keys[N, K], valid[N, K], rpb_index[N, K])``.
+@dataclass(frozen=True)
+class TileTable:
+    """One dimension's tiling. ``n`` tiles of ``T`` query slots and ``W`` key slots.
 
-    ``rpb_index`` indexes the flattened ``[prod(2k-1)]`` bias table.
+    ``queries[n, T]`` and ``keys[n, W]`` are token coordinates (padded slots repeat a
+    real token: a padded query computes a real query's row again, a padded key is
+    masked), ``mask[n, T, W]`` says which slots attend each other and ``rel[n, T, W]``
+    is the bias-table index ``j' - i' + k - 1`` (clamped into the table where masked).
     """
-    def outer(a, b, op):
-        """Combines ``a: [Q..., K...]`` with ``b: [L, k]`` into ``[Q..., L, K..., k]``."""
-        nq = a.dim() // 2
-        a = a.reshape(*a.shape[:nq], 1, *a.shape[nq:], 1)
-        return op(a, b.reshape(*([1] * nq), b.shape[0], *([1] * nq), b.shape[1]))
 
-    keys = valid = rpb = torch.zeros((), dtype=torch.long, device=device)
-    valid = valid == 0
-    for length, k, s, d, c in zip(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal):
-        kd, vd, rd = neighbor_table_1d(length, k, s, d, c, device)
-        keys = outer(keys, kd, lambda a, b: a * length + b)
-        valid = outer(valid, vd, torch.logical_and)
-        rpb = outer(rpb, rd, lambda a, b: a * (2 * k - 1) + b)
-    n, kk = p.num_tokens, p.keys_per_query
-    return keys.reshape(n, kk), valid.reshape(n, kk), rpb.reshape(n, kk)
+    queries: torch.Tensor
+    keys: torch.Tensor
+    mask: torch.Tensor
+    rel: torch.Tensor
+
+
+# Score elements computed at once (4 MiB of float32). Besides bounding the memory of a
+# forward without autograd, buffers this small come from the CPU allocator's reused
+# heap instead of fresh pages faulted in on every call (about 2x at NAT-Tiny stage 1).
+CHUNK_ELEMENTS = 1 << 20
+
+
+def tile_size(kernel: int, ndim: int, length: int) -> int:
+    """Queries per tile along a dimension of ``length`` (a dilation group's): about
+    half a window, at least enough rows for a matrix product worth running (1-D 32,
+    2-D 8 by 8, 3-D 4 by 4 by 4; at most 16 by 16 in 2-D), spread evenly over the
+    tiles the length needs, so that the last tile is not mostly padding."""
+    half = (kernel + 1) // 2
+    target = {1: max(32, half), 2: min(16, max(8, half)), 3: 4}[ndim]
+    count = -(-length // target)
+    return -(-length // count)
+
+
+def tile_table_1d(length: int, kernel: int, stride: int, dilation: int, causal: bool,
+                  tile: int, device=None) -> TileTable:
+    """The tiling of one dimension: each dilation group cut into tiles of ``tile``
+    consecutive queries; a tile's key box starts at its first query's window start
+    (windows only move forward) and is as wide as the widest tile needs."""
+    first, count, pos = window_1d(length, kernel, stride, dilation, causal, device)
+    group = torch.arange(length, device=device) % dilation
+    start = (first - group) // dilation          # in group coordinates, non-decreasing
+    end = start + count                          # in each group, as is ``end``
+    per_group = []
+    for group_id in range(min(dilation, length)):
+        members = torch.arange(group_id, length, dilation, device=device)  # group slot -> token
+        size = members.numel()
+        slot = torch.arange(-(-size // tile) * tile, device=device).clamp_max(size - 1)
+        slot = slot.view(-1, tile)               # [tiles, T] group slots, last one repeated
+        lo, hi = start[members][slot[:, 0]], end[members][slot[:, -1]]
+        per_group.append((members, size, slot, lo, hi))
+    width = max(int((hi - lo).max()) for *_, lo, hi in per_group)
+    queries, keys, mask, rel = [], [], [], []
+    for members, size, slot, lo, hi in per_group:
+        w = min(width, size)
+        lo = torch.minimum(lo, torch.full_like(lo, size - w))  # keep the key box inside
+        key_slot = lo[:, None] + torch.arange(width, device=device)    # [tiles, W]
+        inside = key_slot < size
+        key_slot = key_slot.clamp_max(size - 1)
+        q_start, q_end = start[members][slot], end[members][slot]     # [tiles, T]
+        ks = key_slot[:, None, :]
+        mask.append(inside[:, None, :] & (ks >= q_start[..., None]) & (ks < q_end[..., None]))
+        rel.append((ks - pos[members][slot][..., None] + kernel - 1).clamp(0, 2 * kernel - 2))
+        queries.append(members[slot])
+        keys.append(members[key_slot])
+    return TileTable(torch.cat(queries), torch.cat(keys), torch.cat(mask), torch.cat(rel))
+
+
+def tile_tables(p: NAParams, device=None, tiles=None) -> list[TileTable]:
+    """Every dimension's tiling; ``tiles`` overrides the queries per tile (clamped)."""
+    dims = list(zip(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal))
+    if tiles is None:
+        tiles = [tile_size(k, p.ndim, -(-n // d)) for n, k, _, d, _ in dims]
+    return [tile_table_1d(n, k, s, d, c, min(t, n), device)
+            for (n, k, s, d, c), t in zip(dims, tiles)]
+
+
+def _spread(t: torch.Tensor, slots: list[int], ndim: int) -> torch.Tensor:
+    """Places the axes of ``t`` at positions ``slots`` of a ``ndim``-axis broadcast shape."""
+    shape = [1] * ndim
+    for axis, slot in enumerate(slots):
+        shape[slot] = t.shape[axis]
+    return t.reshape(shape)
+
+
+def _combine(tables: list[TileTable], field: str, slot_axes: int, prep, fn, init):
+    """Outer combination over dimensions of a per-dimension ``[n, slots...]`` field into
+    ``[n_0, ..., n_{d-1}, slots_0..., slots_1..., ...]`` (slot axes grouped by kind):
+    ``fn(... fn(init, prep(0, field_0)) ..., prep(d - 1, field_{d-1}))`` broadcast."""
+    nd = len(tables)
+    total = nd * (1 + slot_axes)
+    out = init
+    for i, table in enumerate(tables):
+        slots = [i] + [nd * (1 + a) + i for a in range(slot_axes)]
+        out = fn(out, _spread(prep(i, getattr(table, field)), slots, total))
+    return out
+
+
+def _heads_first(x: torch.Tensor, tokens: int, heads: int, dtype) -> torch.Tensor:
+    """``[b, *spatial, heads, ...]`` as a contiguous ``[b, heads, tokens, rest]`` in ``dtype``."""
+    return x.reshape(x.shape[0], tokens, heads, -1).transpose(1, 2).contiguous().to(dtype)
 
 
 def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
-                additional_values=None, dropout_p: float = 0.0):
-    """Returns ``(out, lse)``; ``dropout_p`` drops attention probabilities (modules only)."""
+                additional_values=None, dropout_p: float = 0.0, tiles=None,
+                chunk_elements: int = CHUNK_ELEMENTS):
+    """Returns ``(out, lse)``; ``dropout_p`` drops attention probabilities (modules only).
+
+    ``tiles`` overrides the per-dimension query tile and ``chunk_elements`` the score
+    elements computed at once (tests).
+    """
     dtype = query.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    b, n, hk = p.batch, p.num_tokens, p.kv_heads
+    b, n, nd, hk, dev = p.batch, p.num_tokens, p.ndim, p.kv_heads, query.device
     g = p.heads // hk
-    keys, valid, rpb_index = neighbor_table(p, query.device)
-    kk = keys.shape[1]
+    tables = tile_tables(p, dev, tiles)
+    n_tiles = math.prod(t.queries.shape[0] for t in tables)
+    tq = math.prod(t.queries.shape[1] for t in tables)
+    tw = math.prod(t.keys.shape[1] for t in tables)
+    long_zero = torch.zeros((), dtype=torch.long, device=dev)
 
-    q = query.reshape(b, n, hk, g, -1).to(compute)
-    # cast before gathering: the gather's backward then sums dK/dV in ``compute`` precision
-    k = key.reshape(b, n, hk, -1).to(compute)[:, keys.reshape(-1)].view(b, n, kk, hk, -1)
-    v = value.reshape(b, n, hk, -1).to(compute)[:, keys.reshape(-1)].view(b, n, kk, hk, -1)
-    logits = torch.einsum("bnhgd,bnkhd->bnhgk", q, k) * p.scale
+    def flat(field, sizes):  # the per-dimension indices of ``field`` as one row-major index
+        steps = [math.prod(sizes[i + 1:]) for i in range(nd)]
+        return _combine(tables, field, 1 if field != "rel" else 2,
+                        lambda i, x: x * steps[i], torch.add, long_zero).view(n_tiles, -1)
+
+    q_index, k_index = flat("queries", p.spatial), flat("keys", p.spatial)
+    # additive bias [hk, tile, Tq, g, W]: the mask (0 or -inf), plus the RPB
+    bias = _combine(tables, "mask", 2,
+                    lambda i, m: torch.zeros(m.shape, dtype=compute, device=dev)
+                    .masked_fill_(~m, -math.inf),
+                    torch.add, torch.zeros((), dtype=compute, device=dev))
+    bias = bias.view(1, n_tiles, tq, 1, tw)
     if rpb is not None:
-        bias = rpb.to(compute).reshape(p.heads, -1)[:, rpb_index]            # hq n K
-        logits = logits + bias.view(hk, g, n, kk).permute(2, 0, 1, 3)
-    if any(p.is_causal):  # only causal windows have empty slots
-        logits = logits.masked_fill(~valid.view(n, 1, 1, kk), -math.inf)
+        rel = flat("rel", [2 * k - 1 for k in p.kernel_size]).flatten()
+        table = rpb.to(compute).reshape(hk, g, -1).index_select(2, rel)
+        bias = bias + table.view(hk, g, n_tiles, tq, tw).permute(0, 2, 3, 1, 4)
+
+    # [b, kv_head, token, rest]; the query's rest is its ``g`` heads' vectors. Cast
+    # before gathering: the gathers' backward then sums in ``compute`` precision.
+    q = _heads_first(query, n, hk, compute) * p.scale
+    k = _heads_first(key, n, hk, compute)
+    v = _heads_first(value, n, hk, compute)
+    extra = None
     if additional_keys is not None:
-        ek = additional_keys.to(compute)
-        logits = torch.cat([logits, torch.einsum("bnhgd,behd->bnhge", q, ek) * p.scale], -1)
-    lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.softmax(logits, dim=-1)  # not exp(logits - lse): that loses the
-    # softmax backward's cancellation when |lse| is large (an lse error of eps * |lse|)
+        extra = (additional_keys.to(compute).permute(0, 2, 3, 1),             # b hk d E
+                 additional_values.to(compute).transpose(1, 2))                # b hk E dv
+    # Tiles in chunks, so that no score tensor grows past ``chunk_elements``.
+    step = max(1, chunk_elements // (b * p.heads * tq * tw))
+    outs, lses = [], []
+    for lo in range(0, n_tiles, step):
+        hi = min(lo + step, n_tiles)
+        o, s = _attend(q.index_select(2, q_index[lo:hi].flatten()),
+                       k.index_select(2, k_index[lo:hi].flatten()),
+                       v.index_select(2, k_index[lo:hi].flatten()),
+                       bias[:, lo:hi], extra, hi - lo, g, dropout_p)
+        outs.append(o)
+        lses.append(s)
+    out, lse = (torch.cat(x, 2) if len(x) > 1 else x[0] for x in (outs, lses))
+    # back to token order: each token's first slot among the (repeated) query slots
+    slots = torch.arange(n_tiles * tq, device=dev)
+    home = torch.full((n,), n_tiles * tq, dtype=torch.long, device=dev)
+    home = home.scatter_reduce(0, q_index.flatten(), slots, "amin")
+    out = out.index_select(2, home).transpose(1, 2).reshape(*query.shape[:-1], -1).to(dtype)
+    lse = lse.index_select(2, home).transpose(1, 2).reshape(query.shape[:-1])
+    return out, lse if lse.dtype == torch.float64 else lse.float()
+
+
+def _attend(q, k, v, bias, extra, n_tiles: int, g: int, dropout_p: float):
+    """Attention of ``n_tiles`` query tiles to their key boxes (and the extra tokens).
+
+    ``q: [b, hk, tiles * Tq, g * d]``, ``k, v: [b, hk, tiles * W, d]``, ``bias``
+    broadcasts to ``[hk, tiles, Tq, g, W]``; returns ``out: [b, hk, tiles * Tq, g, dv]``
+    and ``lse: [b, hk, tiles * Tq, g]``.
+    """
+    b, hk = q.shape[:2]
+    tw = bias.shape[-1]
+    q = q.view(b, hk, n_tiles, -1, q.shape[-1] // g)                   # b hk t Tq*g d
+    k = k.view(b, hk, n_tiles, tw, -1)
+    v = v.view(b, hk, n_tiles, tw, -1)
+    # In-place steps on the product itself (never on a view of it: autograd would copy).
+    bias = bias.expand(bias.shape[0], n_tiles, bias.shape[2], g, tw).reshape(
+        bias.shape[0], n_tiles, -1, tw)
+    logits = (q @ k.transpose(-1, -2)).add_(bias)                      # b hk t Tq*g W
+    extra_logits = None
+    if extra is not None:  # every query attends all E extra tokens
+        extra_logits = (q.flatten(2, 3) @ extra[0]).view(*logits.shape[:-1], -1)
+    # Softmax by hand, so that the log-sum-exp comes from the same passes. The shift is
+    # a constant (detached): neither result depends on it.
+    shift = logits.detach().amax(-1, keepdim=True)
+    if extra is not None:
+        shift = torch.maximum(shift, extra_logits.detach().amax(-1, keepdim=True))
+    logits = logits.sub_(shift).exp_()
+    total = logits.sum(-1, keepdim=True)
+    if extra is not None:
+        extra_logits = (extra_logits - shift).exp_()
+        total = total + extra_logits.sum(-1, keepdim=True)
+    lse = shift + total.log()
+    inverse = total.reciprocal()  # products backpropagate in fewer passes than quotients
+    probs = logits * inverse
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
-    out = torch.einsum("bnhgk,bnkhd->bnhgd", probs[..., :kk], v)
-    if additional_values is not None:
-        out = out + torch.einsum("bnhge,behd->bnhgd", probs[..., kk:],
-                                 additional_values.to(compute))
-    out = out.reshape(*query.shape[:-1], -1).to(dtype)
-    lse = lse.reshape(query.shape[:-1])
-    return out, lse if lse.dtype == torch.float64 else lse.float()
+    out = probs @ v                                                      # b hk t Tq*g dv
+    if extra is not None:
+        probs = extra_logits * inverse
+        if dropout_p > 0:
+            probs = F.dropout(probs, dropout_p)
+        out = out + (probs.flatten(2, 3) @ extra[1]).view(out.shape)
+    return out.view(b, hk, -1, g, out.shape[-1]), lse.view(b, hk, -1, g)
