@@ -251,3 +251,180 @@ def test_bad_inputs_fail_clearly_and_touch_no_checkpoint(run2, tmp_path, capsys)
 
     assert {f: _digest(os.path.join(run, f)) for f in os.listdir(run)} == before
     assert not os.path.exists(tmp_path / "new" / "last.pt")
+
+
+# ----------------------------------------------------------------------------- adversarial inputs
+
+def _png(path, size=8, mode="L", seed=0):
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    chans = 1 if mode == "L" else 3
+    arr = (torch.rand(size, size, chans, generator=g) * 255).to(torch.uint8).squeeze(-1)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(arr.numpy()).save(path)
+
+
+@pytest.fixture(scope="module")
+def ten_classes(tmp_path_factory):
+    """{train,val}/<0..9>/0.png: one 8x8 grayscale image per digit class."""
+    root = tmp_path_factory.mktemp("ten")
+    for split in ("train", "val"):
+        for c in range(10):
+            _png(str(root / split / str(c) / "0.png"), seed=c)
+    return root
+
+
+def test_bad_option_values_fail_clearly(run2, ten_classes, tmp_path, capsys):
+    best = os.path.join(run2, "best.pt")
+    img = str(ten_classes / "val" / "0" / "0.png")
+    new = str(tmp_path / "new")
+    for i, (argv, needle) in enumerate([
+        (["train", "--device", "foo"], "--device 'foo'"),
+        (["train", "--device", "meta"], "--device 'meta'"),
+        (["train", "--device", "xpu"], "--device 'xpu' is not available on this machine"),
+        (["predict", best, img, "--device", "foo"], "--device 'foo'"),
+        (["train", "--workers", "-1"], "--workers must be >= 0, got -1"),
+        (["train", "--img-size", "0", "--data", str(ten_classes), "--batch-size", "2"],
+         "--img-size must be >= 1, got 0"),
+        (["train", "--seed", "-1"], "--seed must be in"),
+        (["train", "--seed", "9" * 400], "--seed must be in"),
+        (["train", "--hflip", "2"], "--hflip must be in [0, 1], got 2.0"),
+        (["train", "--hflip", "nan"], "--hflip must be in [0, 1], got nan"),
+        (["train", "--label-smoothing", "2"], "--label-smoothing must be in"),
+        (["train", "--drop-path", "-1"], "--drop-path must be in [0, 1)"),
+        (["train", "--min-lr", "1"], "--min-lr 1.0 is above the peak --lr"),
+        (["eval", best, "--workers", "-1"], "--workers must be >= 0"),
+        (["predict", best, img, "--img-size", "64"], "--img-size applies to official"),
+        (["predict", best, str(ten_classes)], "is not a file"),
+        (["bench", "--shape", "1x8", "--kernel", "3", "--heads", "0", "--out", new],
+         "--heads must be >= 1, got 0"),
+        (["bench", "--shape", "1x8", "--kernel", "3", "--head-dim", "0", "--out", new],
+         "--head-dim must be >= 1, got 0"),
+        (["bench", "--shape", "1x8", "--kernel", "3", "--reps", "0", "--out", new],
+         "--reps must be >= 1, got 0"),
+        (["bench", "--preset", "tiny", "--batch", "0", "--out", new],
+         "--batch must be >= 1, got 0"),
+        (["bench", "--shape", "", "--reps", "1", "--mode", "fwd", "--out", new],
+         "--shape must look like"),
+        (["bench", "--shape", "1x8", "--kernel", "3", "--contenders", "nonsense", "--reps",
+          "1", "--out", new], "unknown contender(s) ['nonsense']"),
+        (["bench", "--models", "--model-names", "no_such_model", "--out", new],
+         "unknown model(s) ['no_such_model']"),
+        (["bench", "--models", "--model-names", "nat_micro", "--img-size", "0", "--out", new],
+         "--img-size must be >= 1, got 0"),
+    ]):
+        if argv[0] == "train":  # each its own output folder, a short run if it starts
+            argv = argv + ["--epochs", "1", "--output", f"{new}{i}"]
+        _bad(capsys, argv, needle)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("new")]
+
+
+def test_official_checkpoint_bad_preprocessing_values(run2, ten_classes, tmp_path, capsys):
+    official = str(tmp_path / "official.pth")
+    torch.save({"model": torch.load(os.path.join(run2, "best.pt"), weights_only=True)["model"]},
+               official)
+    base = ["eval", official, "--model", "nat_micro", "--data", str(ten_classes), "--workers",
+            "0", "--no-progress"]
+    for crop in ("0", "-1", "nan", "5"):  # 5: silently padded the crop with black
+        _bad(capsys, base + ["--crop-pct", crop], "--crop-pct must be in (0, 1]")
+    for size in ("0", "-3"):  # 0: silently used the default size
+        _bad(capsys, base + ["--img-size", size], f"--img-size must be >= 1, got {size}")
+        _bad(capsys, ["predict", official, str(ten_classes / "val" / "1" / "0.png"), "--model",
+                      "nat_micro", "--img-size", size], f"--img-size must be >= 1, got {size}")
+    assert main(base + ["--crop-pct", "1"]) == 0
+
+
+def test_bad_output_paths_fail_before_the_work(run2, ten_classes, tmp_path, capsys):
+    best = os.path.join(run2, "best.pt")
+    img = str(ten_classes / "val" / "0" / "0.png")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    _bad(capsys, ["train", "--output", str(a_file)], "is a file, not a folder")
+    _bad(capsys, ["train", "--output", str(a_file / "run")], "is not an existing folder")
+    _bad(capsys, ["eval", best, "--json", str(folder)], "is a folder, not a file")
+    _bad(capsys, ["eval", best, "--json", str(tmp_path / "no" / "r.json")],
+         "is not an existing folder")
+    _bad(capsys, ["predict", best, img, "--json", str(folder)], "is a folder, not a file")
+    ckpt = str(tmp_path / "best.pt")  # --json naming an input overwrote it
+    shutil.copy(best, ckpt)
+    before = _digest(ckpt)
+    _bad(capsys, ["eval", ckpt, "--json", ckpt], "would overwrite the input")
+    _bad(capsys, ["predict", ckpt, img, "--json", ckpt], "would overwrite the input")
+    assert _digest(ckpt) == before
+    _bad(capsys, ["bench", "--shape", "1x8", "--kernel", "3", "--reps", "1", "--out",
+                  str(a_file)], "is a file, not a folder")
+    _bad(capsys, ["export-digits", str(a_file)], "is a file, not a folder")
+    _bad(capsys, ["export-digits", ""], "must not be empty")  # wrote into the cwd
+    assert a_file.read_text() == "x" and os.listdir(folder) == []
+
+
+def test_predict_class_names_file_is_checked(run2, ten_classes, tmp_path, capsys):
+    best = os.path.join(run2, "best.pt")
+    img = str(ten_classes / "val" / "0" / "0.png")
+    names = {"keys.json": '{"a": "x"}', "scalar.json": "5",
+             "gap.json": json.dumps({str(i if i < 9 else 10): f"d{i}" for i in range(10)})}
+    for name, text in names.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
+    _bad(capsys, ["predict", best, img, "--classes", str(tmp_path / "keys.json")],
+         "must be the class indices 0..0")
+    _bad(capsys, ["predict", best, img, "--classes", str(tmp_path / "scalar.json")],
+         "must hold a JSON list of names")
+    # keys 0..8 and 10: index 9 silently got the name of class 10
+    _bad(capsys, ["predict", best, img, "--classes", str(tmp_path / "gap.json")],
+         "must be the class indices 0..9")
+    _bad(capsys, ["predict", best, img, "--classes", str(tmp_path / "bin.txt")], "UTF-8")
+    (tmp_path / "ok.json").write_text(json.dumps({str(i): f"d{i}" for i in range(10)}))
+    assert main(["predict", best, img, "--classes", str(tmp_path / "ok.json")]) == 0
+
+
+def test_damaged_natkit_checkpoints_fail_clearly(run2, tmp_path, capsys):
+    ck = torch.load(os.path.join(run2, "best.pt"), weights_only=True)
+    tag = str(tmp_path / "tag.pt")
+    torch.save({**ck, "natkit_checkpoint": "x"}, tag)
+    _bad(capsys, ["eval", tag], "invalid format version 'x'")
+    kwargs = str(tmp_path / "kwargs.pt")
+    torch.save({**ck, "model_kwargs": {**ck["model_kwargs"], "bogus": 1}}, kwargs)
+    _bad(capsys, ["eval", kwargs], "cannot build model 'nat_micro'")
+    classes = str(tmp_path / "classes.pt")
+    torch.save({**ck, "classes": 7}, classes)
+    _bad(capsys, ["eval", classes], "['classes'] have the wrong type")
+
+
+def test_image_folder_symlink_loop_counts_once(run2, ten_classes, tmp_path):
+    loop = tmp_path / "loop"
+    shutil.copytree(ten_classes, loop)
+    os.symlink(".", loop / "val" / "0" / "again")  # was followed 40 times: 41 copies
+    res = str(tmp_path / "r.json")
+    assert main(["eval", os.path.join(run2, "best.pt"), "--data", str(loop), "--workers", "0",
+                 "--no-progress", "--json", res]) == 0
+    with open(res) as f:
+        assert json.load(f)["count"] == 10
+
+
+def test_decompression_bomb_images_fail_clearly(run2, ten_classes, tmp_path, capsys,
+                                                monkeypatch):
+    best = os.path.join(run2, "best.pt")
+    from PIL import Image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)  # 8x8 > 2 * 16: a "bomb"
+    _bad(capsys, ["predict", best, str(ten_classes / "val" / "0" / "0.png")],
+         "decompression bomb")
+    _bad(capsys, ["eval", best, "--data", str(ten_classes), "--workers", "0",
+                  "--no-progress"], "decompression bomb")
+    _bad(capsys, ["train", "--data", str(ten_classes), "--output", str(tmp_path / "new")],
+         "decompression bomb")
+
+
+def test_huge_warmup_is_all_warmup(tmp_path):
+    root = tmp_path / "two"
+    for split, n in (("train", 4), ("val", 2)):
+        for c in ("a", "b"):
+            for i in range(n):
+                _png(str(root / split / c / f"{i}.png"), mode="RGB", seed=i)
+    out = str(tmp_path / "run")
+    assert main(["train", "--data", str(root), "--epochs", "1", "--batch-size", "4",
+                 "--workers", "0", "--warmup-epochs", "1e308", "--output", out,
+                 "--no-progress"]) == 0
+    assert _metrics(out)[0]["epoch"] == 1

@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
 
     def _export(args):
+        from .common import check_writable, make_folder
+        check_writable(args.out, "OUT", folder=True)
+        make_folder(args.out, "OUT")
         counts = export_digits(args.out)
         print(f"wrote {counts['train']} train and {counts['val']} val images to {args.out}")
         return 0

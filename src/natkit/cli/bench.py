@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .common import CLIError, info
+from .common import CLIError, check_writable, info, list_models, make_folder
 from .distributed import resolve_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,12 +87,38 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    for option, value in (("--heads", args.heads), ("--head-dim", args.head_dim),
+                          ("--reps", args.reps), ("--batch", args.batch),
+                          ("--img-size", args.img_size)):
+        if value is not None and value < 1:
+            raise CLIError(f"{option} must be >= 1, got {value}")
+    if args.shape is not None and args.preset:
+        raise CLIError("give either --preset or --shape, not both")
+    if args.models:
+        known = list_models()
+        bad = [n for n in args.model_names if not n.startswith("timm:") and n not in known]
+        if bad:
+            raise CLIError(f"--model-names: unknown model(s) {bad}; available models: "
+                           f"{', '.join(known)}")
+    elif args.contenders:
+        from natkit.backends import backends
+        from natkit.bench.runner import BASELINE
+        known = [f"natkit-{n}" for n in backends() if n != "reference"]
+        known += [BASELINE, "full", "flex-na"]
+        bad = [c for c in args.contenders if c not in known]
+        if bad:
+            raise CLIError(f"--contenders: unknown contender(s) {bad}; choose from "
+                           f"{', '.join(known)}")
+    check_writable(args.out, "--out", folder=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from natkit.bench import runner
+    _check_args(args)
     device = resolve_device(args.device).type
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device == "cuda"
                                                     else torch.float32)
-    os.makedirs(args.out, exist_ok=True)
     if args.models:
         from natkit.bench.models import SWIN_T, format_table, run_models, write_csv
         batch = args.batch or (128 if device == "cuda" else 8)
@@ -100,13 +126,12 @@ def run(args: argparse.Namespace) -> int:
         rows = run_models([*args.model_names, SWIN_T], device, batch, args.img_size,
                           steps=args.reps, warmup=max(1, args.reps // 3), dtype=amp)
         print(format_table(rows))
+        make_folder(args.out, "--out")
         path = os.path.join(args.out, "bench_models.csv")
         write_csv(rows, path)
         info(f"wrote {path}")
         return 0
-    if args.shape:
-        if args.preset:
-            raise CLIError("give either --preset or --shape, not both")
+    if args.shape is not None:
         cases = [custom_case(args)]
     else:
         try:
@@ -134,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
              f"{torch.__version__}")
     info(title)
     info(runner.format_table(results))
+    make_folder(args.out, "--out")
     csv_path, png_path = os.path.join(args.out, "bench.csv"), os.path.join(args.out, "bench.png")
     runner.write_csv(results, csv_path, {"device": label, "dtype": str(dtype),
                                          "torch": torch.__version__})

@@ -82,6 +82,9 @@ def load_natkit(path: str, model: Optional[str] = None, training: bool = False) 
         raise CheckpointError(f"{path!r} is not a natkit checkpoint (an official NAT/DiNAT "
                               f"checkpoint needs --model NAME with natkit eval/predict; "
                               f"it cannot be resumed)")
+    if not isinstance(ckpt[TAG], int) or isinstance(ckpt[TAG], bool):
+        raise CheckpointError(f"checkpoint {path!r} has an invalid format version "
+                              f"{ckpt[TAG]!r} (not written by natkit)")
     if ckpt[TAG] > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path!r} has format version {ckpt[TAG]}, newer than "
                               f"this natkit ({FORMAT_VERSION}); upgrade natkit")
@@ -92,6 +95,11 @@ def load_natkit(path: str, model: Optional[str] = None, training: bool = False) 
     if missing:
         raise CheckpointError(f"checkpoint {path!r} lacks {missing}"
                               + (" (not a training checkpoint: cannot resume)" if training else ""))
+    kinds = {"model_name": str, "model_kwargs": dict, "model": dict, "classes": list,
+             "preprocess": dict}
+    wrong = [k for k, kind in kinds.items() if not isinstance(ckpt[k], kind)]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path!r} is damaged: {wrong} have the wrong type")
     if model is not None and ckpt["model_name"] != model:
         raise CheckpointError(f"checkpoint {path!r} is for model {ckpt['model_name']!r}, "
                               f"not {model!r}")

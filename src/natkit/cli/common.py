@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import sys
 from typing import Optional
 
@@ -25,7 +28,10 @@ def build_model(name: str, pretrained: Optional[str] = None, **kwargs) -> torch.
         raise CLIError(f"unknown model {name!r}; available models: {', '.join(names)}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if pretrained is None:
-        return models.create_model(name, **kwargs)
+        try:
+            return models.create_model(name, **kwargs)
+        except (TypeError, ValueError) as err:  # e.g. bad model_kwargs in a checkpoint
+            raise CLIError(f"cannot build model {name!r} with {kwargs}: {err}") from None
     try:
         return models.create_model(name, pretrained=pretrained, **kwargs)
     except (RuntimeError, KeyError, ValueError) as err:
@@ -33,6 +39,61 @@ def build_model(name: str, pretrained: Optional[str] = None, **kwargs) -> torch.
         detail = "; ".join(lines[:3])[:400]
         raise CLIError(f"checkpoint {pretrained!r} does not load into model {name!r}: "
                        f"{detail}") from None
+
+
+def check_number(value, option: str, low=None, high=None, high_open: bool = False,
+                 allow_none: bool = True) -> None:
+    """``value`` (an option's value) must be a finite number in ``[low, high]`` (``[low,
+    high)`` with ``high_open``); None passes when ``allow_none``."""
+    if value is None and allow_none:
+        return
+    ok = (value is not None and (isinstance(value, int) or math.isfinite(value))
+          and (low is None or value >= low)
+          and (high is None or (value < high if high_open else value <= high)))
+    if not ok:
+        rng = (f"in [{low}, {high}{')' if high_open else ']'}" if high is not None
+               else f">= {low}" if low is not None else "finite")
+        raise CLIError(f"{option} must be {rng}, got {value}")
+
+
+def check_writable(path: str, option: str, folder: bool, inputs=()) -> None:
+    """Fails early, before any long work, when the output ``path`` cannot be created: an
+    existing entry of the wrong kind, one of the command's ``inputs`` (it would be
+    overwritten), or (files) a parent that is not an existing folder, or (folders) an
+    ancestor that is a file."""
+    if not path:
+        raise CLIError(f"{option} must not be empty")
+    full = os.path.abspath(path)
+    if os.path.exists(full):
+        if os.path.isdir(full) != folder:
+            raise CLIError(f"{option} {path!r} is a {'file' if folder else 'folder'}, not a "
+                           f"{'folder' if folder else 'file'}")
+        for src in inputs:
+            if os.path.exists(src) and os.path.samefile(full, src):
+                raise CLIError(f"{option} {path!r} would overwrite the input {src!r}")
+        return
+    parent = os.path.dirname(full)
+    if folder:
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CLIError(f"{option} {path!r}: {parent!r} is not an existing folder")
+
+
+def write_json(obj, path: str, option: str) -> None:
+    try:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1)
+    except OSError as err:
+        raise CLIError(f"cannot write {option} {path!r}: {err.strerror or err}") from None
+
+
+def make_folder(path: str, option: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise CLIError(f"cannot create the {option} folder {path!r}: "
+                       f"{err.strerror or err}") from None
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -135,8 +135,13 @@ def scan_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
                         f"(expected {root}/<class>/<image files>)")
     samples, empty = [], []
     for i, c in enumerate(classes):
-        files = []
-        for dirpath, _, names in os.walk(os.path.join(root, c), followlinks=True):
+        files, seen = [], set()
+        for dirpath, dirs, names in os.walk(os.path.join(root, c), followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen:  # a symlink loop, or a second link to a folder: once only
+                dirs[:] = []
+                continue
+            seen.add(real)
             files += [os.path.join(dirpath, n) for n in names
                       if n.lower().endswith(IMG_EXTENSIONS)]
         if not files:
@@ -156,7 +161,8 @@ def open_image(path: str, in_chans: int):
         with Image.open(path) as img:
             img.load()
             return img.convert("L" if in_chans == 1 else "RGB")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError,
+            Image.DecompressionBombError) as err:
         raise DataError(f"cannot read image {path!r}: {err}") from None
 
 
@@ -165,7 +171,7 @@ def image_channels(path: str) -> int:
     try:
         with Image.open(path) as img:
             mode = img.mode
-    except OSError as err:
+    except (OSError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot read image {path!r}: {err}") from None
     return 1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3
 
@@ -173,8 +179,11 @@ def image_channels(path: str) -> int:
 def default_img_size(path: str) -> int:
     """224 for ImageNet-sized images; smaller images keep their size (rounded up to 32)."""
     from PIL import Image
-    with Image.open(path) as img:
-        side = max(img.size)
+    try:
+        with Image.open(path) as img:
+            side = max(img.size)
+    except (OSError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read image {path!r}: {err}") from None
     return 224 if side >= 224 else max(32, -(-side // 32) * 32)
 
 

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .common import CLIError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -38,9 +40,23 @@ def resolve_device(name: Optional[str]) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise ValueError(f"--device {name!r} is not a device name ({err})") from None
+        raise CLIError(f"--device {name!r} is not a device name ({err}); use auto, cpu, "
+                       f"cuda or cuda:N") from None
+    if device.type == "meta":
+        raise CLIError(f"--device {name!r} holds no data; use auto, cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, ...: the portable backend runs there
+        try:
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CLIError(f"--device {name!r} is not available on this machine "
+                           f"({reason[:120]})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r}: CUDA is not available on this machine")
+        raise CLIError(f"--device {name!r}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None \
+            and device.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {name!r}: this machine has {torch.cuda.device_count()} "
+                       f"CUDA device(s)")
     return device
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
 from . import distributed
-from .common import CLIError, autocast_dtype, evaluate, info
+from .common import (CLIError, autocast_dtype, check_number, check_writable, evaluate, info,
+                     write_json)
 from .data import DataError, make_data, scan_folder
 from .loading import load_for_inference, num_outputs, official_preprocess
 
@@ -42,6 +42,12 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_number(args.workers, "--workers", 0)
+    check_number(args.img_size, "--img-size", 1)
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise CLIError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    if args.json_out is not None:
+        check_writable(args.json_out, "--json", folder=False, inputs=[args.checkpoint])
     d = distributed.setup(args.device)
     try:
         return _eval(args, d)
@@ -95,6 +101,5 @@ def _eval(args, d) -> int:
              f"{res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  "
              f"({res['seconds']:.1f}s)")
         if args.json_out:
-            with open(args.json_out, "w") as f:
-                json.dump(res, f, indent=1)
+            write_json(res, args.json_out, "--json")
     return 0

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .common import CLIError, info
+from .common import CLIError, check_number, check_writable, info, write_json
 from .data import DataError, eval_transform, image_channels, open_image
 from .distributed import resolve_device
 from .loading import load_for_inference, num_outputs, official_preprocess
@@ -34,17 +34,31 @@ def add_parser(sub) -> None:
 
 def read_class_names(path: str) -> list[str]:
     if not os.path.isfile(path):
-        raise DataError(f"--classes file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+        raise DataError(f"--classes file {path!r} does not exist or is not a file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read --classes file {path!r} as UTF-8 text: {err}") from None
     if path.endswith(".json"):
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(f"--classes file {path!r} is not valid JSON: {err}") from None
         if isinstance(obj, dict):  # {"0": "tench", ...} or {"0": ["n01440764", "tench"]}
-            names = [obj[k] for k in sorted(obj, key=int)]
-            return [n[-1] if isinstance(n, list) else str(n) for n in names]
+            try:
+                keys = sorted(obj, key=int)
+            except ValueError:
+                keys = None
+            if keys is None or [int(k) for k in keys] != list(range(len(obj))):
+                raise DataError(f"--classes file {path!r}: the keys of a JSON object must be "
+                                f"the class indices 0..{len(obj) - 1}, got "
+                                f"{sorted(obj)[:10]}")
+            names = [obj[k] for k in keys]
+            return [n[-1] if isinstance(n, list) and n else str(n) for n in names]
+        if not isinstance(obj, list):
+            raise DataError(f"--classes file {path!r} must hold a JSON list of names or an "
+                            f"{{index: name}} object, not a {type(obj).__name__}")
         return [str(n) for n in obj]
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
@@ -52,10 +66,17 @@ def read_class_names(path: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise CLIError(f"--topk must be >= 1, got {args.topk}")
+    check_number(args.img_size, "--img-size", 1)
+    if args.json_out is not None:
+        check_writable(args.json_out, "--json", folder=False,
+                       inputs=[args.checkpoint, *args.images])
     for path in args.images:
         if not os.path.isfile(path):
-            raise DataError(f"image file {path!r} does not exist")
+            raise DataError(f"image file {path!r} does not exist or is not a file")
     model, meta = load_for_inference(args.checkpoint, args.model, args.ema)
+    if meta["preprocess"] is not None and args.img_size is not None:
+        raise CLIError("--img-size applies to official checkpoints only (a natkit checkpoint "
+                       "carries its preprocessing)")
     pre = meta["preprocess"] or official_preprocess(model, args.images[0], args.img_size, None)
     names = read_class_names(args.classes) if args.classes else meta["classes"]
     device = resolve_device(args.device)
@@ -76,8 +97,7 @@ def run(args: argparse.Namespace) -> int:
         results.append({"image": path, "top": preds})
         info(f"{path}: " + ", ".join(f"{q['name']} {100 * q['prob']:.1f}%" for q in preds))
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(results, args.json_out, "--json")
     return 0
 
 

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt_io
 from . import distributed
-from .common import CLIError, autocast_dtype, build_model, evaluate, info, warn
+from .common import (CLIError, autocast_dtype, build_model, check_number, check_writable,
+                     evaluate, info, make_folder, warn)
 from .data import make_data
 
 DEFAULTS = dict(data="digits", model="nat_micro", epochs=40, batch_size=64, lr=5e-3,
@@ -108,6 +109,15 @@ def resolve_config(args: argparse.Namespace, saved: dict | None) -> dict:
                            f"got {cfg[key]}")
     if not 0 <= cfg["ema_decay"] < 1:
         raise CLIError(f"--ema-decay must be in [0, 1), got {cfg['ema_decay']}")
+    check_number(cfg["label_smoothing"], "--label-smoothing", 0, 1, high_open=True)
+    check_number(cfg["hflip"], "--hflip", 0, 1)
+    check_number(cfg["drop_path"], "--drop-path", 0, 1, high_open=True)
+    check_number(cfg["img_size"], "--img-size", 1)
+    check_number(cfg["workers"], "--workers", 0)
+    check_number(cfg["seed"], "--seed", 0, 2 ** 31, high_open=True, allow_none=False)
+    if cfg["lr"] > 0 and cfg["min_lr"] > cfg["lr"]:
+        raise CLIError(f"--min-lr {cfg['min_lr']} is above the peak --lr {cfg['lr']} (the "
+                       f"schedule would rise); lower --min-lr")
     return cfg
 
 
@@ -239,6 +249,7 @@ def _train(args, d: distributed.Dist) -> int:
             raise CLIError(f"{out_dir!r} already holds a checkpoint (last.pt); continue it "
                            f"with --resume {os.path.join(out_dir, 'last.pt')} or choose "
                            f"another --output")
+    check_writable(out_dir, "--output", folder=True)
 
     n_train = len(data.train)
     sampler = torch.utils.data.distributed.DistributedSampler(
@@ -257,7 +268,7 @@ def _train(args, d: distributed.Dist) -> int:
 
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * cfg["epochs"]
-    warmup_steps = min(int(cfg["warmup_epochs"] * steps_per_epoch), total_steps)
+    warmup_steps = int(min(cfg["warmup_epochs"] * steps_per_epoch, total_steps))
     optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["lr"],
                                   betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -305,7 +316,7 @@ def _train(args, d: distributed.Dist) -> int:
     # 2. the run
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if d.main:
-        os.makedirs(out_dir, exist_ok=True)
+        make_folder(out_dir, "--output")
         _trim_metrics(metrics_path, start_epoch)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump({**cfg, "world_size": d.world, "model_kwargs": model_kwargs}, f, indent=1)
