@@ -16,49 +16,14 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 import natkit
 from natkit.backends.cpu import _build
 from natkit.bench.baselines import relative_bias_table, window_attention
 from natkit.bench.timing import time_ms
-from natkit._window import dense_mask_1d
 
 SHAPES = [(8, 56, 56, 2, 32), (8, 14, 14, 8, 32)]
 KERNEL = 7
-
-
-def blocked_torch_na(shape, kernel: int):
-    """The vectorized-PyTorch alternative (for the README's technology comparison): 2-D NA
-    (stride 1, no dilation, non-causal) as k x k query tiles attending their (2k-1)^2 key
-    halo through SDPA with a boolean window mask. Returns ``fn(q, k, v) -> out``."""
-    b, hgt, wid, heads, dim = shape
-    assert hgt == wid and hgt >= 2 * kernel - 1
-    halo = 2 * kernel - 1
-    mask1 = dense_mask_1d(hgt, kernel, 1, 1, False)
-    starts = []
-    for t in range(-(-hgt // kernel)):
-        r0 = min(t * kernel, hgt - kernel)
-        starts.append((r0, max(0, min(r0 - kernel // 2, hgt - halo))))
-    q_idx, k_idx, masks = [], [], []
-    for r0, kr0 in starts:
-        for c0, kc0 in starts:
-            qr, qc = torch.arange(r0, r0 + kernel), torch.arange(c0, c0 + kernel)
-            kr, kc = torch.arange(kr0, kr0 + halo), torch.arange(kc0, kc0 + halo)
-            q_idx.append((qr[:, None] * wid + qc).reshape(-1))
-            k_idx.append((kr[:, None] * wid + kc).reshape(-1))
-            m = mask1[qr][:, kr][:, None, :, None] & mask1[qc][:, kc][None, :, None, :]
-            masks.append(m.reshape(kernel * kernel, halo * halo))
-    q_idx, k_idx, mask = torch.stack(q_idx), torch.stack(k_idx), torch.stack(masks)[None, :, None]
-
-    def fn(q, k, v):
-        qf, kf, vf = (t.reshape(b, hgt * wid, heads, dim) for t in (q, k, v))
-        tiles = [t[:, i].permute(0, 1, 3, 2, 4) for t, i in ((qf, q_idx), (kf, k_idx), (vf, k_idx))]
-        o = F.scaled_dot_product_attention(*tiles, attn_mask=mask)
-        out = torch.empty_like(qf)
-        out[:, q_idx.reshape(-1)] = o.permute(0, 1, 3, 2, 4).reshape(b, -1, heads, dim)
-        return out.view(q.shape)
-    return fn
 
 
 def main() -> None:
@@ -66,10 +31,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--no-portable", action="store_true", help="skip the slow portable backend")
+    ap.add_argument("--no-portable", action="store_true", help="skip the portable (torch) backend")
     ap.add_argument("--csv", default=None, help="write every number to this CSV file")
-    ap.add_argument("--blocked-torch", action="store_true",
-                    help="also time the blocked-PyTorch alternative (forward, no RPB)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,10 +61,6 @@ def main() -> None:
                 "wsa": lambda qq, kk, vv: window_attention(qq, kk, vv, (KERNEL, KERNEL), bias),
                 "cpu": lambda qq, kk, vv: natkit.na2d(qq, kk, vv, KERNEL, rpb=rpb, backend="cpu"),
             }
-            if args.blocked_torch and not use_rpb:
-                blocked = blocked_torch_na(shape, KERNEL)
-                assert (blocked(q, k, v) - ref).abs().max().item() < 1e-4
-                contenders["blocked"] = lambda qq, kk, vv: blocked(qq, kk, vv)
             if not args.no_portable:
                 contenders["torch"] = lambda qq, kk, vv: natkit.na2d(
                     qq, kk, vv, KERNEL, rpb=rpb, backend="torch")
@@ -111,10 +70,6 @@ def main() -> None:
                 grad = torch.randn(shape, generator=gen)
                 for _ in range(args.rounds):
                     for name, fn in contenders.items():
-                        if name == "torch" and samples[name]:
-                            continue  # the slow portable backend: one round is enough
-                        if name == "blocked" and mode != "fwd":
-                            continue
                         if mode == "fwd":
                             with torch.no_grad():
                                 samples[name].append(time_ms(lambda: fn(q, k, v), "cpu",
@@ -130,16 +85,17 @@ def main() -> None:
                                     for n, t in times.items() if n != "wsa"}))
                 print(rows[-1], flush=True)
 
-    names = [n for n in ("wsa", "cpu", "torch", "blocked") if any(f"{n}_ms" in r for r in rows)]
+    names = [n for n in ("wsa", "cpu", "torch") if any(f"{n}_ms" in r for r in rows)]
+    ratios = [n for n in names if n != "wsa"]
     print()
     print("| shape [B,H,W,heads,dim] | RPB | pass | " + " | ".join(f"{n} ms" for n in names)
-          + " | cpu / WSA | target |")
-    print("|---|---|---|" + "---|" * len(names) + "---|---|")
+          + " | " + " | ".join(f"{n} / WSA" for n in ratios) + " | cpu target |")
+    print("|---|---|---|" + "---|" * (len(names) + len(ratios)) + "---|")
     for r in rows:
         target = "1.5" if r["mode"] == "fwd" else "2.0"
         print(f"| {r['shape']} | {'yes' if r['rpb'] else 'no'} | {r['mode']} | "
-              + " | ".join(f"{r[f'{n}_ms']:.2f}" if f"{n}_ms" in r else "–" for n in names)
-              + f" | {r['cpu/wsa']:.2f} | ≤ {target} |")
+              + " | ".join(f"{r[f'{n}_ms']:.2f}" for n in names) + " | "
+              + " | ".join(f"{r[f'{n}/wsa']:.2f}" for n in ratios) + f" | ≤ {target} |")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             fields = list(dict.fromkeys(key for r in rows for key in r))

@@ -39,7 +39,7 @@ def _reference() -> Backend:
 
 def _portable() -> Backend:
     from .portable import na_portable
-    return Backend("torch", "portable PyTorch ops, any device (O(N*K*head_dim) memory)",
+    return Backend("torch", "portable PyTorch ops, any device (query tiles attend their key box)",
                    lambda *a: None, na_portable)
 
 
