@@ -262,14 +262,17 @@ def test_lse_dtype():
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
 
 
+@pytest.mark.parametrize("backend", [None, "torch"])
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(compiler):
+def test_torch_compile_fullgraph(compiler, backend):
+    """The default backend (here the fused CPU custom op) and the portable backend, whose
+    tiling must be traceable (no data-dependent Python values)."""
     torch._dynamo.reset()
     q, k, v = (torch.randn(1, 9, 10, 4, 8, requires_grad=True) for _ in range(3))
     rpb = torch.randn(4, 5, 5, requires_grad=True)
 
     def fn(q, k, v, rpb):
-        return natkit.na2d(q, k, v, 3, dilation=(2, 1), rpb=rpb)
+        return natkit.na2d(q, k, v, 3, dilation=(2, 1), rpb=rpb, backend=backend)
 
     compiled = torch.compile(fn, fullgraph=True, backend=compiler)
     out = compiled(q, k, v, rpb)

@@ -9,6 +9,7 @@ import torch
 from natkit._checks import check_inputs
 from natkit.backends.reference import dense_mask
 from natkit.backends.portable import tile_tables
+from natkit._window import group_window, window_1d
 
 
 def spec_keys_1d(i, length, k, s, d, causal):
@@ -102,6 +103,21 @@ def test_tile_tables_cover_the_reference_mask(seed):
             assert torch.equal(row.bool(), want[query]), (case, tiles, query)
             got[query] = row.bool()
     assert covered.all() and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("seed", range(70, 90))
+def test_group_window_is_window_1d(seed):
+    """The plain-int form the portable backend sizes its tiles with, query by query."""
+    rng = random.Random(seed)
+    length, k, d = rng.randint(2, 40), rng.randint(2, 9), rng.randint(1, 4)
+    if k * d > length:
+        k, d = 2, 1
+    s, causal = rng.randint(1, k), rng.random() < 0.4
+    first, count, pos = window_1d(length, k, s, d, causal)
+    for i in range(length):
+        group_len = -(-(length - i % d) // d)
+        start, end = group_window(i // d, group_len, k, s, causal)
+        assert (start, end - start) == ((int(first[i]) - i % d) // d, int(count[i]))
 
 
 def test_special_cases():

@@ -35,20 +35,17 @@ def window_1d(length: int, kernel: int, stride: int, dilation: int, causal: bool
     return start * dilation + group, count, pos
 
 
-def neighbor_table_1d(length: int, kernel: int, stride: int, dilation: int, causal: bool,
-                      device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per query, its ``kernel`` key slots: ``(keys, valid, rpb_index)``, each ``[length, kernel]``.
-
-    Invalid slots (causal windows near the start) hold a valid key index so that
-    gathers stay in bounds; ``valid`` says which slots count.
-    ``rpb_index = (j div d) - (i div d) + kernel - 1`` indexes a ``2*kernel-1`` bias table.
-    """
-    first, count, pos = window_1d(length, kernel, stride, dilation, causal, device)
-    t = torch.arange(kernel, device=device)
-    valid = t[None, :] < count[:, None]
-    keys = first[:, None] + dilation * torch.where(valid, t[None, :], 0)
-    rpb_index = keys // dilation - pos[:, None] + kernel - 1
-    return keys, valid, rpb_index
+def group_window(pos: int, group_len: int, kernel: int, stride: int, causal: bool) -> tuple[int, int]:
+    """``window_1d`` for one query, in plain ints and dilation-group coordinates: the
+    ``[start', end')`` of group position ``pos`` in a group of ``group_len`` (for shapes
+    decided while tracing, where tensor values are unknown)."""
+    block = (pos // stride) * stride
+    if causal:
+        leader = min(block + stride - 1, group_len - 1)
+        return max(leader - kernel + 1, 0), pos + 1
+    leader = min(block + stride // 2, group_len - 1)
+    start = max(min(leader - kernel // 2, group_len - kernel), 0)
+    return start, start + kernel
 
 
 def dense_mask_1d(length: int, kernel: int, stride: int, dilation: int, causal: bool,

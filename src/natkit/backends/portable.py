@@ -11,6 +11,7 @@ inputs are computed in float32.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import NAParams
-from .._window import window_1d
+from .._window import group_window, window_1d
 
 
 @dataclass(frozen=True)
@@ -58,28 +59,32 @@ def tile_table_1d(length: int, kernel: int, stride: int, dilation: int, causal: 
                   tile: int, device=None) -> TileTable:
     """The tiling of one dimension: each dilation group cut into tiles of ``tile``
     consecutive queries; a tile's key box starts at its first query's window start
-    (windows only move forward) and is as wide as the widest tile needs."""
+    (windows only move forward), as wide as any tile can need."""
     first, count, pos = window_1d(length, kernel, stride, dilation, causal, device)
     group = torch.arange(length, device=device) % dilation
     start = (first - group) // dilation          # in group coordinates, non-decreasing
     end = start + count                          # in each group, as is ``end``
-    per_group = []
+    # The widest box a tile needs, in ints (torch.compile traces this: no tensor value
+    # may decide a shape). Windows only move forward: a box spans from its first
+    # query's window start to its last query's window end.
+    width = 1
+    for group_id in range(min(dilation, length)):
+        size = -(-(length - group_id) // dilation)
+        for lo_query in range(0, size, tile):
+            hi_query = min(lo_query + tile, size) - 1
+            lo = group_window(lo_query, size, kernel, stride, causal)[0]
+            width = max(width, group_window(hi_query, size, kernel, stride, causal)[1] - lo)
+    queries, keys, mask, rel = [], [], [], []
     for group_id in range(min(dilation, length)):
         members = torch.arange(group_id, length, dilation, device=device)  # group slot -> token
         size = members.numel()
         slot = torch.arange(-(-size // tile) * tile, device=device).clamp_max(size - 1)
         slot = slot.view(-1, tile)               # [tiles, T] group slots, last one repeated
-        lo, hi = start[members][slot[:, 0]], end[members][slot[:, -1]]
-        per_group.append((members, size, slot, lo, hi))
-    width = max(int((hi - lo).max()) for *_, lo, hi in per_group)
-    queries, keys, mask, rel = [], [], [], []
-    for members, size, slot, lo, hi in per_group:
-        w = min(width, size)
-        lo = torch.minimum(lo, torch.full_like(lo, size - w))  # keep the key box inside
-        key_slot = lo[:, None] + torch.arange(width, device=device)    # [tiles, W]
+        q_start, q_end = start[members][slot], end[members][slot]     # [tiles, T]
+        lo = q_start[:, :1].clamp_max(max(size - width, 0))           # box inside the group
+        key_slot = lo + torch.arange(width, device=device)            # [tiles, W]
         inside = key_slot < size
         key_slot = key_slot.clamp_max(size - 1)
-        q_start, q_end = start[members][slot], end[members][slot]     # [tiles, T]
         ks = key_slot[:, None, :]
         mask.append(inside[:, None, :] & (ks >= q_start[..., None]) & (ks < q_end[..., None]))
         rel.append((ks - pos[members][slot][..., None] + kernel - 1).clamp(0, 2 * kernel - 2))
@@ -123,6 +128,54 @@ def _heads_first(x: torch.Tensor, tokens: int, heads: int, dtype) -> torch.Tenso
     return x.reshape(x.shape[0], tokens, heads, -1).transpose(1, 2).contiguous().to(dtype)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """The whole tiling, flattened over dimensions: ``queries[t, Tq]`` and ``keys[t, W]``
+    token indices, ``masked[t, Tq, W]``, ``rel[t * Tq * W]`` (flat bias-table index) and
+    ``home[N]`` (each token's first query slot, to return to token order)."""
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    masked: torch.Tensor
+    rel: torch.Tensor
+    home: torch.Tensor
+
+
+def _build_layout(spatial, kernel_size, stride, dilation, is_causal, tiles, device) -> Layout:
+    p = NAParams(spatial, kernel_size, dilation, stride, is_causal, scale=1.0, batch=1,
+                 heads=1, kv_heads=1, head_dim=1, num_extra=0, has_rpb=False)
+    tables = tile_tables(p, device, tiles)
+    n_tiles = math.prod([t.queries.shape[0] for t in tables])
+    long_zero = torch.zeros((), dtype=torch.long, device=device)
+
+    def flat(field, sizes):  # the per-dimension indices of ``field`` as one row-major index
+        steps = [math.prod(sizes[i + 1:]) for i in range(len(sizes))]
+        return _combine(tables, field, 1 if field != "rel" else 2,
+                        lambda i, x: x * steps[i], torch.add, long_zero).view(n_tiles, -1)
+
+    queries = flat("queries", spatial)
+    masked = ~_combine(tables, "mask", 2, lambda i, m: m, torch.logical_and,
+                       torch.ones((), dtype=torch.bool, device=device))
+    slots = torch.arange(queries.numel(), device=device)
+    home = torch.full((p.num_tokens,), queries.numel(), dtype=torch.long, device=device)
+    home = home.scatter_reduce(0, queries.flatten(), slots, "amin")
+    return Layout(queries, flat("keys", spatial), masked.view(n_tiles, queries.shape[1], -1),
+                  flat("rel", [2 * k - 1 for k in kernel_size]).flatten(), home)
+
+
+_cached_layout = functools.lru_cache(maxsize=64)(_build_layout)
+
+
+def tile_layout(p: NAParams, device, tiles=None) -> Layout:
+    """The tiling of ``p``'s token grid, cached per grid, window and device (the index
+    tensors are read-only)."""
+    key = (p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal,
+           None if tiles is None else tuple(tiles), torch.device(device))
+    if torch.compiler.is_compiling():  # traced into the graph instead
+        return _build_layout(*key)
+    return _cached_layout(*key)
+
+
 def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
                 additional_values=None, dropout_p: float = 0.0, tiles=None,
                 chunk_elements: int = CHUNK_ELEMENTS):
@@ -133,29 +186,15 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
     """
     dtype = query.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    b, n, nd, hk, dev = p.batch, p.num_tokens, p.ndim, p.kv_heads, query.device
+    b, n, hk, dev = p.batch, p.num_tokens, p.kv_heads, query.device
     g = p.heads // hk
-    tables = tile_tables(p, dev, tiles)
-    n_tiles = math.prod(t.queries.shape[0] for t in tables)
-    tq = math.prod(t.queries.shape[1] for t in tables)
-    tw = math.prod(t.keys.shape[1] for t in tables)
-    long_zero = torch.zeros((), dtype=torch.long, device=dev)
-
-    def flat(field, sizes):  # the per-dimension indices of ``field`` as one row-major index
-        steps = [math.prod(sizes[i + 1:]) for i in range(nd)]
-        return _combine(tables, field, 1 if field != "rel" else 2,
-                        lambda i, x: x * steps[i], torch.add, long_zero).view(n_tiles, -1)
-
-    q_index, k_index = flat("queries", p.spatial), flat("keys", p.spatial)
+    lay = tile_layout(p, dev, tiles)
+    (n_tiles, tq), tw = lay.queries.shape, lay.keys.shape[1]
     # additive bias [hk, tile, Tq, g, W]: the mask (0 or -inf), plus the RPB
-    bias = _combine(tables, "mask", 2,
-                    lambda i, m: torch.zeros(m.shape, dtype=compute, device=dev)
-                    .masked_fill_(~m, -math.inf),
-                    torch.add, torch.zeros((), dtype=compute, device=dev))
-    bias = bias.view(1, n_tiles, tq, 1, tw)
+    bias = torch.zeros(lay.masked.shape, dtype=compute, device=dev)
+    bias = bias.masked_fill_(lay.masked, -math.inf).view(1, n_tiles, tq, 1, tw)
     if rpb is not None:
-        rel = flat("rel", [2 * k - 1 for k in p.kernel_size]).flatten()
-        table = rpb.to(compute).reshape(hk, g, -1).index_select(2, rel)
+        table = rpb.to(compute).reshape(hk, g, -1).index_select(2, lay.rel)
         bias = bias + table.view(hk, g, n_tiles, tq, tw).permute(0, 2, 3, 1, 4)
 
     # [b, kv_head, token, rest]; the query's rest is its ``g`` heads' vectors. Cast
@@ -172,20 +211,17 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
     outs, lses = [], []
     for lo in range(0, n_tiles, step):
         hi = min(lo + step, n_tiles)
-        o, s = _attend(q.index_select(2, q_index[lo:hi].flatten()),
-                       k.index_select(2, k_index[lo:hi].flatten()),
-                       v.index_select(2, k_index[lo:hi].flatten()),
+        keys = lay.keys[lo:hi].flatten()
+        o, s = _attend(q.index_select(2, lay.queries[lo:hi].flatten()),
+                       k.index_select(2, keys), v.index_select(2, keys),
                        bias[:, lo:hi], extra, hi - lo, g, dropout_p)
         outs.append(o)
         lses.append(s)
     out, lse = (torch.cat(x, 2) if len(x) > 1 else x[0] for x in (outs, lses))
-    # back to token order: each token's first slot among the (repeated) query slots
-    slots = torch.arange(n_tiles * tq, device=dev)
-    home = torch.full((n,), n_tiles * tq, dtype=torch.long, device=dev)
-    home = home.scatter_reduce(0, q_index.flatten(), slots, "amin")
-    out = out.index_select(2, home).transpose(1, 2).reshape(*query.shape[:-1], -1).to(dtype)
-    lse = lse.index_select(2, home).transpose(1, 2).reshape(query.shape[:-1])
-    return out, lse if lse.dtype == torch.float64 else lse.float()
+    # back to token order
+    out = out.index_select(2, lay.home).transpose(1, 2).reshape(*query.shape[:-1], -1)
+    lse = lse.index_select(2, lay.home).transpose(1, 2).reshape(query.shape[:-1])
+    return out.to(dtype), lse if lse.dtype == torch.float64 else lse.float()
 
 
 def _attend(q, k, v, bias, extra, n_tiles: int, g: int, dropout_p: float):
