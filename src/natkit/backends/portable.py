@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +39,13 @@ class TileTable:
     rel: torch.Tensor
 
 
-# Score elements computed at once (4 MiB of float32). Besides bounding the memory of a
-# forward without autograd, buffers this small come from the CPU allocator's reused
-# heap instead of fresh pages faulted in on every call (about 2x at NAT-Tiny stage 1).
-CHUNK_ELEMENTS = 1 << 20
+# Score elements computed at once. On the CPU 2^20 (4 MiB of float32): besides bounding
+# the memory of a forward without autograd, buffers this small come from the allocator's
+# reused heap instead of fresh pages faulted in on every call (about 2x at NAT-Tiny
+# stage 1). Accelerators cache their memory; there larger chunks mean fewer launches.
+def default_chunk(device: torch.device) -> int:
+    return 1 << 20 if device.type == "cpu" else 1 << 24
+
 
 
 def tile_size(kernel: int, ndim: int, length: int) -> int:
@@ -178,7 +182,7 @@ def tile_layout(p: NAParams, device, tiles=None) -> Layout:
 
 def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
                 additional_values=None, dropout_p: float = 0.0, tiles=None,
-                chunk_elements: int = CHUNK_ELEMENTS):
+                chunk_elements: Optional[int] = None):
     """Returns ``(out, lse)``; ``dropout_p`` drops attention probabilities (modules only).
 
     ``tiles`` overrides the per-dimension query tile and ``chunk_elements`` the score
@@ -207,6 +211,8 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
         extra = (additional_keys.to(compute).permute(0, 2, 3, 1),             # b hk d E
                  additional_values.to(compute).transpose(1, 2))                # b hk E dv
     # Tiles in chunks, so that no score tensor grows past ``chunk_elements``.
+    if chunk_elements is None:
+        chunk_elements = default_chunk(dev)
     step = max(1, chunk_elements // (b * p.heads * tq * tw))
     outs, lses = [], []
     for lo in range(0, n_tiles, step):
