@@ -196,6 +196,7 @@ BAD_ARGS = [  # (model, the bad argument, the exception): each error names the a
     ("nat_micro", dict(mlp_ratio=math.inf), ValueError),
     ("nat_micro", dict(mlp_ratio="x"), TypeError),
     ("nat_micro", dict(mlp_ratio=None), TypeError),
+    ("nat_micro", dict(mlp_ratio=1e-3), ValueError),  # no hidden unit at width 16
     ("dinat_s_tiny", dict(mlp_ratio=0), ValueError),
     ("nat_micro", dict(drop_path_rate="x"), TypeError),
     ("nat_micro", dict(drop_path_rate=None), TypeError),

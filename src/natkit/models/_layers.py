@@ -194,6 +194,9 @@ class NATLayer(nn.Module):
                                             proj_drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
+        if int(dim * mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio={mlp_ratio!r} gives a block of width {dim} an MLP "
+                             f"with no hidden unit (int(dim * mlp_ratio) = 0)")
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         if layer_scale is not None:
             self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
