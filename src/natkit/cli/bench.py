@@ -27,9 +27,9 @@ def add_parser(sub) -> None:
                + "; ".join(f"{g} = {', '.join(m)}" for g, m in GROUPS.items()))
     p.add_argument("--preset", nargs="+", help="preset or group names (default: nat)")
     p.add_argument("--shape", help="custom shape BATCHxD1[xD2[xD3]], e.g. 8x56x56")
-    p.add_argument("--heads", type=int, default=4, help="custom shape: heads (4)")
-    p.add_argument("--head-dim", type=int, default=32, help="custom shape: head dim (32)")
-    p.add_argument("--kernel", default="7", help="custom shape: kernel, int or AxB (7)")
+    p.add_argument("--heads", type=int, help="custom shape: heads (4)")
+    p.add_argument("--head-dim", type=int, help="custom shape: head dim (32)")
+    p.add_argument("--kernel", help="custom shape: kernel, int or AxB (7)")
     p.add_argument("--dilation", default=None, help="custom shape: dilation, int or AxB")
     p.add_argument("--batch", type=int, help="override the presets' batch size")
     p.add_argument("--mode", choices=["fwd", "fwd+bwd", "both"], default="both")
@@ -73,13 +73,14 @@ def custom_case(args):
         raise CLIError(f"--shape needs a batch and 1-3 positive spatial sizes, got "
                        f"{args.shape!r}")
     nd = len(dims) - 1
-    kernel = _ints(args.kernel, "kernel", nd)
+    kernel = _ints(args.kernel or "7", "kernel", nd)
     dilation = _ints(args.dilation, "dilation", nd) if args.dilation else ()
     for s, k, d in zip(dims[1:], kernel, dilation or (1,) * nd):
         if k < 2 or k * d > s:
-            raise CLIError(f"--kernel {args.kernel} (dilation {args.dilation or 1}) does not "
+            raise CLIError(f"--kernel {args.kernel or 7} (dilation {args.dilation or 1}) does not "
                            f"fit the spatial size {s}: need 2 <= kernel*dilation <= size")
-    return Case("custom", dims[0], dims[1:], args.heads, args.head_dim, kernel, dilation)
+    return Case("custom", dims[0], dims[1:], args.heads or 4, args.head_dim or 32, kernel,
+                dilation)
 
 
 def _log(msg: str) -> None:
@@ -95,6 +96,15 @@ def _check_args(args: argparse.Namespace) -> None:
             raise CLIError(f"{option} must be >= 1, got {value}")
     if args.shape is not None and args.preset:
         raise CLIError("give either --preset or --shape, not both")
+    if args.shape is not None and args.batch is not None and not args.models:
+        raise CLIError(f"--batch {args.batch} applies to the presets; a custom --shape "
+                       f"starts with its batch (e.g. {args.batch}x56x56)")
+    if args.shape is None:  # the presets fix these; silently ignoring them would mislead
+        for option, value in (("--heads", args.heads), ("--head-dim", args.head_dim),
+                              ("--kernel", args.kernel), ("--dilation", args.dilation)):
+            if value is not None:
+                raise CLIError(f"{option} {value} applies to a custom --shape only (the "
+                               f"presets fix it)")
     if args.models:
         known = list_models()
         bad = [n for n in args.model_names if not n.startswith("timm:") and n not in known]
