@@ -75,7 +75,8 @@ def test_tile_tables_cover_the_reference_mask(seed):
     case = random_case(rng)
     p = params(*case)
     tiles = [rng.randint(1, n + 1) for n in p.spatial]  # beyond the length: clamped
-    tables = tile_tables(p, "cpu", tiles)
+    tables = tile_tables(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal, "cpu",
+                         tiles)
     want = dense_mask(p)
     got = torch.zeros_like(want)
     covered = torch.zeros(p.num_tokens, dtype=torch.bool)

@@ -39,13 +39,13 @@ class TileTable:
     rel: torch.Tensor
 
 
-# Score elements computed at once. On the CPU 2^20 (4 MiB of float32): besides bounding
-# the memory of a forward without autograd, buffers this small come from the allocator's
-# reused heap instead of fresh pages faulted in on every call (about 2x at NAT-Tiny
-# stage 1). Accelerators cache their memory; there larger chunks mean fewer launches.
 def default_chunk(device: torch.device) -> int:
+    """Score elements computed at once. On the CPU 2^20 (4 MiB of float32): besides
+    bounding the memory of a forward without autograd, buffers this small come from the
+    allocator's reused heap instead of fresh pages faulted in on every call (about 2x at
+    NAT-Tiny stage 1). Accelerators cache their memory; there larger chunks mean fewer
+    launches."""
     return 1 << 20 if device.type == "cpu" else 1 << 24
-
 
 
 def tile_size(kernel: int, ndim: int, length: int) -> int:
@@ -97,11 +97,12 @@ def tile_table_1d(length: int, kernel: int, stride: int, dilation: int, causal: 
     return TileTable(torch.cat(queries), torch.cat(keys), torch.cat(mask), torch.cat(rel))
 
 
-def tile_tables(p: NAParams, device=None, tiles=None) -> list[TileTable]:
+def tile_tables(spatial, kernel_size, stride, dilation, is_causal, device=None,
+                tiles=None) -> list[TileTable]:
     """Every dimension's tiling; ``tiles`` overrides the queries per tile (clamped)."""
-    dims = list(zip(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal))
+    dims = list(zip(spatial, kernel_size, stride, dilation, is_causal))
     if tiles is None:
-        tiles = [tile_size(k, p.ndim, -(-n // d)) for n, k, _, d, _ in dims]
+        tiles = [tile_size(k, len(dims), -(-n // d)) for n, k, _, d, _ in dims]
     return [tile_table_1d(n, k, s, d, c, min(t, n), device)
             for (n, k, s, d, c), t in zip(dims, tiles)]
 
@@ -114,11 +115,12 @@ def _spread(t: torch.Tensor, slots: list[int], ndim: int) -> torch.Tensor:
     return t.reshape(shape)
 
 
-def _combine(tables: list[TileTable], field: str, slot_axes: int, prep, fn, init):
+def _combine(tables: list[TileTable], field: str, prep, fn, init):
     """Outer combination over dimensions of a per-dimension ``[n, slots...]`` field into
     ``[n_0, ..., n_{d-1}, slots_0..., slots_1..., ...]`` (slot axes grouped by kind):
     ``fn(... fn(init, prep(0, field_0)) ..., prep(d - 1, field_{d-1}))`` broadcast."""
     nd = len(tables)
+    slot_axes = getattr(tables[0], field).dim() - 1
     total = nd * (1 + slot_axes)
     out = init
     for i, table in enumerate(tables):
@@ -146,22 +148,21 @@ class Layout:
 
 
 def _build_layout(spatial, kernel_size, stride, dilation, is_causal, tiles, device) -> Layout:
-    p = NAParams(spatial, kernel_size, dilation, stride, is_causal, scale=1.0, batch=1,
-                 heads=1, kv_heads=1, head_dim=1, num_extra=0, has_rpb=False)
-    tables = tile_tables(p, device, tiles)
+    tables = tile_tables(spatial, kernel_size, stride, dilation, is_causal, device, tiles)
     n_tiles = math.prod([t.queries.shape[0] for t in tables])
     long_zero = torch.zeros((), dtype=torch.long, device=device)
 
     def flat(field, sizes):  # the per-dimension indices of ``field`` as one row-major index
         steps = [math.prod(sizes[i + 1:]) for i in range(len(sizes))]
-        return _combine(tables, field, 1 if field != "rel" else 2,
-                        lambda i, x: x * steps[i], torch.add, long_zero).view(n_tiles, -1)
+        return _combine(tables, field, lambda i, x: x * steps[i], torch.add,
+                        long_zero).view(n_tiles, -1)
 
     queries = flat("queries", spatial)
-    masked = ~_combine(tables, "mask", 2, lambda i, m: m, torch.logical_and,
+    masked = ~_combine(tables, "mask", lambda i, m: m, torch.logical_and,
                        torch.ones((), dtype=torch.bool, device=device))
     slots = torch.arange(queries.numel(), device=device)
-    home = torch.full((p.num_tokens,), queries.numel(), dtype=torch.long, device=device)
+    home = torch.full((math.prod(spatial),), queries.numel(), dtype=torch.long,
+                      device=device)
     home = home.scatter_reduce(0, queries.flatten(), slots, "amin")
     return Layout(queries, flat("keys", spatial), masked.view(n_tiles, queries.shape[1], -1),
                   flat("rel", [2 * k - 1 for k in kernel_size]).flatten(), home)
