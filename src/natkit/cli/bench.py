@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .common import CLIError, check_writable, info, list_models, make_folder
+from .common import CLIError, check_number, check_writable, info, list_models, make_folder
 from .distributed import resolve_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -92,8 +92,7 @@ def _check_args(args: argparse.Namespace) -> None:
     for option, value in (("--heads", args.heads), ("--head-dim", args.head_dim),
                           ("--reps", args.reps), ("--batch", args.batch),
                           ("--img-size", args.img_size)):
-        if value is not None and value < 1:
-            raise CLIError(f"{option} must be >= 1, got {value}")
+        check_number(value, option, 1)
     if args.shape is not None and args.preset:
         raise CLIError("give either --preset or --shape, not both")
     if args.shape is not None and args.batch is not None and not args.models:

@@ -40,8 +40,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_number(args.batch_size, "--batch-size", 1)
     check_number(args.workers, "--workers", 0)
     check_number(args.img_size, "--img-size", 1)
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:

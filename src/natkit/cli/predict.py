@@ -64,8 +64,7 @@ def read_class_names(path: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.topk < 1:
-        raise CLIError(f"--topk must be >= 1, got {args.topk}")
+    check_number(args.topk, "--topk", 1)
     check_number(args.img_size, "--img-size", 1)
     if args.json_out is not None:
         check_writable(args.json_out, "--json", folder=False,

@@ -100,15 +100,13 @@ def resolve_config(args: argparse.Namespace, saved: dict | None) -> dict:
             warn(f"resuming with changed settings {changed} (the rest come from the checkpoint)")
     cfg.update(explicit)
     for key in ("epochs", "batch_size"):
-        if cfg[key] < 1:
-            raise CLIError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+        check_number(cfg[key], f"--{key.replace('_', '-')}", 1)
     for key in ("lr", "min_lr", "weight_decay", "label_smoothing", "clip_grad", "mixup",
                 "cutmix", "warmup_epochs"):
         if cfg[key] < 0 or not math.isfinite(cfg[key]):
             raise CLIError(f"--{key.replace('_', '-')} must be a finite number >= 0, "
                            f"got {cfg[key]}")
-    if not 0 <= cfg["ema_decay"] < 1:
-        raise CLIError(f"--ema-decay must be in [0, 1), got {cfg['ema_decay']}")
+    check_number(cfg["ema_decay"], "--ema-decay", 0, 1, high_open=True)
     check_number(cfg["label_smoothing"], "--label-smoothing", 0, 1, high_open=True)
     check_number(cfg["hflip"], "--hflip", 0, 1)
     check_number(cfg["drop_path"], "--drop-path", 0, 1, high_open=True)
