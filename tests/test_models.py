@@ -9,6 +9,7 @@ models.
 from __future__ import annotations
 
 import math
+import re
 import sys
 import types
 
@@ -17,6 +18,7 @@ import torch
 
 import natkit.models as M
 from natkit.models import CheckpointMismatchError, create_model, list_models
+from natkit.models._layers import NATLayer
 from natkit.models.convert import from_hf_state_dict, to_hf_state_dict
 
 NAT_LIKE = ["nat_mini", "nat_tiny", "nat_small", "nat_base", "dinat_mini", "dinat_tiny",
@@ -355,7 +357,6 @@ def test_dinat_dilations_are_the_published_ones():
 def test_block_follows_the_spec_formula():
     """x + gamma1 * Attn(LN1(x)), then + gamma2 * MLP(LN2(x)); qkv split as [3, heads, hd]."""
     from natkit import na2d
-    from natkit.models._layers import NATLayer
     F = torch.nn.functional
     blk = NATLayer(12, 3, kernel_size=5, dilation=2, mlp_ratio=2, layer_scale=0.5).eval()
     with torch.no_grad():
@@ -441,6 +442,16 @@ def test_backbone_strides_4_8_16_32_and_out_indices():
     assert [tuple(f.shape) for f in feats] == [(1, 16, 13, 17), (1, 64, 4, 5)]
     assert sorted(k.split(".")[0] for k in model.state_dict() if k.startswith("norm")) == \
         ["norm1", "norm1", "norm3", "norm3"]
+    # timm's FeatureInfo accessors describe the outputs; indexing still covers every level
+    info = model.feature_info
+    assert info.channels() == [f.shape[1] for f in feats] == [16, 64]
+    assert info.reduction() == [8, 32] and info.module_name() == ["levels.1", "levels.3"]
+    assert info.get_dicts(keys=["num_chs"]) == [{"num_chs": 16}, {"num_chs": 64}]
+    assert len(info) == 4 and info[0]["reduction"] == 4 and info.channels(0) == 8
+    assert info.reduction([0, 2]) == [4, 16]
+    classifier = meta_model("nat_tiny")
+    assert classifier.feature_info.reduction() == [4, 8, 16, 32]
+    assert classifier.head_hidden_size == classifier.num_features == 512
 
 
 def test_forward_intermediates_match_forward():
@@ -537,6 +548,55 @@ def test_no_weight_decay_is_rpb_and_norms(name):
     expected = {n for n in names if n.endswith(".rpb") or ".norm" in n or n.startswith("norm")}
     assert nwd == expected
     assert not any(n.endswith(("qkv.weight", "fc1.weight", "gamma1")) for n in nwd)
+
+
+def _timm_groups(model, coarse):
+    """Parameter name -> group ordinal under ``model.group_matcher``, by timm's rule
+    (``timm.models.group_parameters``): the first regex that matches gives (matcher
+    position, captured numbers, suffix); a suffix of 99999 joins the previous group;
+    unmatched names (the head) come last."""
+    specs = []
+    for pos, spec in enumerate(model.group_matcher(coarse=coarse).values()):
+        for regex, suffix in (spec if isinstance(spec, list) else [(spec, None)]):
+            specs.append((re.compile(regex), pos, suffix))
+
+    def key(name):
+        for regex, pos, suffix in specs:
+            m = regex.match(name)
+            if m:
+                return (pos, *map(int, m.groups()), *(suffix or ()))
+        return (math.inf,)
+    keys = {n: key(n) for n, _ in model.named_parameters()}
+    ordinal, ids = -1, {}
+    for k in sorted(set(keys.values())):
+        if ordinal < 0 or k[-1] != 99999:
+            ordinal += 1
+        ids[k] = ordinal
+    return {n: ids[k] for n, k in keys.items()}
+
+
+@pytest.mark.parametrize("name", ["nat_tiny", "dinat_s_tiny", "nat_isotropic_small"])
+def test_group_matcher_orders_parameters_by_depth(name):
+    """Layer-wise LR decay (timm's ``layer_decay``) needs groups in forward order: the stem,
+    one group per block, the final norm with the last block, the head after everything."""
+    model = meta_model(name)
+    groups = _timm_groups(model, coarse=False)
+    blocks = [m for m in model.modules() if isinstance(m, NATLayer)]
+    assert max(groups.values()) == len(blocks) + 1
+    assert {groups[n] for n in groups if n.startswith("patch_embed.")} == {0}
+    assert {groups[n] for n in groups if n.startswith("head.")} == {len(blocks) + 1}
+    assert {groups[n] for n in groups if n.startswith("norm.")} == {len(blocks)}
+    order = [groups[f"{prefix}.norm1.weight"] for prefix, m in model.named_modules()
+             if isinstance(m, NATLayer)]
+    assert order == list(range(1, len(blocks) + 1))
+    for n, g in groups.items():   # a downsampler joins the last block of its level
+        if ".downsample." in n:
+            stages, level = n.split(".")[:2]
+            last = model.depths[int(level)] - 1
+            assert g == groups[f"{stages}.{level}.blocks.{last}.norm1.weight"], n
+    coarse = _timm_groups(model, coarse=True)   # the stem, then one group per level
+    levels = len(model.depths) if hasattr(model, "depths") else model.depth
+    assert max(coarse.values()) == levels + 1
 
 
 def test_reset_classifier_and_head_free_model():

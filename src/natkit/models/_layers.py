@@ -99,6 +99,43 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * mask.div_(keep)
 
 
+# group_matcher suffix: the match joins the previous group (timm's MATCH_PREV_GROUP)
+MATCH_PREVIOUS = (99999,)
+
+
+class FeatureInfo(list):
+    """Per-level feature descriptions (``num_chs``, ``reduction``, ``module``), a list over
+    every level, with timm's ``FeatureInfo`` accessors: ``channels()``, ``reduction()``,
+    ``module_name()``, ``get(key)`` and ``get_dicts()`` describe the ``out_indices`` levels
+    (what a backbone returns) unless ``idx`` names levels (an int, or a list)."""
+
+    def __init__(self, info: Sequence[dict], out_indices: Sequence[int]):
+        super().__init__(info)
+        self.out_indices = tuple(out_indices)
+
+    def get(self, key: str, idx=None):
+        if idx is None:
+            return [self[i][key] for i in self.out_indices]
+        if isinstance(idx, (list, tuple)):
+            return [self[i][key] for i in idx]
+        return self[idx][key]
+
+    def get_dicts(self, keys: Optional[Sequence[str]] = None, idx=None):
+        pick = (lambda d: d) if keys is None else (lambda d: {k: d[k] for k in keys})
+        if idx is None or isinstance(idx, (list, tuple)):
+            return [pick(self[i]) for i in (self.out_indices if idx is None else idx)]
+        return pick(self[idx])
+
+    def channels(self, idx=None):
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx=None):
+        return self.get("reduction", idx)
+
+    def module_name(self, idx=None):
+        return self.get("module", idx)
+
+
 class ClassifierMixin:
     """The checked stem, timm's classifier accessors, head and intermediate-feature output
     for models with ``in_chans``, ``patch_embed``, ``pos_drop``, ``head``, ``norm``,

@@ -15,8 +15,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ._layers import (ClassifierMixin, NATLayer, PatchEmbed, check_int, check_ints,
-                      check_model_args, init_weights, no_weight_decay_names, run_blocks)
+from ._layers import (MATCH_PREVIOUS, ClassifierMixin, FeatureInfo, NATLayer, PatchEmbed,
+                      check_int, check_ints, check_model_args, init_weights,
+                      no_weight_decay_names, run_blocks)
 from .nat import build, take_indices
 from ._registry import register_model
 
@@ -54,13 +55,11 @@ class NATIsotropic(ClassifierMixin, nn.Module):
         check_int("depth", depth)
         check_int("patch_size", patch_size)
         dilations = [1] * depth if dilations is None else check_ints("dilations", dilations, depth)
-        self.embed_dim = self.num_features = embed_dim
+        self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
         self.depth, self.num_heads, self.kernel_size = depth, num_heads, kernel_size
         self.dilations = dilations
         self.in_chans, self.features_only = in_chans, features_only
         self.num_classes = 0 if features_only else num_classes
-        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"layers.{i}")
-                             for i in range(depth)]
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size)
@@ -78,6 +77,9 @@ class NATIsotropic(ClassifierMixin, nn.Module):
             self.out_indices = []
             self.norm = nn.LayerNorm(embed_dim)
             self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = FeatureInfo(
+            [dict(num_chs=embed_dim, reduction=patch_size, module=f"layers.{i}")
+             for i in range(depth)], self.out_indices or range(depth))
         self.apply(init_weights)
 
     @classmethod
@@ -95,6 +97,13 @@ class NATIsotropic(ClassifierMixin, nn.Module):
 
     def no_weight_decay_keywords(self) -> set[str]:
         return {"rpb"}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups in depth order for timm's layer-wise learning-rate decay: the
+        stem, each block, the final norm joining the last block; the head is left to the
+        caller."""
+        return dict(stem=r"^patch_embed\.",
+                    blocks=[(r"^layers\.(\d+)\.", None), (r"^norm\.", MATCH_PREVIOUS)])
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable

@@ -19,9 +19,9 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ._layers import (ClassifierMixin, ConvDownsampler, ConvTokenizer, Stage, check_int,
-                      check_ints, check_model_args, init_weights, is_int, level_dilations,
-                      no_weight_decay_names)
+from ._layers import (MATCH_PREVIOUS, ClassifierMixin, ConvDownsampler, ConvTokenizer,
+                      FeatureInfo, Stage, check_int, check_ints, check_model_args, init_weights,
+                      is_int, level_dilations, no_weight_decay_names)
 from ._registry import default_cfg, register_model
 
 __all__ = ["NAT", "nat_micro", "nat_mini", "nat_tiny", "nat_small", "nat_base"]
@@ -105,12 +105,9 @@ class NAT(ClassifierMixin, nn.Module):
         self.embed_dim, self.depths, self.num_heads = embed_dim, depths, num_heads
         self.kernel_size, self.dilations = kernels, dilations
         self.dims = [embed_dim * 2 ** i for i in range(levels)]
-        self.num_features = self.dims[-1]
+        self.num_features = self.head_hidden_size = self.dims[-1]
         self.in_chans, self.features_only = in_chans, features_only
         self.num_classes = 0 if features_only else num_classes
-        self.feature_info = [dict(num_chs=d, reduction=self.stem_stride * 2 ** i,
-                                  module=f"{self._stages_attr}.{i}")
-                             for i, d in enumerate(self.dims)]
 
         self.patch_embed = self._make_stem(in_chans, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
@@ -133,6 +130,9 @@ class NAT(ClassifierMixin, nn.Module):
             self.norm = nn.LayerNorm(self.num_features)
             self.head = (nn.Linear(self.num_features, num_classes) if num_classes > 0
                          else nn.Identity())
+        self.feature_info = FeatureInfo(
+            [dict(num_chs=d, reduction=self.stem_stride * 2 ** i, module=f"{self._stages_attr}.{i}")
+             for i, d in enumerate(self.dims)], self.out_indices or range(levels))
         self.apply(init_weights)
 
     @classmethod
@@ -162,6 +162,16 @@ class NAT(ClassifierMixin, nn.Module):
 
     def no_weight_decay_keywords(self) -> set[str]:
         return {"rpb"}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups in depth order for timm's layer-wise learning-rate decay: the
+        stem, then each level (``coarse``) or each block, a level's downsampler joining its
+        last block and the final norm the last block; the head is left to the caller."""
+        stages = self._stages_attr
+        return dict(stem=r"^patch_embed\.", blocks=rf"^{stages}\.(\d+)\." if coarse else [
+            (rf"^{stages}\.(\d+)\.blocks\.(\d+)\.", None),
+            (rf"^{stages}\.(\d+)\.downsample\.", MATCH_PREVIOUS),
+            (r"^norm\.", MATCH_PREVIOUS)])
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
