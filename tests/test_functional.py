@@ -281,6 +281,25 @@ def test_torch_compile_fullgraph(compiler, backend):
     assert q.grad is not None and rpb.grad is not None
 
 
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_torch_compile_fullgraph_with_a_scale_that_varies(backend):
+    """A second call with another scale makes torch.compile trace the scale as a symbolic
+    float; the argument checks must still trace (math.isfinite on it did not)."""
+    torch._dynamo.reset()
+    q = torch.randn(1, 12, 2, 8, requires_grad=True)
+
+    def fn(q, scale):
+        return natkit.na1d(q, q, q, 3, scale=scale, backend=backend)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for scale in (0.3, 0.45, -2.0):
+        out = compiled(q, scale)
+        torch.testing.assert_close(out, fn(q, scale), atol=1e-6, rtol=0)
+        out.sum().backward()
+    with pytest.raises(Exception, match="scale must be finite"):  # dynamo wraps the ValueError
+        compiled(q, float("nan"))
+
+
 def test_dispatch_explains_refusals(monkeypatch):
     """An explicit backend that cannot run raises with its reason; auto-dispatch skips it."""
     from natkit import backends as registry

@@ -454,6 +454,20 @@ def test_backbone_strides_4_8_16_32_and_out_indices():
     assert classifier.head_hidden_size == classifier.num_features == 512
 
 
+def test_models_compile_fullgraph_one_after_another():
+    """Compiling a second model whose attention has another scale (head dim) made
+    torch.compile trace the scale symbolically, which the op's checks must survive."""
+    torch._dynamo.reset()
+    for name in ("nat_micro", "dinat_tiny", "dinat_isotropic_small"):
+        model = create_model(name, **tiny_kwargs(name)).eval()
+        x = torch.randn(2, in_chans_of(model), 40, 44)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    compiled(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_forward_intermediates_match_forward():
     model = create_model("dinat_tiny", **tiny_kwargs("dinat_tiny")).eval()
     x = torch.randn(2, 3, 40, 56)
