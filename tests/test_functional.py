@@ -1,6 +1,7 @@
 """The public op: portable backend vs the reference, gradcheck, merge, special cases, compile."""
 
 import random
+import time
 
 import pytest
 import torch
@@ -298,6 +299,27 @@ def test_torch_compile_fullgraph_with_a_scale_that_varies(backend):
         out.sum().backward()
     with pytest.raises(Exception, match="scale must be finite"):  # dynamo wraps the ValueError
         compiled(q, float("nan"))
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_torch_compile_dynamic_shapes(backend):
+    """``dynamic=True`` makes every size symbolic. The portable backend's tiling is
+    specialized to the grid (traced symbolically it took over 5 minutes to compile);
+    batch and grid changes must give the eager results."""
+    torch._dynamo.reset()
+
+    def fn(q, k, v, rpb):
+        return natkit.na2d(q, k, v, 3, dilation=(2, 1), rpb=rpb, backend=backend)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)
+    began = time.perf_counter()
+    for b, h, w in [(2, 9, 10), (3, 9, 10), (2, 12, 7)]:
+        q, k, v = (torch.randn(b, h, w, 4, 8, requires_grad=True) for _ in range(3))
+        rpb = torch.randn(4, 5, 5, requires_grad=True)
+        out = compiled(q, k, v, rpb)
+        torch.testing.assert_close(out, fn(q, k, v, rpb), atol=1e-5, rtol=0)
+        out.sum().backward()
+    assert time.perf_counter() - began < 120
 
 
 def test_dispatch_explains_refusals(monkeypatch):

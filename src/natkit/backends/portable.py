@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -174,8 +175,11 @@ _cached_layout = functools.lru_cache(maxsize=64)(_build_layout)
 def tile_layout(p: NAParams, device, tiles=None) -> Layout:
     """The tiling of ``p``'s token grid, cached per grid, window and device (the index
     tensors are read-only)."""
-    key = (p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal,
-           None if tiles is None else tuple(tiles), torch.device(device))
+    # Under torch.compile with dynamic shapes the sizes are symbolic: ``operator.index``
+    # specializes the tiling to their values (a guard each) instead of tracing it
+    # symbolically, whose expressions grow until the compile takes minutes.
+    key = (tuple(map(operator.index, p.spatial)), p.kernel_size, p.stride, p.dilation,
+           p.is_causal, None if tiles is None else tuple(tiles), torch.device(device))
     if torch.compiler.is_compiling():  # traced into the graph instead
         return _build_layout(*key)
     return _cached_layout(*key)
