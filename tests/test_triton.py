@@ -162,6 +162,39 @@ def test_can_run_reasons(monkeypatch):
     assert "head_dim 300" in triton_backend.can_run(pb, big, None, False)
 
 
+@pytest.fixture
+def deterministic():
+    """``torch.use_deterministic_algorithms`` for one test: yields its setter."""
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    yield torch.use_deterministic_algorithms
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_deterministic_mode_avoids_the_atomic_rpb_gradient(deterministic):
+    """The dRPB atomics are the kernels' only run-order dependence: in deterministic mode a
+    call that needs the rpb gradient goes to the portable backend (deterministic there);
+    with ``warn_only`` it runs and warns, as PyTorch's own nondeterministic ops do."""
+    from natkit.backends import choose_backend
+    q = torch.randn(1, 9, 2, 16, device=DEVICE, requires_grad=True)
+    rpb = torch.randn(2, 5, device=DEVICE, requires_grad=True)
+    p = check_inputs(1, q, q, q, 3, 1, 1, False, rpb, None, None, None)
+    assert choose_backend(None, p, q, rpb, True).name == "triton"
+    deterministic(True)
+    assert "deterministic" in triton_backend.can_run(p, q, rpb, True)
+    assert choose_backend(None, p, q, rpb, True).name != "triton"
+    assert triton_backend.can_run(p, q, rpb, False) is None               # no gradients
+    assert triton_backend.can_run(p, q, rpb.detach(), True) is None       # no rpb gradient
+    assert triton_backend.can_run(p, q, None, True) is None
+    with pytest.raises(ValueError, match="backend='triton' cannot run this call: "
+                                         "torch.use_deterministic_algorithms"):
+        natkit.na1d(q, q, q, 3, rpb=rpb, backend="triton")
+    deterministic(True, warn_only=True)
+    assert triton_backend.can_run(p, q, rpb, True) is None
+    with pytest.warns(UserWarning, match="rpb gradient is summed with atomics"):
+        natkit.na1d(q, q, q, 3, rpb=rpb, backend="triton")
+
+
 def test_config_override_validation():
     with pytest.raises(ValueError, match="kind must be one of"):
         configs.set_override("bwd", TileConfig((1, 1, 16), (1, 1, 16)))
