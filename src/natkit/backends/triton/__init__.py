@@ -50,6 +50,14 @@ if interpreting():
     _interpreter_compat()
 
 
+def _atomic_rpb_grad_in_deterministic_mode(rpb, requires_grad: bool) -> bool:
+    """Deterministic algorithms are on and the call will need the rpb gradient, which the
+    kernels sum with fp32 atomics (their only run-order dependence: every other gradient
+    has one writer per element)."""
+    return (rpb is not None and rpb.requires_grad and requires_grad
+            and torch.are_deterministic_algorithms_enabled())
+
+
 def can_run(p, query, rpb, requires_grad) -> str | None:
     """``None`` when the triton backend can run this call, else the reason."""
     if query.dtype == torch.float64:
@@ -58,11 +66,10 @@ def can_run(p, query, rpb, requires_grad) -> str | None:
         return "a float64 rpb is not supported by the triton kernels"
     if p.head_dim > MAX_HEAD_DIM:
         return f"head_dim {p.head_dim} exceeds the triton kernels' maximum {MAX_HEAD_DIM}"
-    if (rpb is not None and rpb.requires_grad and requires_grad
-            and torch.are_deterministic_algorithms_enabled()
+    if (_atomic_rpb_grad_in_deterministic_mode(rpb, requires_grad)
             and not torch.is_deterministic_algorithms_warn_only_enabled()):
-        # the other gradients have one writer per element; the portable backend's bias
-        # gradient (index_select's backward) is deterministic in this mode
+        # the portable backend's bias gradient (index_select's backward) is deterministic
+        # in this mode
         return ("torch.use_deterministic_algorithms(True) is set and the triton kernels sum the "
                 "rpb gradient with atomics (run order varies)")
     if query.device.type == "cuda":
@@ -79,8 +86,7 @@ def na_triton(query, key, value, p, rpb=None, additional_keys=None, additional_v
     """Returns ``(out, lse)`` through the ``natkit::triton_na_fwd`` custom op (differentiable)."""
     from .op import na_fwd_op
     if rpb is not None:
-        if (rpb.requires_grad and torch.is_grad_enabled()
-                and torch.are_deterministic_algorithms_enabled()
+        if (_atomic_rpb_grad_in_deterministic_mode(rpb, torch.is_grad_enabled())
                 and torch.is_deterministic_algorithms_warn_only_enabled()
                 and not torch.compiler.is_compiling()):
             warnings.warn("natkit triton backend: the rpb gradient is summed with atomics and "
