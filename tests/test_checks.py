@@ -55,8 +55,10 @@ Q, K, V = qkv(1, 10, 12, 4, 8)
     (dict(kernel_size=3, additional_keys=torch.zeros(1, 2, 4, 8, dtype=torch.float64),
           additional_values=torch.zeros(1, 2, 4, 8, dtype=torch.float64)), TypeError,
      r"additional_keys dtype torch.float64 differs"),
-    (dict(kernel_size=3, additional_keys=torch.zeros(1, 0, 4, 8),
-          additional_values=torch.zeros(1, 0, 4, 8)), ValueError, r"additional_keys is empty"),
+    (dict(kernel_size=3, additional_keys=torch.zeros(1, 2, 4, 0),
+          additional_values=torch.zeros(1, 2, 4, 0)), ValueError,
+     r"additional_keys is empty: size 0 in head_dim \(shape \(1, 2, 4, 0\)\); only batch and "
+     r"n_extra may be 0"),
 ])
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -74,7 +76,11 @@ def test_bad_arguments(kwargs, error, match):
     ((Q.long(), K.long(), V.long()), TypeError, r"query must be a floating tensor.*torch.int64"),
     ((Q.numpy(), K, V), TypeError, r"query must be a torch.Tensor, got ndarray"),
     ((Q, None, V), TypeError, r"key must be a torch.Tensor, got NoneType"),
-    ((Q[:, :0], K[:, :0], V[:, :0]), ValueError, r"query is empty"),
+    ((Q[:, :0], K[:, :0], V[:, :0]), ValueError,
+     r"query is empty: size 0 in size0 \(shape \(1, 0, 12, 4, 8\)\); only batch may be 0"),
+    ((Q[..., :0, :], K[..., :0, :], V[..., :0, :]), ValueError, r"query is empty: size 0 in heads "),
+    ((Q[..., :0], K[..., :0], V[..., :0]), ValueError, r"query is empty: size 0 in head_dim"),
+    ((Q, K[..., :0, :], V[..., :0, :]), ValueError, r"key is empty: size 0 in heads"),
     ((Q, K.to("meta"), V.to("meta")), ValueError, r"key is on meta but query is on cpu"),
     ((Q.to_sparse(), K, V), TypeError, r"query must be a dense \(strided\) tensor"),
 ])

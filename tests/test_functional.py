@@ -257,6 +257,45 @@ def test_available_backends_and_explicit_choice():
         natkit.na1d(q, q, q, 3, backend=3)
 
 
+@pytest.mark.parametrize("backend", [None, "torch", "reference"])
+def test_empty_batch_gives_empty_outputs_and_zero_gradients(backend):
+    """A batch of 0 (e.g. a detector's empty set of crops) runs like any other batch: empty
+    output and log-sum-exp of the right shapes and dtypes, and zero gradients of the right
+    shapes for every input, RPB and extra tokens included, also under torch.compile."""
+    for nd, dtype in ((1, torch.float64), (2, torch.float32), (3, torch.bfloat16)):
+        spatial = (9, 8, 7)[:nd]
+        q = torch.randn(0, *spatial, 4, 8, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(0, *spatial, 2, 8, dtype=dtype, requires_grad=True) for _ in "kv")
+        rpb = torch.randn(4, *(5,) * nd, dtype=dtype, requires_grad=True)
+        ek, ev = (torch.randn(0, 3, 2, 8, dtype=dtype, requires_grad=True) for _ in "kv")
+        out, lse = natkit.neighborhood_attention(q, k, v, 3, dilation=2, rpb=rpb,
+                                                 additional_keys=ek, additional_values=ev,
+                                                 return_lse=True, backend=backend)
+        assert out.shape == q.shape and out.dtype == dtype and out.requires_grad
+        assert lse.shape == q.shape[:-1]
+        assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        (out.sum() + lse.sum()).backward()
+        for t in (q, k, v, rpb, ek, ev):
+            assert t.grad.shape == t.shape and t.grad.dtype == dtype
+            assert not t.grad.any()
+    q = torch.randn(0, 9, 9, 2, 8)
+    f = torch.compile(lambda q: natkit.na2d(q, q, q, 3, backend=backend), fullgraph=True,
+                      backend="aot_eager")
+    assert f(q).shape == q.shape
+    assert f(torch.randn(2, 9, 9, 2, 8)).shape == (2, 9, 9, 2, 8)
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "reference"])
+def test_zero_extra_tokens_are_no_extra_tokens(backend):
+    q, k, v = (torch.randn(2, 9, 10, 4, 8, dtype=torch.float64) for _ in "qkv")
+    none = torch.zeros(2, 0, 4, 8, dtype=torch.float64)
+    got = natkit.na2d(q, k, v, 3, additional_keys=none, additional_values=none,
+                      return_lse=True, backend=backend)
+    want = natkit.na2d(q, k, v, 3, return_lse=True, backend=backend)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_lse_dtype():
     q = torch.randn(1, 8, 2, 4, dtype=torch.bfloat16)
     out, lse = natkit.na1d(q, q, q, 3, return_lse=True)

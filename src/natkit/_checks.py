@@ -80,7 +80,8 @@ def _tuple(name: str, value, nd: int, kind: type) -> tuple:
     return items
 
 
-def _check_tensor(name: str, t, layout: str) -> None:
+def _check_tensor(name: str, t, layout: str, may_be_zero: tuple[int, ...] = (0,)) -> None:
+    """Type, dtype, layout and rank of ``t``; only the dims ``may_be_zero`` may have size 0."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
@@ -91,8 +92,12 @@ def _check_tensor(name: str, t, layout: str) -> None:
     rank = layout.count(",") + 1
     if t.dim() != rank:
         raise ValueError(f"{name} must have {rank} dims {layout}, got shape {tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+    dims = layout.strip("[]").split(", ")
+    zero = [dims[i] for i, n in enumerate(t.shape) if n == 0 and i not in may_be_zero]
+    if zero:
+        allowed = " and ".join(dims[i] for i in may_be_zero)
+        raise ValueError(f"{name} is empty: size 0 in {', '.join(zero)} (shape "
+                         f"{tuple(t.shape)}); only {allowed} may be 0")
 
 
 def check_inputs(nd: int, query, key, value, kernel_size: IntOrTuple, dilation: IntOrTuple,
@@ -177,7 +182,7 @@ def check_inputs(nd: int, query, key, value, kernel_size: IntOrTuple, dilation: 
     if additional_keys is not None:
         for name, t in (("additional_keys", additional_keys),
                         ("additional_values", additional_values)):
-            _check_tensor(name, t, "[batch, n_extra, kv_heads, head_dim]")
+            _check_tensor(name, t, "[batch, n_extra, kv_heads, head_dim]", may_be_zero=(0, 1))
             if t.dtype != query.dtype:
                 raise TypeError(f"{name} dtype {t.dtype} differs from query dtype {query.dtype}")
             if t.device != query.device:

@@ -68,8 +68,23 @@ def _run(nd, query, key, value, kernel_size, dilation, stride, is_causal, rpb, s
     requires_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
     impl = choose_backend(backend, p, query, rpb, requires_grad)
-    out, lse = impl.forward(query, key, value, p, rpb, additional_keys, additional_values)
+    if p.num_extra == 0:  # [batch, 0, ...] extra tokens: nothing more to attend
+        additional_keys = additional_values = None
+    if p.batch == 0:
+        out, lse = _empty_result(query, tensors)
+    else:
+        out, lse = impl.forward(query, key, value, p, rpb, additional_keys, additional_values)
     return (out, lse) if return_lse else out
+
+
+def _empty_result(query, tensors):
+    """The output and log-sum-exp of an empty batch: empty tensors that still depend on every
+    input, so that a backward pass gives every input a (zero) gradient, as with a real batch."""
+    zero = sum(t.sum(dtype=torch.float32) for t in tensors if t is not None) * 0
+    lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    out = query.new_zeros(query.shape) + zero.to(query.dtype)
+    lse = query.new_zeros(query.shape[:-1], dtype=lse_dtype) + zero.to(lse_dtype)
+    return out, lse
 
 
 def _make_na(nd: int):
