@@ -361,6 +361,23 @@ def test_torch_compile_dynamic_shapes(backend):
     assert time.perf_counter() - began < 120
 
 
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_torch_compile_many_batch_sizes_compile_once(backend):
+    """A new batch size must not recompile once the batch is dynamic (an evaluation loop
+    sees many): the portable backend once chunked by the batch and recompiled per size,
+    failing at dynamo's recompile limit (8) under fullgraph=True."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(lambda q: natkit.na2d(q, q, q, 3, backend=backend),
+                             fullgraph=True, backend="aot_eager")
+    for b in [1, 2, 3, 4, 5, 6, 7, 9, 11, 13, 16, 17, 23, 33]:
+        q = torch.randn(b, 40, 40, 2, 16)
+        torch.testing.assert_close(compiled(q), natkit.na2d(q, q, q, 3, backend=backend),
+                                   atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] <= 2  # the first, static, then a dynamic batch
+
+
 def test_dispatch_explains_refusals(monkeypatch):
     """An explicit backend that cannot run raises with its reason; auto-dispatch skips it."""
     from natkit import backends as registry

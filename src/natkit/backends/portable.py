@@ -215,10 +215,14 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
     if additional_keys is not None:
         extra = (additional_keys.to(compute).permute(0, 2, 3, 1),             # b hk d E
                  additional_values.to(compute).transpose(1, 2))                # b hk E dv
-    # Tiles in chunks, so that no score tensor grows past ``chunk_elements``.
+    # Tiles in chunks, so that no score tensor grows past ``chunk_elements``: per sample
+    # under torch.compile, where the batch is a symbolic size: a chunk count computed from
+    # it would guard on its value and recompile for each new batch (and fail at dynamo's
+    # recompile limit under fullgraph=True).
     if chunk_elements is None:
         chunk_elements = default_chunk(dev)
-    step = max(1, chunk_elements // (b * p.heads * tq * tw))
+    rows = p.heads * tq * tw * (1 if torch.compiler.is_compiling() else b)
+    step = max(1, chunk_elements // rows)
     outs, lses = [], []
     for lo in range(0, n_tiles, step):
         hi = min(lo + step, n_tiles)
