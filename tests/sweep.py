@@ -93,3 +93,30 @@ def assert_fa_close(name: str, got: torch.Tensor, ref: torch.Tensor, low: torch.
     err = (got.double() - ref).abs().max()
     bound = 2 * (low.double() - ref).abs().max() + floor
     assert err <= bound, f"{name}: error {float(err):.3g} > bound {float(bound):.3g}"
+
+
+def counted_flops(cfg: Config, backend: str, device="cpu") -> tuple[int, int, int, int]:
+    """``(forward, backward)`` FLOPs that ``FlopCounterMode`` counts for one call of
+    ``backend`` on ``cfg`` (float32) and the ``(forward, backward)`` that the pairs of the
+    reference's dense mask give (``4`` and ``10`` FLOPs per pair and head dim)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import natkit
+    from natkit._checks import check_inputs
+    from natkit.backends.reference import dense_mask
+
+    d = make_inputs(cfg, torch.float32, device)
+    with FlopCounterMode(display=False) as counter:
+        out = natkit.neighborhood_attention(
+            d["query"], d["key"], d["value"], **cfg.kwargs(), rpb=d["rpb"],
+            additional_keys=d["additional_keys"], additional_values=d["additional_values"],
+            backend=backend)
+        forward = counter.get_total_flops()
+        out.sum().backward()
+    backward = counter.get_total_flops() - forward
+    p = check_inputs(len(cfg.spatial), d["query"], d["key"], d["value"], cfg.kernel_size,
+                     cfg.dilation, cfg.stride, cfg.is_causal, d["rpb"], None,
+                     d["additional_keys"], d["additional_values"])
+    pairs = int(dense_mask(p).sum()) + p.num_tokens * p.num_extra
+    per_pair = cfg.batch * cfg.heads * cfg.head_dim * pairs
+    return forward, backward, 4 * per_pair, 10 * per_pair

@@ -241,6 +241,16 @@ def test_forward_allocates_no_score_tensor():
     assert total == out_bytes, (total, out_bytes)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_flop_counter_counts_the_attended_pairs(seed):
+    """torch.utils.flop_counter counts the fused ops' forward and backward as SDPA's
+    convention does over the attended pairs (not 0, as for an unknown custom op)."""
+    from sweep import counted_flops, random_config as sweep_config
+    forward, backward, want_forward, want_backward = counted_flops(
+        sweep_config(random.Random(6000 + seed)), "cpu")
+    assert (forward, backward) == (want_forward, want_backward)
+
+
 def test_chosen_automatically_for_cpu_float32_and_half():
     for dtype in (torch.float32, torch.bfloat16):
         q = torch.randn(1, 10, 2, 8, dtype=dtype)

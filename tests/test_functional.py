@@ -296,6 +296,23 @@ def test_zero_extra_tokens_are_no_extra_tokens(backend):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_flop_formula_counts_the_reference_pairs(seed):
+    """``natkit._flops`` (what FlopCounterMode reports for the fused ops) counts exactly the
+    pairs of the reference's dense mask, causal borders and extra tokens included."""
+    from natkit._checks import check_inputs
+    from natkit._flops import na_flops
+    from natkit.backends.reference import dense_mask
+    cfg = random_config(random.Random(5000 + seed))
+    d = make_inputs(cfg, requires_grad=False)
+    p = check_inputs(len(cfg.spatial), d["query"], d["key"], d["value"], cfg.kernel_size,
+                     cfg.dilation, cfg.stride, cfg.is_causal, d["rpb"], None,
+                     d["additional_keys"], d["additional_values"])
+    pairs = int(dense_mask(p).sum()) + p.num_tokens * p.num_extra
+    assert na_flops(p) == 4 * cfg.batch * cfg.heads * cfg.head_dim * pairs
+    assert na_flops(p, backward=True) == 10 * cfg.batch * cfg.heads * cfg.head_dim * pairs
+
+
 def test_lse_dtype():
     q = torch.randn(1, 8, 2, 4, dtype=torch.bfloat16)
     out, lse = natkit.na1d(q, q, q, 3, return_lse=True)

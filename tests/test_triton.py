@@ -107,6 +107,14 @@ def test_feature_float32(name):
     check(FEATURES[name])
 
 
+@pytest.mark.parametrize("name", ["2d_causal_mixed_even", "3d_gqa_extra_dilation_stride"])
+def test_flop_counter_counts_the_attended_pairs(name):
+    from sweep import counted_flops
+    forward, backward, want_forward, want_backward = counted_flops(FEATURES[name], "triton",
+                                                                   DEVICE)
+    assert (forward, backward) == (want_forward, want_backward)
+
+
 def test_noncontiguous_qkv_and_odd_head_dim():
     check(cfg((9, 8), 3, rpb=True, head_dim=20), qkv_view=True)
 

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from ..._checks import NAParams
+from ..._flops import register_flop_formula
 from ..._window import window_1d
 from .. import Backend
 from . import _build
@@ -219,6 +220,9 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("natkit::cpu_na_forward", _backward, setup_context=_setup_context)
+# FlopCounterMode: both ops end with (cfg, scale)
+register_flop_formula(torch.ops.natkit.cpu_na_forward, lambda *a: _decode(*a[-2:]), False)
+register_flop_formula(torch.ops.natkit.cpu_na_backward, lambda *a: _decode(*a[-2:]), True)
 
 
 def na_cpu(query, key, value, p: NAParams, rpb=None, additional_keys=None,

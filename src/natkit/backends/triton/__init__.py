@@ -49,6 +49,10 @@ def _interpreter_compat() -> None:
 if interpreting():
     _interpreter_compat()
 
+# At import: the custom ops (and their FLOP formulas, which FlopCounterMode reads when it
+# is entered) exist before the first call.
+from .op import na_fwd_op  # noqa: E402
+
 
 def _atomic_rpb_grad_in_deterministic_mode(rpb, requires_grad: bool) -> bool:
     """Deterministic algorithms are on and the call will need the rpb gradient, which the
@@ -84,7 +88,6 @@ def can_run(p, query, rpb, requires_grad) -> str | None:
 
 def na_triton(query, key, value, p, rpb=None, additional_keys=None, additional_values=None):
     """Returns ``(out, lse)`` through the ``natkit::triton_na_fwd`` custom op (differentiable)."""
-    from .op import na_fwd_op
     if rpb is not None:
         if (_atomic_rpb_grad_in_deterministic_mode(rpb, torch.is_grad_enabled())
                 and torch.is_deterministic_algorithms_warn_only_enabled()

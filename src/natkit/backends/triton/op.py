@@ -19,6 +19,8 @@ from typing import List, Optional, Tuple
 import torch
 import triton
 
+from ..._checks import NAParams
+from ..._flops import register_flop_formula
 from . import configs
 from .backward import delta_kernel, na_bwd_dkdv_extra_kernel, na_bwd_dkdv_kernel, na_bwd_dq_kernel
 from .forward import na_fwd_kernel
@@ -287,3 +289,21 @@ def _backward(ctx, dout, dlse):
 
 
 na_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _flop_params(query, key, additional_keys, kernel_size, dilation, stride, is_causal, scale):
+    """The ``NAParams`` of an op call whose tensors are given by their shapes (FlopCounterMode)."""
+    batch, *spatial, heads, head_dim = query
+    return NAParams(spatial=tuple(spatial), kernel_size=tuple(kernel_size),
+                    dilation=tuple(dilation), stride=tuple(stride),
+                    is_causal=tuple(is_causal), scale=scale, batch=batch, heads=heads,
+                    kv_heads=key[-2], head_dim=head_dim,
+                    num_extra=additional_keys[1] if additional_keys is not None else 0,
+                    has_rpb=False)
+
+
+register_flop_formula(torch.ops.natkit.triton_na_fwd,
+                      lambda q, k, v, rpb, ek, ev, *rest: _flop_params(q, k, ek, *rest), False)
+register_flop_formula(torch.ops.natkit.triton_na_bwd,
+                      lambda do, dl, q, k, v, o, l, rpb, ek, ev, *rest: _flop_params(q, k, ek, *rest),
+                      True)
