@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -28,6 +29,19 @@ class Backend:
     can_run: Callable[..., Optional[str]]
     # (query, key, value, params, rpb, additional_keys, additional_values) -> (out, lse)
     forward: Callable
+
+
+def exporting_to_onnx() -> bool:
+    """ONNX export is tracing this call (through ``torch.export``). The fused backends'
+    custom ops have no ONNX translation, so they refuse and the portable backend's plain
+    PyTorch ops are exported."""
+    if not torch.compiler.is_exporting():
+        return False
+    onnx = sys.modules.get("torch.onnx")  # never imported: no ONNX export under way
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
+ONNX_REASON = "ONNX export runs the portable backend (the fused kernels have no ONNX translation)"
 
 
 def _reference() -> Backend:

@@ -16,7 +16,7 @@ import warnings
 import torch
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 
-from .. import Backend
+from .. import ONNX_REASON, Backend, exporting_to_onnx
 from . import configs
 from .configs import TileConfig, override, set_override
 
@@ -76,6 +76,8 @@ def can_run(p, query, rpb, requires_grad) -> str | None:
         # in this mode
         return ("torch.use_deterministic_algorithms(True) is set and the triton kernels sum the "
                 "rpb gradient with atomics (run order varies)")
+    if exporting_to_onnx():
+        return ONNX_REASON
     if query.device.type == "cuda":
         return None
     if interpreting() and query.dtype == torch.bfloat16:
