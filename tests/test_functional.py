@@ -1,5 +1,6 @@
 """The public op: portable backend vs the reference, gradcheck, merge, special cases, compile."""
 
+import dataclasses
 import random
 import time
 
@@ -393,6 +394,51 @@ def test_torch_compile_many_batch_sizes_compile_once(backend):
         torch.testing.assert_close(compiled(q), natkit.na2d(q, q, q, 3, backend=backend),
                                    atol=1e-5, rtol=0)
     assert counters["stats"]["unique_graphs"] <= 2  # the first, static, then a dynamic batch
+
+
+def test_use_backend_steers_calls_that_name_none(monkeypatch):
+    from natkit import backends as registry
+    reference = registry.backends()["reference"]
+    calls = []
+    recording = dataclasses.replace(reference,
+                                    forward=lambda *a: calls.append(1) or reference.forward(*a))
+    monkeypatch.setattr(registry, "_BACKENDS", {**registry.backends(), "reference": recording})
+    module = natkit.NeighborhoodAttention2D(16, 2, 3)
+    x = torch.randn(1, 6, 7, 16)
+    q = torch.randn(1, 6, 7, 2, 8)
+    with natkit.use_backend("reference"):
+        with natkit.use_backend(None):  # blocks nest; None is the automatic choice
+            module(x)
+        assert calls == []
+        y = module(x)
+        assert len(calls) == 1
+        natkit.na2d(q, q, q, 3, backend="torch")  # an explicit argument wins
+        assert len(calls) == 1
+    torch.testing.assert_close(module(x), y, atol=1e-6, rtol=0)
+    assert len(calls) == 1  # restored on exit
+    with pytest.raises(ValueError, match=r"backend='nope' is not available; available"):
+        with natkit.use_backend("nope"):
+            pass
+    with pytest.raises(TypeError, match="backend must be a str or None, got 3"):
+        with natkit.use_backend(3):
+            pass
+
+
+def test_use_backend_under_torch_compile():
+    """A compiled call re-dispatches when the forced backend changes (dynamo guards on it):
+    float64 runs on the portable backend, and forcing the cpu kernel must raise, not reuse
+    the graph compiled before."""
+    torch._dynamo.reset()
+    q = torch.randn(1, 9, 2, 4, dtype=torch.float64)
+    compiled = torch.compile(lambda q: natkit.na1d(q, q, q, 3), fullgraph=True,
+                             backend="aot_eager")
+    compiled(q)
+    with natkit.use_backend("cpu"):
+        with pytest.raises(Exception, match=r"backend='cpu' \(set by natkit.use_backend\) "
+                                            r"cannot run this call: .*float64"):
+            compiled(q)
+    with natkit.use_backend("reference"):
+        torch.testing.assert_close(compiled(q), natkit.na1d(q, q, q, 3), atol=1e-12, rtol=0)
 
 
 def test_dispatch_explains_refusals(monkeypatch):

@@ -42,8 +42,8 @@ def neighborhood_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
             attended by every query, in one softmax with its neighborhood.
         return_lse: also return the log-sum-exp of the logits, ``[batch, *spatial, heads]``
             (float32; float64 for float64 inputs), for ``merge_attentions``.
-        backend: ``None`` picks the fastest available backend; or a name from
-            ``natkit.available_backends()``.
+        backend: ``None`` picks the fastest available backend (or the one
+            ``natkit.use_backend`` set); or a name from ``natkit.available_backends()``.
 
     Returns:
         ``out`` shaped like ``query``, or ``(out, lse)`` when ``return_lse``.

@@ -8,6 +8,7 @@ an explicit backend that cannot run raises a ``ValueError`` with its reason.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import sys
@@ -88,18 +89,46 @@ def available_backends() -> list[str]:
     return names + ["reference"]
 
 
-def choose_backend(name: Optional[str], p: NAParams, query, rpb, requires_grad: bool) -> Backend:
-    """The backend to run this call: ``name`` if given (else ValueError), else the fastest."""
-    registry = backends()
+# Set by ``use_backend``: the backend of calls that name none (None: the fastest).
+_forced: Optional[str] = None
+
+
+def _check_name(name) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str or None, got {name!r}")
+    if name not in backends():
+        raise ValueError(f"backend={name!r} is not available; available backends: "
+                         f"{available_backends()}")
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]):
+    """Within the ``with`` block, every call that passes no ``backend`` (modules and models
+    included) runs on ``name``, as if it passed it: a call that backend cannot run raises
+    the reason. ``None`` restores the automatic choice. Process-wide, like PyTorch's
+    backend flags; blocks nest."""
+    global _forced
     if name is not None:
-        if not isinstance(name, str):
-            raise TypeError(f"backend must be a str or None, got {name!r}")
-        if name not in registry:
-            raise ValueError(f"backend={name!r} is not available; available backends: "
-                             f"{available_backends()}")
+        _check_name(name)
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def choose_backend(name: Optional[str], p: NAParams, query, rpb, requires_grad: bool) -> Backend:
+    """The backend to run this call: ``name`` if given (else ValueError), else the one
+    ``use_backend`` set, else the fastest that can run it."""
+    registry = backends()
+    source = ""
+    if name is None and _forced is not None:
+        name, source = _forced, " (set by natkit.use_backend)"
+    if name is not None:
+        _check_name(name)
         reason = registry[name].can_run(p, query, rpb, requires_grad)
         if reason is not None:
-            raise ValueError(f"backend={name!r} cannot run this call: {reason}")
+            raise ValueError(f"backend={name!r}{source} cannot run this call: {reason}")
         return registry[name]
     for candidate in PRIORITY:
         backend = registry.get(candidate)
