@@ -61,6 +61,20 @@ def test_defaults_do_not_spill(reports, ndim):
     assert not unpipelined, f"defaults whose loads are not pipelined: {unpipelined}"
 
 
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_forward_bias_stays_in_the_scores_layout(reports, ndim):
+    """RPB costs the forward its gather, not a detour through shared memory. The bias was
+    once gathered inside the masked/unmasked branch, got a register layout of its own and
+    the scores were converted to it through shared memory: the loop grew 1.7-2.3x over the
+    same config without RPB and gained 10-11 shared stores. Gathered before the product it
+    costs 1.2-1.5x and 1-4 stores (a P tile staged for the second product)."""
+    rows = [r for r in reports[ndim] if r["kind"] == "fwd" and r["rpb"] and r["head_dim"] <= 128]
+    assert len(rows) == 3
+    for r in rows:
+        assert r["loop_instructions"] <= 1.6 * r["loop_instructions_without_rpb"], r
+        assert r["loop_shared_stores"] <= r["loop_shared_stores_without_rpb"] + 4, r
+
+
 def test_resources_reports_spills():
     """A config known to spill heavily is reported as spilling (the check can fail)."""
     code = ("from natkit.backends.triton import aot, configs\n"
@@ -98,6 +112,17 @@ def test_loop_instructions_takes_the_longest_path():
             addr += 16
     # HGMMA, BRA, 3 on the long side, BRA, FMUL, BRA: 8 (the span holds 9)
     assert loop_instructions("\n".join(sass)) == 8
+
+
+def test_loop_shared_stores_counts_sts_inside_tile_loops_only():
+    from natkit.backends.triton.aot import loop_shared_stores
+    lines = ["STS.128 [R1], R4", ".L_x_1:", "HGMMA.64x64x16 R0, gdesc[UR4], R0",
+             "STS.128 [R2+0x4000], R8", "@P1 STS [R3], R9", "LDGSTS.E.64 [R4], desc[UR4][R6.64]",
+             "@P1 BRA `(.L_x_1)", "STS.64 [R5], R8", "EXIT"]
+    sass = "\n".join(line if line.startswith(".L") else
+                     f"        /*{16 * i:04x}*/                   {line} ;"
+                     for i, line in enumerate(lines))
+    assert loop_shared_stores(sass) == 2
 
 
 def test_mma_bound_is_the_dense_tensor_core_peak():

@@ -70,6 +70,7 @@ class Resources:
     num_warps: int
     pipelined: bool
     loop_instructions: int  # SASS instructions of one tile-loop iteration (masked path)
+    loop_shared_stores: int = 0  # STS instructions in the tile loops
 
     @property
     def spill_bytes(self) -> int:
@@ -153,14 +154,8 @@ _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH = re.compile(r"BRA\s+(?:[^`]*`\()?(\.L_x_\d+)")
 
 
-def loop_instructions(sass: str) -> int:
-    """Instructions executed by one iteration of the tile loop along its longest path.
-
-    The tile loop is the largest backward branch's span that contains matrix instructions
-    (HGMMA/HMMA). Within it, basic blocks (split at labels and after branches) are chained by
-    their forward edges and the longest path is taken: the masked step, which runs the mask
-    code that interior tiles skip, and only one copy of any code the compiler duplicated
-    into both sides of a branch."""
+def _sass_body(sass: str) -> tuple[dict, list]:
+    """``(labels, instructions)``: each label's position in the instruction list."""
     labels, body = {}, []
     for line in sass.splitlines():
         label = _LABEL.match(line)
@@ -170,12 +165,31 @@ def loop_instructions(sass: str) -> int:
         ins = _INSTRUCTION.match(line)
         if ins:
             body.append(ins.group(1))
-    best = 0
+    return labels, body
+
+
+def _tile_loops(labels: dict, body: list) -> list[tuple[int, int]]:
+    """``(start, end)`` of every backward branch's span that contains matrix instructions."""
+    spans = []
     for end, ins in enumerate(body):
         branch = _BRANCH.search(ins)
         start = labels.get(branch.group(1), end + 1) if branch else end + 1
-        if start > end or not any("MMA" in i for i in body[start:end + 1]):
-            continue
+        if start <= end and any("MMA" in i for i in body[start:end + 1]):
+            spans.append((start, end))
+    return spans
+
+
+def loop_instructions(sass: str) -> int:
+    """Instructions executed by one iteration of the tile loop along its longest path.
+
+    The tile loop is the largest backward branch's span that contains matrix instructions
+    (HGMMA/HMMA). Within it, basic blocks (split at labels and after branches) are chained by
+    their forward edges and the longest path is taken: the masked step, which runs the mask
+    code that interior tiles skip, and only one copy of any code the compiler duplicated
+    into both sides of a branch."""
+    labels, body = _sass_body(sass)
+    best = 0
+    for start, end in _tile_loops(labels, body):
         # basic blocks of [start, end]: cut at labels inside and after every branch
         cuts = sorted({start, end + 1} | {i for i in labels.values() if start < i <= end}
                       | {i + 1 for i in range(start, end) if _BRANCH.search(body[i])})
@@ -192,6 +206,15 @@ def loop_instructions(sass: str) -> int:
                                           default=0)
         best = max(best, longest[start])
     return best
+
+
+def loop_shared_stores(sass: str) -> int:
+    """Shared-memory stores (``STS``; not the pipeline's ``LDGSTS`` copies) inside the tile
+    loops: in the forward kernel they are register-layout conversions through shared memory,
+    which nothing there needs."""
+    labels, body = _sass_body(sass)
+    inside = {i for start, end in _tile_loops(labels, body) for i in range(start, end + 1)}
+    return sum(1 for i in inside if re.match(r"(@!?U?P\w+\s+)?STS\b", body[i]))
 
 
 @lru_cache(maxsize=None)
@@ -220,7 +243,8 @@ def resources(kind: str, cfg: configs.TileConfig, p: Problem, arch: int = 90) ->
         raise RuntimeError(f"unexpected ptxas report: {report!r}")
     return Resources(int(regs.group(1)), int(spills.group(1)), int(spills.group(2)),
                      int(compiled.metadata.shared), cfg.num_warps,
-                     pipelined="cp.async" in ptx_text, loop_instructions=loop_instructions(sass))
+                     pipelined="cp.async" in ptx_text, loop_instructions=loop_instructions(sass),
+                     loop_shared_stores=loop_shared_stores(sass))
 
 
 # H100 SXM: 132 SMs, 4 warp schedulers each issuing one instruction per clock, ~1.755 GHz
@@ -255,7 +279,8 @@ def mma_bound_ms(kind: str, cfg: configs.TileConfig, block_d: int, tile_visits: 
 
 def default_report(ndim: int, head_dim: int) -> list[dict]:
     """Resources of every kernel's default config (without and with RPB) for the rank's
-    representative problem at ``head_dim``."""
+    representative problem at ``head_dim``. Rows with RPB also give the loop of the same
+    config compiled without it (``*_without_rpb``): what the bias itself costs."""
     out = []
     for kind in configs.KINDS:
         for rpb in (False, True):
@@ -263,10 +288,16 @@ def default_report(ndim: int, head_dim: int) -> list[dict]:
             group_lengths = (1,) * (3 - ndim) + tuple(p.spatial)
             cfg = configs.candidates(ndim, configs.block_d(head_dim), group_lengths, kind, rpb)[0]
             res = resources(kind, cfg, p)
-            out.append(dict(kind=kind, rpb=rpb, config=repr(cfg), registers=res.registers,
-                            spill_bytes=res.spill_bytes, pipelined=res.pipelined,
-                            shared=res.shared, ctas_per_sm=res.ctas_per_sm,
-                            loop_instructions=res.loop_instructions))
+            row = dict(kind=kind, rpb=rpb, config=repr(cfg), registers=res.registers,
+                       spill_bytes=res.spill_bytes, pipelined=res.pipelined,
+                       shared=res.shared, ctas_per_sm=res.ctas_per_sm,
+                       loop_instructions=res.loop_instructions,
+                       loop_shared_stores=res.loop_shared_stores)
+            if rpb:
+                plain = resources(kind, cfg, replace(p, rpb=False))
+                row.update(loop_instructions_without_rpb=plain.loop_instructions,
+                           loop_shared_stores_without_rpb=plain.loop_shared_stores)
+            out.append(row)
     return out
 
 
@@ -278,4 +309,4 @@ if __name__ == "__main__":  # python -m natkit.backends.triton.aot NDIM HEAD_DIM
 
 
 __all__ = ["Problem", "Resources", "compile_kernel", "default_report", "issue_bound_ms",
-           "launch_args", "loop_instructions", "mma_bound_ms", "resources"]
+           "launch_args", "loop_instructions", "loop_shared_stores", "mma_bound_ms", "resources"]

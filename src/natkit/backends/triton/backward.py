@@ -18,7 +18,7 @@ gradient of the returned log-sum-exp in (``d lse / d s = P``).
 import triton
 import triton.language as tl
 
-from .window import (bias_and_mask, box_tile, group_len, key_box, query_box, rpb_center,
+from .window import (apply_mask, bias_tile, box_tile, group_len, key_box, query_box, rpb_center,
                      rpb_flat, tile_coords, tile_index, win_end, win_start, window_lengths)
 
 
@@ -111,8 +111,9 @@ def na_bwd_dq_kernel(
     qfull = full0 & full1 & full2
 
     table = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
-    bias_ptr = RPB + h * table + rpb_center(K0, K1, K2)
-    drpb_ptr = DRPB + ((pid % NCOPY) * H + h) * table + rpb_center(K0, K1, K2)
+    center = rpb_center(K0, K1, K2)
+    bias_ptr = RPB + h * table + center
+    drpb_ptr = DRPB + ((pid % NCOPY) * H + h) * table + center
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BQ0 * BQ1 * BQ2, BLOCK_D], tl.float32)
@@ -130,10 +131,13 @@ def na_bwd_dq_kernel(
                     mask=kvalid[:, None] & dmask[None, :], other=0.0)
         vT = tl.load(v_base + voff[None, :] + dd[:, None] * svd,
                      mask=kvalid[None, :] & dmask[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_RPB:  # loaded before the products (``bias_tile``)
+            bias = bias_tile(bias_ptr, qidx, kidx, center, table, False)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias
+        else:
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         dp = tl.dot(do, vT, input_precision=PRECISION)
-        qk = bias_and_mask(qk, inside, bias_ptr, qidx, kidx, j0, j1, j2,
-                           ws0, wl0, ws1, wl1, ws2, wl2, HAS_RPB, ND, False)
+        qk = apply_mask(qk, inside, j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, ND, False)
         dq = _dq_update(dq, qk, dp, lse2, delta, k, drpb_ptr, kidx[None, :] - qidx[:, None],
                         HAS_RPB, PRECISION)
     if HAS_EXTRA:
@@ -213,12 +217,13 @@ def na_bwd_dkdv_kernel(
     kin = (c0 + BK0 <= Lg0) & (c1 + BK1 <= Lg1) & (c2 + BK2 <= Lg2)
 
     table = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
+    center = rpb_center(K0, K1, K2)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     NQ = L0 * L1 * L2
     for gi in range(0, G):
         h = hk * G + gi
-        bias_ptr = RPB + h * table + rpb_center(K0, K1, K2)
+        bias_ptr = RPB + h * table + center
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
         for t in range(0, nq0 * nq1 * nq2):
@@ -255,9 +260,12 @@ def na_bwd_dkdv_kernel(
             delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
             wl2 = tl.where(qvalid, window_lengths(i2, ws2, Lg2, K2, C2), 0)
             qidx = tl.where(qvalid, rpb_flat(i0, i1, i2, K1, K2), -1)
-            qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-            qkT = bias_and_mask(qkT, inside, bias_ptr, qidx, kidx, j0, j1, j2,
-                                ws0, wl0, ws1, wl1, ws2, wl2, HAS_RPB, ND, True)
+            if HAS_RPB:  # loaded before the products (``bias_tile``)
+                biasT = bias_tile(bias_ptr, qidx, kidx, center, table, True)
+                qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + biasT
+            else:
+                qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+            qkT = apply_mask(qkT, inside, j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, ND, True)
             dk, dv = _dkdv_update(dk, dv, qkT, k, v, q, do, lse2, delta, PRECISION)
     tl.store(DK + b * sdkb + hk * sdkh + s0[:, None] * sdk0 + s1[:, None] * sdk1
              + s2[:, None] * sdk2 + dd[None, :] * sdkd, (dk * scale).to(DK.dtype.element_ty), mask=km)

@@ -74,7 +74,7 @@ def sanitize(cfg: TileConfig, group_lengths) -> TileConfig:
 # (``work.py``: 8x16 / 8x8 computes 8.2 per attended pair, 4x8 / 2x16 3.2); the head-dim-32
 # alternates have the lowest issue-bound estimates at NAT-Tiny stages 1 and 3
 # (``aot.issue_bound_ms``, stage 1: 0.033-0.056 ms vs 0.063-0.183 ms for the defaults; with
-# RPB 0.070-0.103 ms vs 0.197-0.250 ms), which only a GPU can confirm. Head dims 65-128 (the
+# RPB 0.061-0.092 ms vs 0.164-0.231 ms), which only a GPU can confirm. Head dims 65-128 (the
 # large-kernel shapes of BENCH.md) default to the tiles with the lowest static bound,
 # max(issue bound, tensor-core bound ``aot.mma_bound_ms``), on every such shape: forward
 # 8x16 / 8x16 at 8 warps (the shape of Triton's Hopper flash-attention tutorial; 256² k31

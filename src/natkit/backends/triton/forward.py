@@ -10,7 +10,7 @@ the tile run the unmasked inner step; only boundary tiles pay for the window mas
 import triton
 import triton.language as tl
 
-from .window import (bias_and_mask, box_tile, group_len, key_box, rpb_center, rpb_flat,
+from .window import (apply_mask, bias_tile, box_tile, group_len, key_box, rpb_center, rpb_flat,
                      tile_coords, tile_index, win_start, window_lengths)
 
 
@@ -83,7 +83,9 @@ def na_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    bias_ptr = RPB + h * ((2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)) + rpb_center(K0, K1, K2)
+    table = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
+    center = rpb_center(K0, K1, K2)
+    bias_ptr = RPB + h * table + center
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     for t in range(0, nk0 * nk1 * nk2):
@@ -100,9 +102,12 @@ def na_fwd_kernel(
                      mask=kvalid[None, :] & dmask[:, None], other=0.0)
         v = tl.load(v_base + voff[:, None] + dd[None, :] * svd,
                     mask=kvalid[:, None] & dmask[None, :], other=0.0)
-        qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-        qk = bias_and_mask(qk, inside, bias_ptr, qidx, kidx, j0, j1, j2,
-                           ws0, wl0, ws1, wl1, ws2, wl2, HAS_RPB, ND, False)
+        if HAS_RPB:  # loaded before the product (``bias_tile``)
+            bias = bias_tile(bias_ptr, qidx, kidx, center, table, False)
+            qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale + bias
+        else:
+            qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+        qk = apply_mask(qk, inside, j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, ND, False)
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, PRECISION)
     if HAS_EXTRA:
         ek_base = EK + b * sekb + hk * sekh
