@@ -210,8 +210,9 @@ def loop_instructions(sass: str) -> int:
 
 def loop_shared_stores(sass: str) -> int:
     """Shared-memory stores (``STS``; not the pipeline's ``LDGSTS`` copies) inside the tile
-    loops: in the forward kernel they are register-layout conversions through shared memory,
-    which nothing there needs."""
+    loops. In the forward kernel a few stage the probabilities for the second product (with
+    8 warps); more are register-layout conversions through shared memory, which nothing
+    there needs."""
     labels, body = _sass_body(sass)
     inside = {i for start, end in _tile_loops(labels, body) for i in range(start, end + 1)}
     return sum(1 for i in inside if re.match(r"(@!?U?P\w+\s+)?STS\b", body[i]))

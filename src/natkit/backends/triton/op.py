@@ -302,8 +302,13 @@ def _flop_params(query, key, additional_keys, kernel_size, dilation, stride, is_
                     has_rpb=False)
 
 
-register_flop_formula(torch.ops.natkit.triton_na_fwd,
-                      lambda q, k, v, rpb, ek, ev, *rest: _flop_params(q, k, ek, *rest), False)
-register_flop_formula(torch.ops.natkit.triton_na_bwd,
-                      lambda do, dl, q, k, v, o, l, rpb, ek, ev, *rest: _flop_params(q, k, ek, *rest),
-                      True)
+def _fwd_flop_params(query, key, value, rpb, ek, ev, *geometry):
+    return _flop_params(query, key, ek, *geometry)
+
+
+def _bwd_flop_params(dout, dlse, query, key, value, out, lse, rpb, ek, ev, *geometry):
+    return _flop_params(query, key, ek, *geometry)
+
+
+register_flop_formula(torch.ops.natkit.triton_na_fwd, _fwd_flop_params, False)
+register_flop_formula(torch.ops.natkit.triton_na_bwd, _bwd_flop_params, True)
