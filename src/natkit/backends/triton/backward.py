@@ -132,14 +132,14 @@ def na_bwd_dq_kernel(
         vT = tl.load(v_base + voff[None, :] + dd[:, None] * svd,
                      mask=kvalid[None, :] & dmask[:, None], other=0.0)
         if HAS_RPB:  # loaded before the products (``bias_tile``)
-            bias = bias_tile(bias_ptr, qidx, kidx, center, table, False)
+            bias, bidx = bias_tile(bias_ptr, qidx, kidx, center, table, False)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias
         else:
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            bidx = kidx[None, :] - qidx[:, None]  # unused without RPB
         dp = tl.dot(do, vT, input_precision=PRECISION)
         qk = apply_mask(qk, inside, j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, ND, False)
-        dq = _dq_update(dq, qk, dp, lse2, delta, k, drpb_ptr, kidx[None, :] - qidx[:, None],
-                        HAS_RPB, PRECISION)
+        dq = _dq_update(dq, qk, dp, lse2, delta, k, drpb_ptr, bidx, HAS_RPB, PRECISION)
     if HAS_EXTRA:
         ek_base = EK + b * sekb + hk * sekh
         ev_base = EV + b * sevb + hk * sevh
@@ -261,7 +261,7 @@ def na_bwd_dkdv_kernel(
             wl2 = tl.where(qvalid, window_lengths(i2, ws2, Lg2, K2, C2), 0)
             qidx = tl.where(qvalid, rpb_flat(i0, i1, i2, K1, K2), -1)
             if HAS_RPB:  # loaded before the products (``bias_tile``)
-                biasT = bias_tile(bias_ptr, qidx, kidx, center, table, True)
+                biasT, _ = bias_tile(bias_ptr, qidx, kidx, center, table, True)
                 qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + biasT
             else:
                 qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale

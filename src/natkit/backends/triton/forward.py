@@ -103,7 +103,7 @@ def na_fwd_kernel(
         v = tl.load(v_base + voff[:, None] + dd[None, :] * svd,
                     mask=kvalid[:, None] & dmask[None, :], other=0.0)
         if HAS_RPB:  # loaded before the product (``bias_tile``)
-            bias = bias_tile(bias_ptr, qidx, kidx, center, table, False)
+            bias, _ = bias_tile(bias_ptr, qidx, kidx, center, table, False)
             qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale + bias
         else:
             qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale

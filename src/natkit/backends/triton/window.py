@@ -150,9 +150,10 @@ def rpb_center(K0, K1, K2):
 
 @triton.jit
 def bias_tile(bias_ptr, qidx, kidx, center, size, KEYS_FIRST: tl.constexpr):
-    """The relative bias of every (query, key) pair of a tile pair, in log2 units:
-    ``[queries, keys]``, or ``[keys, queries]`` with ``KEYS_FIRST``. ``bias_ptr`` points at
-    the head's table entry of offset 0 (``center`` entries into its ``size``).
+    """The relative bias of every (query, key) pair of a tile pair, in log2 units, and the
+    pairs' table indices: ``[queries, keys]``, or ``[keys, queries]`` with ``KEYS_FIRST``.
+    ``bias_ptr`` points at the head's table entry of offset 0 (``center`` entries into its
+    ``size``). The indices are exact for every attended pair (the dQ kernel adds dRPB there).
 
     Loaded for every pair, also for tiles that need the window mask: the index is clamped
     into the head's table, so a pair outside the windows reads some entry of it, and the
@@ -166,7 +167,7 @@ def bias_tile(bias_ptr, qidx, kidx, center, size, KEYS_FIRST: tl.constexpr):
     else:
         idx = kidx[None, :] - qidx[:, None]
     idx = tl.minimum(tl.maximum(idx, -center), size - 1 - center)
-    return tl.load(bias_ptr + idx).to(tl.float32) * 1.4426950408889634
+    return tl.load(bias_ptr + idx).to(tl.float32) * 1.4426950408889634, idx
 
 
 @triton.jit
