@@ -39,17 +39,13 @@ def delta_kernel(O, DO, LSE_GRAD, DELTA, rows, HEAD_DIM: tl.constexpr, BLOCK_D: 
 
 
 @triton.jit
-def _dq_update(dq, s, dp, lse2, delta, k, drpb_ptr, idx, HAS_RPB: tl.constexpr,
-               PRECISION: tl.constexpr):
+def _dq_update(dq, s, dp, lse2, delta, k, PRECISION: tl.constexpr):
     """``dQ += dS K`` from scores ``s`` (log2 units, ``-inf`` outside the windows) and
-    ``dP = dO V^T``; ``dRPB += dS`` where a pair is attended (``P > 0``: exactly the window
-    pairs whose probability did not underflow, the others add zero)."""
+    ``dP = dO V^T``; returns ``(dQ, dS, P)``."""
     p = tl.math.exp2(s - lse2[:, None])
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    if HAS_RPB:
-        tl.atomic_add(drpb_ptr + idx, ds, mask=p > 0.0, sem="relaxed")
-    return dq
+    return dq, ds, p
 
 
 @triton.jit
@@ -136,10 +132,12 @@ def na_bwd_dq_kernel(
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias
         else:
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            bidx = kidx[None, :] - qidx[:, None]  # unused without RPB
         dp = tl.dot(do, vT, input_precision=PRECISION)
         qk = apply_mask(qk, inside, j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, ND, False)
-        dq = _dq_update(dq, qk, dp, lse2, delta, k, drpb_ptr, bidx, HAS_RPB, PRECISION)
+        dq, ds, p = _dq_update(dq, qk, dp, lse2, delta, k, PRECISION)
+        if HAS_RPB:  # dRPB += dS where a pair is attended (P > 0: window pairs whose
+            # probability did not underflow; the others would add zero)
+            tl.atomic_add(drpb_ptr + bidx, ds, mask=p > 0.0, sem="relaxed")
     if HAS_EXTRA:
         ek_base = EK + b * sekb + hk * sekh
         ev_base = EV + b * sevb + hk * sevh
@@ -153,7 +151,7 @@ def na_bwd_dq_kernel(
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             qk = tl.where(evalid[None, :] & qvalid[:, None], qk, float("-inf"))
             dp = tl.dot(do, vT, input_precision=PRECISION)
-            dq = _dq_update(dq, qk, dp, lse2, delta, k, drpb_ptr, n, False, PRECISION)
+            dq, _, _ = _dq_update(dq, qk, dp, lse2, delta, k, PRECISION)
     tl.store(DQ + b * sdqb + h * sdqh + r0[:, None] * sdq0 + r1[:, None] * sdq1
              + r2[:, None] * sdq2 + dd[None, :] * sdqd, (dq * scale).to(DQ.dtype.element_ty), mask=qm)
 

@@ -180,9 +180,7 @@ def apply_mask(s, inside, j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, ND: tl.const
     query tile skips it. Only this elementwise work sits under the runtime branch: the
     kernels keep their loads and dots outside it, which is what lets Triton
     software-pipeline the loads (``num_stages``)."""
-    if inside:
-        s = s
-    else:
+    if not inside:
         if KEYS_FIRST:
             valid = window_mask(j0[:, None], j1[:, None], j2[:, None], ws0[None, :], wl0[None, :],
                                 ws1[None, :], wl1[None, :], ws2[None, :], wl2[None, :], ND)
