@@ -95,6 +95,21 @@ def assert_fa_close(name: str, got: torch.Tensor, ref: torch.Tensor, low: torch.
     assert err <= bound, f"{name}: error {float(err):.3g} > bound {float(bound):.3g}"
 
 
+def params(cfg: Config, inputs: dict):
+    """The validated ``NAParams`` of ``cfg`` called on ``inputs``, as the public op builds them."""
+    from natkit._checks import check_inputs
+    return check_inputs(len(cfg.spatial), inputs["query"], inputs["key"], inputs["value"],
+                        cfg.kernel_size, cfg.dilation, cfg.stride, cfg.is_causal, inputs["rpb"],
+                        None, inputs["additional_keys"], inputs["additional_values"])
+
+
+def reference_pairs(p) -> int:
+    """(query, key) pairs per batch element and head on the reference's dense mask, plus the
+    extra tokens every query attends."""
+    from natkit.backends.reference import dense_mask
+    return int(dense_mask(p).sum()) + p.num_tokens * p.num_extra
+
+
 def counted_flops(cfg: Config, backend: str, device="cpu") -> tuple[int, int, int, int]:
     """``(forward, backward)`` FLOPs that ``FlopCounterMode`` counts for one call of
     ``backend`` on ``cfg`` (float32) and the ``(forward, backward)`` that the pairs of the
@@ -102,8 +117,6 @@ def counted_flops(cfg: Config, backend: str, device="cpu") -> tuple[int, int, in
     from torch.utils.flop_counter import FlopCounterMode
 
     import natkit
-    from natkit._checks import check_inputs
-    from natkit.backends.reference import dense_mask
 
     d = make_inputs(cfg, torch.float32, device)
     with FlopCounterMode(display=False) as counter:
@@ -114,9 +127,5 @@ def counted_flops(cfg: Config, backend: str, device="cpu") -> tuple[int, int, in
         forward = counter.get_total_flops()
         out.sum().backward()
     backward = counter.get_total_flops() - forward
-    p = check_inputs(len(cfg.spatial), d["query"], d["key"], d["value"], cfg.kernel_size,
-                     cfg.dilation, cfg.stride, cfg.is_causal, d["rpb"], None,
-                     d["additional_keys"], d["additional_values"])
-    pairs = int(dense_mask(p).sum()) + p.num_tokens * p.num_extra
-    per_pair = cfg.batch * cfg.heads * cfg.head_dim * pairs
+    per_pair = cfg.batch * cfg.heads * cfg.head_dim * reference_pairs(params(cfg, d))
     return forward, backward, 4 * per_pair, 10 * per_pair

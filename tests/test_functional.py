@@ -9,7 +9,8 @@ import torch
 
 import natkit
 from natkit.bench.baselines import full_attention, relative_bias_table, window_attention
-from sweep import SWEEP, assert_fa_close, grads, make_inputs, random_config
+from sweep import (SWEEP, assert_fa_close, grads, make_inputs, params, random_config,
+                   reference_pairs)
 
 
 def run(cfg, inputs, backend, **extra):
@@ -47,15 +48,12 @@ def test_portable_any_tiling_matches_reference(seed):
     per dimension) and chunks (one tile at a time, or all): tile borders, padded query
     slots and padded key slots in every feature combination, forward and every gradient,
     float64."""
-    from natkit._checks import check_inputs
     from natkit.backends.portable import na_portable
     rng = random.Random(3000 + seed)
     cfg = random_config(rng)
     tiles = [rng.randint(1, n + 2) for n in cfg.spatial]
     d = make_inputs(cfg)
-    p = check_inputs(len(cfg.spatial), d["query"], d["key"], d["value"], cfg.kernel_size,
-                     cfg.dilation, cfg.stride, cfg.is_causal, d["rpb"], None,
-                     d["additional_keys"], d["additional_values"])
+    p = params(cfg, d)
     args = (d["query"], d["key"], d["value"], p, d["rpb"], d["additional_keys"],
             d["additional_values"])
     out, lse = na_portable(*args, tiles=tiles, chunk_elements=rng.choice((1, 1 << 22)))
@@ -80,10 +78,7 @@ def test_portable_half_precision(seed, dtype):
         if inputs[name] is not None:
             exact[name] = inputs[name].detach().double().requires_grad_()
     from natkit.backends.reference import na_reference
-    from natkit._checks import check_inputs
-    p = check_inputs(len(cfg.spatial), inputs["query"], inputs["key"], inputs["value"],
-                     cfg.kernel_size, cfg.dilation, cfg.stride, cfg.is_causal, inputs["rpb"],
-                     None, inputs["additional_keys"], inputs["additional_values"])
+    p = params(cfg, inputs)
     args = lambda d: (d["query"], d["key"], d["value"], p, d["rpb"], d["additional_keys"],
                       d["additional_values"])
     out, lse = run(cfg, inputs, "torch")
@@ -301,15 +296,10 @@ def test_zero_extra_tokens_are_no_extra_tokens(backend):
 def test_flop_formula_counts_the_reference_pairs(seed):
     """``natkit._flops`` (what FlopCounterMode reports for the fused ops) counts exactly the
     pairs of the reference's dense mask, causal borders and extra tokens included."""
-    from natkit._checks import check_inputs
     from natkit._flops import na_flops
-    from natkit.backends.reference import dense_mask
     cfg = random_config(random.Random(5000 + seed))
-    d = make_inputs(cfg, requires_grad=False)
-    p = check_inputs(len(cfg.spatial), d["query"], d["key"], d["value"], cfg.kernel_size,
-                     cfg.dilation, cfg.stride, cfg.is_causal, d["rpb"], None,
-                     d["additional_keys"], d["additional_values"])
-    pairs = int(dense_mask(p).sum()) + p.num_tokens * p.num_extra
+    p = params(cfg, make_inputs(cfg, requires_grad=False))
+    pairs = reference_pairs(p)
     assert na_flops(p) == 4 * cfg.batch * cfg.heads * cfg.head_dim * pairs
     assert na_flops(p, backward=True) == 10 * cfg.batch * cfg.heads * cfg.head_dim * pairs
 

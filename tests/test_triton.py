@@ -15,7 +15,7 @@ import torch
 import natkit
 from natkit._checks import check_inputs
 from natkit.backends.reference import na_reference
-from sweep import Config, assert_fa_close, grads, make_inputs
+from sweep import Config, assert_fa_close, grads, make_inputs, params
 
 import natkit.backends.triton as triton_backend
 from natkit.backends.triton import TileConfig, configs, op
@@ -67,9 +67,7 @@ def check(c: Config, dtype=torch.float32, qkv_view=False, seed=0):
         assert not got_in["query"].is_contiguous()
     out, lse = run(c, got_in, "triton")
     ref, ref_lse = run(c, ref_in, "reference")
-    p = check_inputs(len(c.spatial), low_in["query"], low_in["key"], low_in["value"],
-                     c.kernel_size, c.dilation, c.stride, c.is_causal, low_in["rpb"], None,
-                     low_in["additional_keys"], low_in["additional_values"])
+    p = params(c, low_in)
     low, low_lse = na_reference(low_in["query"], low_in["key"], low_in["value"], p,
                                 low_in["rpb"], low_in["additional_keys"],
                                 low_in["additional_values"], upcast=False)
