@@ -21,6 +21,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .._checks import is_int
+
 FORMAT_VERSION = 1
 TAG = "natkit_checkpoint"
 
@@ -82,7 +84,7 @@ def load_natkit(path: str, model: Optional[str] = None, training: bool = False) 
         raise CheckpointError(f"{path!r} is not a natkit checkpoint (an official NAT/DiNAT "
                               f"checkpoint needs --model NAME with natkit eval/predict; "
                               f"it cannot be resumed)")
-    if not isinstance(ckpt[TAG], int) or isinstance(ckpt[TAG], bool):
+    if not is_int(ckpt[TAG]):
         raise CheckpointError(f"checkpoint {path!r} has an invalid format version "
                               f"{ckpt[TAG]!r} (not written by natkit)")
     if ckpt[TAG] > FORMAT_VERSION:

@@ -291,7 +291,8 @@ def _backward(ctx, dout, dlse):
 na_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _flop_params(query, key, additional_keys, kernel_size, dilation, stride, is_causal, scale):
+def _flop_params(query, key, rpb, additional_keys, kernel_size, dilation, stride, is_causal,
+                 scale):
     """The ``NAParams`` of an op call whose tensors are given by their shapes (FlopCounterMode)."""
     batch, *spatial, heads, head_dim = query
     return NAParams(spatial=tuple(spatial), kernel_size=tuple(kernel_size),
@@ -299,15 +300,15 @@ def _flop_params(query, key, additional_keys, kernel_size, dilation, stride, is_
                     is_causal=tuple(is_causal), scale=scale, batch=batch, heads=heads,
                     kv_heads=key[-2], head_dim=head_dim,
                     num_extra=additional_keys[1] if additional_keys is not None else 0,
-                    has_rpb=False)
+                    has_rpb=rpb is not None)
 
 
 def _fwd_flop_params(query, key, value, rpb, ek, ev, *geometry):
-    return _flop_params(query, key, ek, *geometry)
+    return _flop_params(query, key, rpb, ek, *geometry)
 
 
 def _bwd_flop_params(dout, dlse, query, key, value, out, lse, rpb, ek, ev, *geometry):
-    return _flop_params(query, key, ek, *geometry)
+    return _flop_params(query, key, rpb, ek, *geometry)
 
 
 register_flop_formula(torch.ops.natkit.triton_na_fwd, _fwd_flop_params, False)
