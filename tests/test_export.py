@@ -45,6 +45,30 @@ def test_onnx_export_of_a_model_with_a_dynamic_batch(tmp_path):
         torch.testing.assert_close(got, model(x), atol=1e-5, rtol=0)
 
 
+def test_jit_trace_of_a_model_checks_saves_loads_and_runs(tmp_path):
+    """torch.jit.trace records the portable backend's ops (the fused custom ops cannot be
+    traced): its own check, a second trace compared with the first, passes."""
+    model = create_model("nat_micro").eval()
+    traced = torch.jit.trace(model, torch.randn(2, 1, 32, 32))  # check_trace=True
+    torch.jit.save(traced, str(tmp_path / "nat_micro.pt"))
+    loaded = torch.jit.load(str(tmp_path / "nat_micro.pt"))
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_legacy_onnx_export_of_a_model(tmp_path):
+    """The TorchScript-based exporter (``dynamo=False``) traces the portable backend too."""
+    model = create_model("nat_micro").eval()
+    path = tmp_path / "nat_micro.onnx"
+    with pytest.warns(DeprecationWarning):  # PyTorch's, about this exporter
+        torch.onnx.export(model, (torch.randn(2, 1, 32, 32),), str(path), dynamo=False,
+                          input_names=["x"])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 1, 32, 32)
+    (got,) = session.run(None, {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-5, rtol=0)
+
+
 class _EveryFeature(torch.nn.Module):
     def forward(self, q, k, v, ek, ev, rpb):
         out, lse = natkit.na3d(q, k, v, (3, 2, 3), dilation=(1, 2, 1), stride=(2, 1, 1),

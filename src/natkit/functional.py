@@ -67,7 +67,7 @@ def _run(nd, query, key, value, kernel_size, dilation, stride, is_causal, rpb, s
     tensors = (query, key, value, rpb, additional_keys, additional_values)
     requires_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
-    impl = choose_backend(backend, p, query, rpb, requires_grad)
+    impl = choose_backend(backend, p, query, rpb, requires_grad, tensors)
     if p.num_extra == 0:  # [batch, 0, ...] extra tokens: nothing more to attend
         additional_keys = additional_values = None
     if p.batch == 0:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from torch.autograd import forward_ad
 
 from .._checks import NAParams
 
@@ -30,6 +31,8 @@ class Backend:
     can_run: Callable[..., Optional[str]]
     # (query, key, value, params, rpb, additional_keys, additional_values) -> (out, lse)
     forward: Callable
+    # runs torch custom ops (reverse-mode autograd formulas only; see ``plain_ops_reason``)
+    custom_ops: bool = False
 
 
 def exporting_to_onnx() -> bool:
@@ -43,6 +46,30 @@ def exporting_to_onnx() -> bool:
 
 
 ONNX_REASON = "ONNX export runs the portable backend (the fused kernels have no ONNX translation)"
+TRACE_REASON = ("torch.jit.trace records the portable backend's ops (the fused kernels' custom "
+                "ops cannot be traced)")
+TRANSFORM_REASON = ("a torch.func transform (grad, vmap, jvp, jacrev, ...) or forward-mode AD "
+                    "sees this call; the portable backend's ops run under it (the fused "
+                    "kernels have reverse-mode formulas only)")
+
+
+def plain_ops_reason(tensors) -> Optional[str]:
+    """Why this call must run on plain PyTorch ops (the portable backend), or None.
+
+    The fused backends are custom ops: with no ONNX translation, not traceable by
+    ``torch.jit.trace``, and with no forward-mode or batching rule (PyTorch would drop
+    their tangents silently, not raise).
+    """
+    if exporting_to_onnx():
+        return ONNX_REASON
+    if torch.jit.is_tracing():
+        return TRACE_REASON
+    if not torch.compiler.is_compiling():  # dynamo runs transforms on its own
+        for t in tensors:
+            if t is not None and (torch._C._functorch.is_functorch_wrapped_tensor(t)
+                                  or forward_ad.unpack_dual(t).tangent is not None):
+                return TRANSFORM_REASON
+    return None
 
 
 def _reference() -> Backend:
@@ -117,16 +144,25 @@ def use_backend(name: Optional[str]):
         _forced = previous
 
 
-def choose_backend(name: Optional[str], p: NAParams, query, rpb, requires_grad: bool) -> Backend:
+def choose_backend(name: Optional[str], p: NAParams, query, rpb, requires_grad: bool,
+                   tensors=()) -> Backend:
     """The backend to run this call: ``name`` if given (else ValueError), else the one
-    ``use_backend`` set, else the fastest that can run it."""
+    ``use_backend`` set, else the fastest that can run it. ``tensors``: every tensor
+    argument of the call (query, key, value, rpb, extra tokens)."""
     registry = backends()
+    plain_reason = plain_ops_reason(tensors or (query, rpb))
+
+    def refusal(backend: Backend) -> Optional[str]:
+        if backend.custom_ops and plain_reason is not None:
+            return plain_reason
+        return backend.can_run(p, query, rpb, requires_grad)
+
     source = ""
     if name is None and _forced is not None:
         name, source = _forced, " (set by natkit.use_backend)"
     if name is not None:
         _check_name(name)
-        reason = registry[name].can_run(p, query, rpb, requires_grad)
+        reason = refusal(registry[name])
         if reason is not None:
             raise ValueError(f"backend={name!r}{source} cannot run this call: {reason}")
         return registry[name]
@@ -134,7 +170,7 @@ def choose_backend(name: Optional[str], p: NAParams, query, rpb, requires_grad: 
         backend = registry.get(candidate)
         if backend is None:
             continue
-        reason = backend.can_run(p, query, rpb, requires_grad)
+        reason = refusal(backend)
         if reason is None:
             return backend
         if not torch.compiler.is_compiling():  # logging calls break torch.compile(fullgraph=True) graphs

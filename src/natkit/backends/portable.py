@@ -11,6 +11,7 @@ inputs are computed in float32.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
@@ -182,7 +183,24 @@ def tile_layout(p: NAParams, device, tiles=None) -> Layout:
            p.is_causal, None if tiles is None else tuple(tiles), torch.device(device))
     if torch.compiler.is_compiling():  # traced into the graph instead
         return _build_layout(*key)
-    return _cached_layout(*key)
+    # Plain tensors even under torch.func transforms (the layout outlives the call; the
+    # transforms would wrap tensors built inside them), and constants under torch.jit.trace
+    # (whether cached or not: each traced run records the same graph).
+    with torch._C._DisableFuncTorch(), _untraced():
+        return _cached_layout(*key)
+
+
+@contextlib.contextmanager
+def _untraced():
+    """Pause ``torch.jit.trace`` (if it is recording) within the block."""
+    state = torch._C._get_tracing_state()
+    if state is not None:
+        torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        if state is not None:
+            torch._C._set_tracing_state(state)
 
 
 def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
@@ -223,13 +241,17 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
         chunk_elements = default_chunk(dev)
     rows = p.heads * tq * tw * (1 if torch.compiler.is_compiling() else b)
     step = max(1, chunk_elements // rows)
+    # vmap cannot add a batched bias (an rpb vmapped over) into unbatched scores in place
+    in_place = torch.compiler.is_compiling() or not any(
+        t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
+        for t in (query, key, rpb))
     outs, lses = [], []
     for lo in range(0, n_tiles, step):
         hi = min(lo + step, n_tiles)
         keys = lay.keys[lo:hi].flatten()
         o, s = _attend(q.index_select(2, lay.queries[lo:hi].flatten()),
                        k.index_select(2, keys), v.index_select(2, keys),
-                       bias[:, lo:hi], extra, hi - lo, g, dropout_p)
+                       bias[:, lo:hi], extra, hi - lo, g, dropout_p, in_place)
         outs.append(o)
         lses.append(s)
     out, lse = (torch.cat(x, 2) if len(x) > 1 else x[0] for x in (outs, lses))
@@ -239,7 +261,7 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
     return out.to(dtype), lse if lse.dtype == torch.float64 else lse.float()
 
 
-def _attend(q, k, v, bias, extra, n_tiles: int, g: int, dropout_p: float):
+def _attend(q, k, v, bias, extra, n_tiles: int, g: int, dropout_p: float, in_place: bool):
     """Attention of ``n_tiles`` query tiles to their key boxes (and the extra tokens).
 
     ``q: [b, hk, tiles * Tq, g * d]``, ``k, v: [b, hk, tiles * W, d]``, ``bias``
@@ -254,7 +276,8 @@ def _attend(q, k, v, bias, extra, n_tiles: int, g: int, dropout_p: float):
     # In-place steps on the product itself (never on a view of it: autograd would copy).
     bias = bias.expand(bias.shape[0], n_tiles, bias.shape[2], g, tw).reshape(
         bias.shape[0], n_tiles, -1, tw)
-    logits = (q @ k.transpose(-1, -2)).add_(bias)                      # b hk t Tq*g W
+    logits = q @ k.transpose(-1, -2)                                     # b hk t Tq*g W
+    logits = logits.add_(bias) if in_place else logits + bias
     extra_logits = None
     if extra is not None:  # every query attends all E extra tokens
         extra_logits = (q.flatten(2, 3) @ extra[0]).view(*logits.shape[:-1], -1)

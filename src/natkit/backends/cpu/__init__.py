@@ -24,7 +24,7 @@ import torch
 from ..._checks import NAParams
 from ..._flops import register_flop_formula
 from ..._window import window_1d
-from .. import ONNX_REASON, Backend, exporting_to_onnx
+from .. import Backend
 from . import _build
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -244,8 +244,6 @@ def can_run(p: NAParams, query: torch.Tensor, rpb, requires_grad: bool) -> Optio
                 f"dtype {query.dtype} runs on the portable backend")
     if p.num_tokens * max(p.heads, p.kv_heads) * p.head_dim >= 2**31:
         return "the input is too large for the fused CPU kernel's 32-bit indexing"
-    if exporting_to_onnx():
-        return ONNX_REASON
     if torch.compiler.is_compiling():
         # Building is not traceable: the custom op builds on its first run instead.
         return _build.known_error()
@@ -253,4 +251,4 @@ def can_run(p: NAParams, query: torch.Tensor, rpb, requires_grad: bool) -> Optio
 
 
 BACKEND = Backend("cpu", "fused C++ CPU kernel, compiled at first use (O(N*head_dim) memory)",
-                  can_run, na_cpu)
+                  can_run, na_cpu, custom_ops=True)

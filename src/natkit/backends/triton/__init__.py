@@ -16,7 +16,7 @@ import warnings
 import torch
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 
-from .. import ONNX_REASON, Backend, exporting_to_onnx
+from .. import Backend
 from . import configs
 from .configs import TileConfig, override, set_override
 
@@ -76,8 +76,6 @@ def can_run(p, query, rpb, requires_grad) -> str | None:
         # in this mode
         return ("torch.use_deterministic_algorithms(True) is set and the triton kernels sum the "
                 "rpb gradient with atomics (run order varies)")
-    if exporting_to_onnx():
-        return ONNX_REASON
     if query.device.type == "cuda":
         return None
     if interpreting() and query.dtype == torch.bfloat16:
@@ -105,6 +103,6 @@ def na_triton(query, key, value, p, rpb=None, additional_keys=None, additional_v
 
 
 BACKEND = Backend("triton", "fused Triton kernels (CUDA): flash-style forward and backward",
-                  can_run, na_triton)
+                  can_run, na_triton, custom_ops=True)
 
 __all__ = ["BACKEND", "TileConfig", "can_run", "configs", "na_triton", "override", "set_override"]
