@@ -1,14 +1,114 @@
-"""Autodiff beyond one reverse pass: torch.func transforms and forward-mode AD."""
+"""Autodiff beyond one reverse pass.
+
+- Gradients of gradients (``create_graph=True``) through the fused backends: their
+  backward ops are differentiated by recomputation with the portable backend
+  (``natkit.backends.second_order``). Checked against the portable backend in float64,
+  with a loss whose incoming gradients depend on ``out`` and ``lse`` themselves (so every
+  input of the backward op carries a gradient).
+- torch.func transforms and forward-mode AD, which run the portable backend.
+"""
 
 from __future__ import annotations
 
+import copy
+import random
 import re
 
 import pytest
 import torch
 
 import natkit
-from sweep import Config, make_inputs
+from sweep import Config, assert_fa_close, make_inputs, random_config
+
+CONFIGS = [random_config(random.Random(seed), nd=1 + seed % 3, max_tokens=150)
+           for seed in range(6)]
+# Every feature at least once among the configurations above.
+CONFIGS += [Config((7, 6), (3, 3), (2, 1), (1, 2), (False, False), 2, 2, 1, 8, True, 3),
+            Config((9,), (4,), (2,), (1,), (True,), 1, 2, 2, 4, False, 0)]
+
+
+def penalized(c: Config, inputs: dict, backend: str, order: int = 2):
+    """First-order gradients of a loss of ``out`` and ``lse``, then the gradients of the
+    sum of their squares (``order - 1`` times): returns ``(first, last)`` by input name."""
+    out, lse = natkit.neighborhood_attention(
+        inputs["query"], inputs["key"], inputs["value"], **c.kwargs(), rpb=inputs["rpb"],
+        additional_keys=inputs["additional_keys"], additional_values=inputs["additional_values"],
+        return_lse=True, backend=backend)
+    names = [n for n, t in inputs.items() if t is not None]
+    xs = [inputs[n] for n in names]
+    loss = out.double().sin().sum() + (lse.double() * 0.5).cos().sum()
+    first = None
+    for _ in range(order - 1):
+        grads = torch.autograd.grad(loss, xs, create_graph=True)
+        first = first or dict(zip(names, grads))
+        loss = sum((g.double() ** 2).sum() for g in grads)
+    return first, dict(zip(names, torch.autograd.grad(loss, xs)))
+
+
+def check(c: Config, backend: str, dtype=torch.float32, order: int = 2):
+    torch.manual_seed(0)
+    ref_in = make_inputs(c, torch.float64)
+    got_in, low_in = ({n: None if t is None else t.detach().to(dtype).requires_grad_()
+                       for n, t in ref_in.items()} for _ in range(2))
+    first, got = penalized(c, got_in, backend, order)
+    _, ref = penalized(c, ref_in, "torch", order)
+    _, low = penalized(c, low_in, "torch", order)
+    for name in ref:
+        assert got[name].dtype == dtype and got[name].shape == ref[name].shape
+        assert_fa_close(name, got[name], ref[name], low[name], dtype, rel_floor=1e-5)
+    # create_graph keeps the fused first backward: the same values as without it
+    out = natkit.neighborhood_attention(
+        got_in["query"], got_in["key"], got_in["value"], **c.kwargs(), rpb=got_in["rpb"],
+        additional_keys=got_in["additional_keys"],
+        additional_values=got_in["additional_values"], return_lse=True, backend=backend)
+    loss = out[0].double().sin().sum() + (out[1].double() * 0.5).cos().sum()
+    names = list(first)
+    plain = torch.autograd.grad(loss, [got_in[n] for n in names])
+    for name, g in zip(names, plain):
+        assert torch.equal(first[name], g), name
+
+
+@pytest.mark.parametrize("c", CONFIGS, ids=str)
+def test_cpu_second_order(c):
+    check(c, "cpu")
+
+
+def test_cpu_second_order_half():
+    check(CONFIGS[-2], "cpu", torch.float16)
+
+
+def test_cpu_third_order():
+    check(CONFIGS[-2], "cpu", order=3)
+
+
+@pytest.mark.parametrize("c", CONFIGS[-2:], ids=str)
+def test_triton_second_order(c, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("NATKIT_TRITON_ON_CPU", "1")  # the interpreter runs CPU tensors
+    monkeypatch.setenv("NATKIT_TRITON_AUTOTUNE", "0")
+    check(c, "triton")
+
+
+def test_gradient_penalty_through_a_model():
+    """An R1-style penalty on a NAT model's input: the fused backend's parameter gradients
+    (float32) match the portable backend's (float64)."""
+    from natkit.models import create_model
+
+    models = {"cpu": create_model("nat_micro", num_classes=3).eval()}
+    models["torch"] = copy.deepcopy(models["cpu"]).double()
+    x = torch.randn(2, 1, 20, 20, dtype=torch.float64)
+    grads = {}
+    for backend, model in models.items():
+        dtype = next(model.parameters()).dtype
+        xx = x.to(dtype).requires_grad_()
+        with natkit.use_backend(backend):
+            (g,) = torch.autograd.grad(model(xx).logsumexp(-1).sum(), xx, create_graph=True)
+            g.pow(2).sum().backward()
+        grads[backend] = {n: p.grad.double() for n, p in model.named_parameters()}
+    for name, ref in grads["torch"].items():
+        err = (grads["cpu"][name] - ref).abs().max()
+        assert err <= 1e-4 * (1 + ref.abs().max()), (name, float(err))
+
 
 # torch.func transforms and forward-mode AD: the fused custom ops have reverse-mode formulas
 # only (PyTorch would drop their tangents silently), so automatic dispatch runs the portable

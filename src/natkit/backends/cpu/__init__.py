@@ -24,7 +24,7 @@ import torch
 from ..._checks import NAParams
 from ..._flops import register_flop_formula
 from ..._window import window_1d
-from .. import Backend
+from .. import Backend, second_order
 from . import _build
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -220,6 +220,14 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("natkit::cpu_na_forward", _backward, setup_context=_setup_context)
+# Gradients of the gradients (create_graph=True): recomputed with the portable backend.
+second_order.register(
+    _backward_op,
+    dict(query=0, key=1, value=2, rpb=3, additional_keys=4, additional_values=5, grad_out=8,
+         grad_lse=9),
+    lambda args: _decode(*args[-2:]),
+    lambda args: (("query", "key", "value") + (("rpb",) if args[3] is not None else ())
+                  + (("additional_keys", "additional_values") if args[4] is not None else ())))
 # FlopCounterMode: both ops end with (cfg, scale)
 register_flop_formula(torch.ops.natkit.cpu_na_forward, lambda *a: _decode(*a[-2:]), False)
 register_flop_formula(torch.ops.natkit.cpu_na_backward, lambda *a: _decode(*a[-2:]), True)

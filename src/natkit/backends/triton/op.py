@@ -21,6 +21,7 @@ import triton
 
 from ..._checks import NAParams
 from ..._flops import register_flop_formula
+from .. import second_order
 from . import configs
 from .backward import delta_kernel, na_bwd_dkdv_extra_kernel, na_bwd_dkdv_kernel, na_bwd_dq_kernel
 from .forward import na_fwd_kernel
@@ -312,4 +313,12 @@ def _bwd_flop_params(dout, dlse, query, key, value, out, lse, rpb, ek, ev, *geom
 
 
 register_flop_formula(torch.ops.natkit.triton_na_fwd, _fwd_flop_params, False)
+# Gradients of the gradients (create_graph=True): recomputed with the portable backend.
+second_order.register(
+    na_bwd_op,
+    dict(grad_out=0, grad_lse=1, query=2, key=3, value=4, rpb=7, additional_keys=8,
+         additional_values=9),
+    lambda args: _bwd_flop_params(*(t.shape if isinstance(t, torch.Tensor) else t
+                                    for t in args)),
+    lambda args: second_order.INPUTS)
 register_flop_formula(torch.ops.natkit.triton_na_bwd, _bwd_flop_params, True)
