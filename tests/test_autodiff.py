@@ -1,10 +1,9 @@
 """Autodiff beyond one reverse pass.
 
-- Gradients of gradients (``create_graph=True``) through the fused backends: their
-  backward ops are differentiated by recomputation with the portable backend
+- Gradients of gradients (``create_graph=True``) through the fused backends, whose
+  backward then recomputes the call with the portable backend's ops
   (``natkit.backends.second_order``). Checked against the portable backend in float64,
-  with a loss whose incoming gradients depend on ``out`` and ``lse`` themselves (so every
-  input of the backward op carries a gradient).
+  with a loss whose incoming gradients depend on ``out`` and ``lse`` themselves.
 - torch.func transforms and forward-mode AD, which run the portable backend.
 """
 
@@ -50,22 +49,14 @@ def check(c: Config, backend: str, dtype=torch.float32, order: int = 2):
     ref_in = make_inputs(c, torch.float64)
     got_in, low_in = ({n: None if t is None else t.detach().to(dtype).requires_grad_()
                        for n, t in ref_in.items()} for _ in range(2))
-    first, got = penalized(c, got_in, backend, order)
-    _, ref = penalized(c, ref_in, "torch", order)
-    _, low = penalized(c, low_in, "torch", order)
-    for name in ref:
-        assert got[name].dtype == dtype and got[name].shape == ref[name].shape
-        assert_fa_close(name, got[name], ref[name], low[name], dtype, rel_floor=1e-5)
-    # create_graph keeps the fused first backward: the same values as without it
-    out = natkit.neighborhood_attention(
-        got_in["query"], got_in["key"], got_in["value"], **c.kwargs(), rpb=got_in["rpb"],
-        additional_keys=got_in["additional_keys"],
-        additional_values=got_in["additional_values"], return_lse=True, backend=backend)
-    loss = out[0].double().sin().sum() + (out[1].double() * 0.5).cos().sum()
-    names = list(first)
-    plain = torch.autograd.grad(loss, [got_in[n] for n in names])
-    for name, g in zip(names, plain):
-        assert torch.equal(first[name], g), name
+    got = penalized(c, got_in, backend, order)
+    ref = penalized(c, ref_in, "torch", order)
+    low = penalized(c, low_in, "torch", order)
+    for which, (g, r, lo) in enumerate(zip(got, ref, low)):  # first order, then the last
+        for name in r:
+            assert g[name].dtype == dtype and g[name].shape == r[name].shape
+            assert_fa_close(f"{name} ({which})", g[name], r[name], lo[name], dtype,
+                            rel_floor=1e-5)
 
 
 @pytest.mark.parametrize("c", CONFIGS, ids=str)
@@ -108,6 +99,25 @@ def test_gradient_penalty_through_a_model():
     for name, ref in grads["torch"].items():
         err = (grads["cpu"][name] - ref).abs().max()
         assert err <= 1e-4 * (1 + ref.abs().max()), (name, float(err))
+
+
+def test_plain_backward_passes_keep_the_fused_kernels(monkeypatch):
+    """Only create_graph=True recomputes: training, with gradient checkpointing (both
+    kinds) too, runs the fused backward."""
+    from natkit.backends import second_order
+    from natkit.models import create_model
+
+    def recomputed(*args):
+        raise AssertionError("a plain backward took the recomputing path")
+    monkeypatch.setattr(second_order, "backward", recomputed)
+    model = create_model("nat_micro", num_classes=3)
+    model.set_grad_checkpointing(True)
+    model(torch.randn(2, 1, 20, 20)).sum().backward()
+    x = torch.randn(2, 9, 2, 4, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(lambda x: natkit.na1d(x, x, x, 3, backend="cpu"), x,
+                                      use_reentrant=True).sum().backward()
+    with pytest.raises(AssertionError, match="recomputing path"):
+        torch.autograd.grad(natkit.na1d(x, x, x, 3, backend="cpu").sum(), x, create_graph=True)
 
 
 # torch.func transforms and forward-mode AD: the fused custom ops have reverse-mode formulas

@@ -206,6 +206,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     query, key, value, rpb, extra_k, extra_v, out, lse = ctx.saved_tensors
+    if second_order.recorded():  # create_graph=True: gradients autograd can differentiate
+        grads = second_order.backward(
+            _decode(ctx.cfg, ctx.scale), dict(query=query, key=key, value=value, rpb=rpb,
+                                             additional_keys=extra_k, additional_values=extra_v),
+            grad_out, grad_lse)
+        return (*(grads.get(r) for r in second_order.INPUTS), None, None)
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     grads = list(_backward_op(query, key, value, rpb, extra_k, extra_v, out, lse, grad_out,
@@ -220,14 +226,6 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("natkit::cpu_na_forward", _backward, setup_context=_setup_context)
-# Gradients of the gradients (create_graph=True): recomputed with the portable backend.
-second_order.register(
-    _backward_op,
-    dict(query=0, key=1, value=2, rpb=3, additional_keys=4, additional_values=5, grad_out=8,
-         grad_lse=9),
-    lambda args: _decode(*args[-2:]),
-    lambda args: (("query", "key", "value") + (("rpb",) if args[3] is not None else ())
-                  + (("additional_keys", "additional_values") if args[4] is not None else ())))
 # FlopCounterMode: both ops end with (cfg, scale)
 register_flop_formula(torch.ops.natkit.cpu_na_forward, lambda *a: _decode(*a[-2:]), False)
 register_flop_formula(torch.ops.natkit.cpu_na_backward, lambda *a: _decode(*a[-2:]), True)

@@ -281,6 +281,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     query, key, value, out, lse, rpb, ek, ev = ctx.saved_tensors
+    if second_order.recorded():  # create_graph=True: gradients autograd can differentiate
+        p = _flop_params(query.shape, key.shape, rpb, None if ek is None else ek.shape,
+                         *ctx.params)
+        grads = second_order.backward(p, dict(query=query, key=key, value=value, rpb=rpb,
+                                              additional_keys=ek, additional_values=ev),
+                                      dout, dlse)
+        return (*(grads.get(r) for r in second_order.INPUTS), None, None, None, None, None)
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv, drpb, dek, dev = na_bwd_op(dout, dlse, query, key, value, out, lse, rpb, ek,
@@ -313,12 +320,4 @@ def _bwd_flop_params(dout, dlse, query, key, value, out, lse, rpb, ek, ev, *geom
 
 
 register_flop_formula(torch.ops.natkit.triton_na_fwd, _fwd_flop_params, False)
-# Gradients of the gradients (create_graph=True): recomputed with the portable backend.
-second_order.register(
-    na_bwd_op,
-    dict(grad_out=0, grad_lse=1, query=2, key=3, value=4, rpb=7, additional_keys=8,
-         additional_values=9),
-    lambda args: _bwd_flop_params(*(t.shape if isinstance(t, torch.Tensor) else t
-                                    for t in args)),
-    lambda args: second_order.INPUTS)
 register_flop_formula(torch.ops.natkit.triton_na_bwd, _bwd_flop_params, True)
