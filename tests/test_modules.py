@@ -90,6 +90,24 @@ def test_parameter_names_match_official_checkpoints():
     assert "qkv.bias" not in natkit.NeighborhoodAttention1D(64, 2, 7, qkv_bias=False).state_dict()
 
 
+@pytest.mark.parametrize("shape", [(0, 5, 6, 8), (0, 2, 2, 8)])  # the second is padded
+def test_empty_batch_gives_every_parameter_a_zero_gradient(shape):
+    """As with a real batch (what DistributedDataParallel expects of a rank's empty batch)."""
+    m = natkit.NeighborhoodAttention2D(8, 2, 3, rel_pos_bias=True)
+    x = torch.randn(*shape, requires_grad=True)
+    out = m(x)
+    assert out.shape == shape
+    out.sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name
+    assert x.grad.shape == shape
+
+
+def test_empty_spatial_size_gives_an_empty_output():
+    m = natkit.NeighborhoodAttention2D(8, 2, 3)
+    assert m(torch.randn(2, 0, 5, 8)).shape == (2, 0, 5, 8)
+
+
 def test_attention_dropout_only_in_training():
     m = natkit.NeighborhoodAttention2D(16, 2, 3, attn_drop=0.5)
     x = torch.randn(1, 6, 6, 16)

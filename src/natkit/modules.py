@@ -90,7 +90,7 @@ class _NeighborhoodAttention(nn.Module):
         if x.device != weight.device:
             raise ValueError(f"input is on {x.device}, the module on {weight.device}")
         batch, *spatial, _ = x.shape
-        if x.numel() == 0:  # nothing to attend (batch 0): an empty output of the right shape
+        if 0 in spatial:  # no tokens to attend: an empty output of the right shape
             return self.proj_drop(self.proj(x))
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))
         q, k, v = qkv.unbind(-3)  # strided views: no copy
