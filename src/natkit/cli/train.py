@@ -101,11 +101,9 @@ def resolve_config(args: argparse.Namespace, saved: dict | None) -> dict:
     cfg.update(explicit)
     for key in ("epochs", "batch_size"):
         check_number(cfg[key], f"--{key.replace('_', '-')}", 1)
-    for key in ("lr", "min_lr", "weight_decay", "label_smoothing", "clip_grad", "mixup",
-                "cutmix", "warmup_epochs"):
-        if cfg[key] < 0 or not math.isfinite(cfg[key]):
-            raise CLIError(f"--{key.replace('_', '-')} must be a finite number >= 0, "
-                           f"got {cfg[key]}")
+    for key in ("lr", "min_lr", "weight_decay", "clip_grad", "mixup", "cutmix",
+                "warmup_epochs"):
+        check_number(cfg[key], f"--{key.replace('_', '-')}", 0, allow_none=False)
     check_number(cfg["ema_decay"], "--ema-decay", 0, 1, high_open=True)
     check_number(cfg["label_smoothing"], "--label-smoothing", 0, 1, high_open=True)
     check_number(cfg["hflip"], "--hflip", 0, 1)
