@@ -21,6 +21,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .._checks import NAParams
+from .._flops import na_flops
 from . import baselines
 from .timing import peak_memory_mb, time_ms
 
@@ -202,8 +204,14 @@ def contenders(case: Case, device: str, q, rpb, requires_grad: bool, include: Op
 
 # ----------------------------------------------------------------------------- run
 
-def _attended_pairs(case: Case) -> int:
-    return case.batch * case.heads * case.tokens * math.prod(case.kernel)
+def _flops(case: Case, grad: bool) -> int:
+    """The FLOPs ``FlopCounterMode`` counts for the case's forward (and backward)."""
+    nd = len(case.spatial)
+    p = NAParams(spatial=case.spatial, kernel_size=case.kernel,
+                 dilation=case.dilation or (1,) * nd, stride=(1,) * nd, is_causal=(False,) * nd,
+                 scale=case.head_dim ** -0.5, batch=case.batch, heads=case.heads,
+                 kv_heads=case.heads, head_dim=case.head_dim, num_extra=0, has_rpb=False)
+    return na_flops(p) + (na_flops(p, backward=True) if grad else 0)
 
 
 def run_case(case: Case, device: str, dtype: torch.dtype, modes: Sequence[str],
@@ -255,7 +263,7 @@ def run_case(case: Case, device: str, dtype: torch.dtype, modes: Sequence[str],
             rows.append(r)
         wsa = next((r.ms for r in rows if r.contender == BASELINE and r.ms), None)
         full = next((r.ms for r in rows if r.contender == "full" and r.ms), None)
-        flops = 4 * _attended_pairs(case) * case.head_dim * (3.5 if grad else 1.0)
+        flops = _flops(case, grad)
         for r in rows:
             if r.ms:
                 r.ratio_to_wsa = r.ms / wsa if wsa else None
