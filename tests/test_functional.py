@@ -281,6 +281,22 @@ def test_empty_batch_gives_empty_outputs_and_zero_gradients(backend):
     assert f(torch.randn(2, 9, 9, 2, 8)).shape == (2, 9, 9, 2, 8)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "reference"])
+def test_a_first_call_in_inference_mode_does_not_break_training(backend, monkeypatch):
+    """Evaluation before training (e.g. a sanity-check validation under inference_mode) is
+    the first call for its grid: what a backend caches must not be inference tensors,
+    which autograd cannot save in the training call that follows."""
+    monkeypatch.setenv("NATKIT_TRITON_ON_CPU", "1")  # the triton kernels in the interpreter
+    shape = (2, 11, 7, 2, 8)  # a grid no other test uses: this call fills the caches
+    q = torch.randn(*shape)
+    rpb = torch.randn(2, 9, 5)
+    with torch.inference_mode():
+        natkit.na2d(q, q, q, (5, 3), rpb=rpb, backend=backend)
+    x, r = q.clone().requires_grad_(), rpb.clone().requires_grad_()
+    natkit.na2d(x, x, x, (5, 3), rpb=r, backend=backend).sum().backward()
+    assert x.grad.abs().sum() > 0 and r.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("backend", [None, "torch", "reference"])
 def test_zero_extra_tokens_are_no_extra_tokens(backend):
     q, k, v = (torch.randn(2, 9, 10, 4, 8, dtype=torch.float64) for _ in "qkv")

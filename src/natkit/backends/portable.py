@@ -183,10 +183,11 @@ def tile_layout(p: NAParams, device, tiles=None) -> Layout:
            p.is_causal, None if tiles is None else tuple(tiles), torch.device(device))
     if torch.compiler.is_compiling():  # traced into the graph instead
         return _build_layout(*key)
-    # Plain tensors even under torch.func transforms (the layout outlives the call; the
-    # transforms would wrap tensors built inside them), and constants under torch.jit.trace
-    # (whether cached or not: each traced run records the same graph).
-    with torch._C._DisableFuncTorch(), _untraced():
+    # The layout outlives the call, so it is built as plain tensors whatever the caller's
+    # mode: not inference tensors (autograd could not save them in a later training call),
+    # not wrapped by torch.func transforms, and constants under torch.jit.trace (whether
+    # cached or not, each traced run records the same graph).
+    with torch.inference_mode(False), torch._C._DisableFuncTorch(), _untraced():
         return _cached_layout(*key)
 
 
