@@ -298,6 +298,21 @@ def test_a_first_call_in_inference_mode_does_not_break_training(backend, monkeyp
 
 
 @pytest.mark.parametrize("backend", [None, "torch", "reference"])
+def test_fake_tensors_then_real_ones(backend):
+    """Shape and memory estimates run models on fake tensors (FakeTensorMode): outputs of
+    the right shape, and nothing fake left cached for the real calls that follow."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    shape = (2, 13, 6, 2, 8)  # a grid no other test uses
+    with FakeTensorMode():
+        q = torch.empty(shape)
+        assert natkit.na2d(q, q, q, (5, 3), backend=backend).shape == shape
+    q = torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(natkit.na2d(q, q, q, (5, 3), backend=backend),
+                               natkit.na2d(q, q, q, (5, 3), backend="reference"))
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "reference"])
 def test_zero_extra_tokens_are_no_extra_tokens(backend):
     q, k, v = (torch.randn(2, 9, 10, 4, 8, dtype=torch.float64) for _ in "qkv")
     none = torch.zeros(2, 0, 4, 8, dtype=torch.float64)

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch._guards import detect_fake_mode
 
 from .._checks import NAParams
 from .._window import group_window, window_1d
@@ -181,8 +182,8 @@ def tile_layout(p: NAParams, device, tiles=None) -> Layout:
     # symbolically, whose expressions grow until the compile takes minutes.
     key = (tuple(map(operator.index, p.spatial)), p.kernel_size, p.stride, p.dilation,
            p.is_causal, None if tiles is None else tuple(tiles), torch.device(device))
-    if torch.compiler.is_compiling():  # traced into the graph instead
-        return _build_layout(*key)
+    if torch.compiler.is_compiling() or detect_fake_mode() is not None:
+        return _build_layout(*key)  # traced into the graph, or fake tensors of the call
     # The layout outlives the call, so it is built as plain tensors whatever the caller's
     # mode: not inference tensors (autograd could not save them in a later training call),
     # not wrapped by torch.func transforms, and constants under torch.jit.trace (whether
