@@ -64,12 +64,18 @@ def plain_ops_reason(tensors) -> Optional[str]:
         return ONNX_REASON
     if torch.jit.is_tracing():
         return TRACE_REASON
-    if not torch.compiler.is_compiling():  # dynamo runs transforms on its own
-        for t in tensors:
-            if t is not None and (torch._C._functorch.is_functorch_wrapped_tensor(t)
-                                  or forward_ad.unpack_dual(t).tangent is not None):
-                return TRANSFORM_REASON
+    if not torch.compiler.is_compiling() and (  # dynamo runs transforms on its own
+            wrapped_by_transform(tensors)
+            or any(t is not None and forward_ad.unpack_dual(t).tangent is not None
+                   for t in tensors)):
+        return TRANSFORM_REASON
     return None
+
+
+def wrapped_by_transform(tensors) -> bool:
+    """A ``torch.func`` transform (grad, vmap, jvp, ...) wraps one of ``tensors``."""
+    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
+               for t in tensors)
 
 
 def _reference() -> Backend:

@@ -24,6 +24,7 @@ from torch._guards import detect_fake_mode
 
 from .._checks import NAParams
 from .._window import group_window, window_1d
+from . import wrapped_by_transform
 
 
 @dataclass(frozen=True)
@@ -244,9 +245,7 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
     rows = p.heads * tq * tw * (1 if torch.compiler.is_compiling() else b)
     step = max(1, chunk_elements // rows)
     # vmap cannot add a batched bias (an rpb vmapped over) into unbatched scores in place
-    in_place = torch.compiler.is_compiling() or not any(
-        t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
-        for t in (query, key, rpb))
+    in_place = torch.compiler.is_compiling() or not wrapped_by_transform((query, key, rpb))
     outs, lses = [], []
     for lo in range(0, n_tiles, step):
         hi = min(lo + step, n_tiles)

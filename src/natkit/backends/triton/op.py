@@ -282,8 +282,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     query, key, value, out, lse, rpb, ek, ev = ctx.saved_tensors
     if second_order.recorded():  # create_graph=True: gradients autograd can differentiate
-        p = _flop_params(query.shape, key.shape, rpb, None if ek is None else ek.shape,
-                         *ctx.params)
+        p = _params(query.shape, key.shape, rpb, None if ek is None else ek.shape,
+                    *ctx.params)
         grads = second_order.backward(p, dict(query=query, key=key, value=value, rpb=rpb,
                                               additional_keys=ek, additional_values=ev),
                                       dout, dlse)
@@ -299,9 +299,10 @@ def _backward(ctx, dout, dlse):
 na_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _flop_params(query, key, rpb, additional_keys, kernel_size, dilation, stride, is_causal,
+def _params(query, key, rpb, additional_keys, kernel_size, dilation, stride, is_causal,
                  scale):
-    """The ``NAParams`` of an op call whose tensors are given by their shapes (FlopCounterMode)."""
+    """The ``NAParams`` of an op call whose tensors are given by their shapes (as
+    FlopCounterMode passes them; rpb only has to be None or not)."""
     batch, *spatial, heads, head_dim = query
     return NAParams(spatial=tuple(spatial), kernel_size=tuple(kernel_size),
                     dilation=tuple(dilation), stride=tuple(stride),
@@ -312,11 +313,11 @@ def _flop_params(query, key, rpb, additional_keys, kernel_size, dilation, stride
 
 
 def _fwd_flop_params(query, key, value, rpb, ek, ev, *geometry):
-    return _flop_params(query, key, rpb, ek, *geometry)
+    return _params(query, key, rpb, ek, *geometry)
 
 
 def _bwd_flop_params(dout, dlse, query, key, value, out, lse, rpb, ek, ev, *geometry):
-    return _flop_params(query, key, rpb, ek, *geometry)
+    return _params(query, key, rpb, ek, *geometry)
 
 
 register_flop_formula(torch.ops.natkit.triton_na_fwd, _fwd_flop_params, False)
