@@ -25,23 +25,31 @@ def recorded() -> bool:
     return torch.is_grad_enabled()
 
 
-def backward(p: NAParams, inputs: dict, grad_out: Optional[torch.Tensor],
-             grad_lse: Optional[torch.Tensor]) -> dict:
-    """Differentiable gradients of ``<out, grad_out> + <lse, grad_lse>`` w.r.t. every
-    tensor in ``inputs`` (by the names of ``INPUTS``; absent ones are None), each shaped
-    and typed like its input. ``grad_out``/``grad_lse`` may be None (zero) or flattened."""
+def backward(p: NAParams, inputs: tuple, grad_out: Optional[torch.Tensor],
+             grad_lse: Optional[torch.Tensor]) -> tuple:
+    """Differentiable gradients of ``<out, grad_out> + <lse, grad_lse>`` w.r.t. ``inputs``
+    (query, key, value, rpb, additional_keys, additional_values; absent ones None), each
+    shaped and typed like its input (None for an absent one). ``grad_out``/``grad_lse``
+    may be None (zero) or flattened."""
     from .portable import na_portable
 
-    present = [r for r in INPUTS if inputs.get(r) is not None]
+    present = [i for i, t in enumerate(inputs) if t is not None]
 
     def attention(*tensors):
-        named = dict(zip(present, tensors))
-        return na_portable(named["query"], named["key"], named["value"], p, named.get("rpb"),
-                           named.get("additional_keys"), named.get("additional_values"))
+        q, k, v, rpb, ek, ev = _scatter(present, tensors)
+        return na_portable(q, k, v, p, rpb, ek, ev)
 
-    (out, lse), vjp = torch.func.vjp(attention, *(inputs[r] for r in present))
+    (out, lse), vjp = torch.func.vjp(attention, *(inputs[i] for i in present))
     grad_out = (torch.zeros_like(out) if grad_out is None
                 else grad_out.reshape(out.shape).to(out.dtype))
     grad_lse = (torch.zeros_like(lse) if grad_lse is None
                 else grad_lse.reshape(lse.shape).to(lse.dtype))
-    return dict(zip(present, vjp((grad_out, grad_lse))))
+    return tuple(_scatter(present, vjp((grad_out, grad_lse))))
+
+
+def _scatter(present: list, values) -> list:
+    """``values`` at the positions ``present`` of the six inputs, None elsewhere."""
+    out = [None] * len(INPUTS)
+    for i, v in zip(present, values):
+        out[i] = v
+    return out

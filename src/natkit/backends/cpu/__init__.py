@@ -207,11 +207,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     query, key, value, rpb, extra_k, extra_v, out, lse = ctx.saved_tensors
     if second_order.recorded():  # create_graph=True: gradients autograd can differentiate
-        grads = second_order.backward(
-            _decode(ctx.cfg, ctx.scale), dict(query=query, key=key, value=value, rpb=rpb,
-                                             additional_keys=extra_k, additional_values=extra_v),
-            grad_out, grad_lse)
-        return (*(grads.get(r) for r in second_order.INPUTS), None, None)
+        return (*second_order.backward(_decode(ctx.cfg, ctx.scale),
+                                       (query, key, value, rpb, extra_k, extra_v), grad_out,
+                                       grad_lse), None, None)
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     grads = list(_backward_op(query, key, value, rpb, extra_k, extra_v, out, lse, grad_out,

@@ -284,10 +284,8 @@ def _backward(ctx, dout, dlse):
     if second_order.recorded():  # create_graph=True: gradients autograd can differentiate
         p = _params(query.shape, key.shape, rpb, None if ek is None else ek.shape,
                     *ctx.params)
-        grads = second_order.backward(p, dict(query=query, key=key, value=value, rpb=rpb,
-                                              additional_keys=ek, additional_values=ev),
-                                      dout, dlse)
-        return (*(grads.get(r) for r in second_order.INPUTS), None, None, None, None, None)
+        return (*second_order.backward(p, (query, key, value, rpb, ek, ev), dout, dlse),
+                None, None, None, None, None)
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv, drpb, dek, dev = na_bwd_op(dout, dlse, query, key, value, out, lse, rpb, ek,
