@@ -354,10 +354,14 @@ def test_torch_compile_fullgraph(compiler, backend):
         return natkit.na2d(q, k, v, 3, dilation=(2, 1), rpb=rpb, backend=backend)
 
     compiled = torch.compile(fn, fullgraph=True, backend=compiler)
-    out = compiled(q, k, v, rpb)
-    torch.testing.assert_close(out, fn(q, k, v, rpb), atol=1e-5, rtol=0)
-    out.sum().backward()
-    assert q.grad is not None and rpb.grad is not None
+    weight = torch.randn(1, 9, 10, 4, 8)  # a loss whose gradient is not uniform
+    leaves = (q, k, v, rpb)
+    out = compiled(*leaves)
+    expected = fn(*leaves)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    got = torch.autograd.grad((out * weight).sum(), leaves)
+    for g, e in zip(got, torch.autograd.grad((expected * weight).sum(), leaves)):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", [None, "torch"])

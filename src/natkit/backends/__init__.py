@@ -64,10 +64,13 @@ def plain_ops_reason(tensors) -> Optional[str]:
         return ONNX_REASON
     if torch.jit.is_tracing():
         return TRACE_REASON
-    if not torch.compiler.is_compiling() and (  # dynamo runs transforms on its own
-            wrapped_by_transform(tensors)
-            or any(t is not None and forward_ad.unpack_dual(t).tangent is not None
-                   for t in tensors)):
+    if torch.compiler.is_compiling():
+        # dynamo cannot inspect wrapped tensors or tangents; it folds these two global
+        # states to constants (and guards on them): any transform or dual level active
+        if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+            return TRANSFORM_REASON
+    elif wrapped_by_transform(tensors) or any(
+            t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         return TRANSFORM_REASON
     return None
 

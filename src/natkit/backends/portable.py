@@ -219,12 +219,13 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
     b, n, hk, dev = p.batch, p.num_tokens, p.kv_heads, query.device
     g = p.heads // hk
     lay = tile_layout(p, dev, tiles)
+    select = _selector()
     (n_tiles, tq), tw = lay.queries.shape, lay.keys.shape[1]
     # additive bias [hk, tile, Tq, g, W]: the mask (0 or -inf), plus the RPB
     bias = torch.zeros(lay.masked.shape, dtype=compute, device=dev)
     bias = bias.masked_fill_(lay.masked, -math.inf).view(1, n_tiles, tq, 1, tw)
     if rpb is not None:
-        table = rpb.to(compute).reshape(hk, g, -1).index_select(2, lay.rel)
+        table = select(rpb.to(compute).reshape(hk, g, -1), 2, lay.rel)
         bias = bias + table.view(hk, g, n_tiles, tq, tw).permute(0, 2, 3, 1, 4)
 
     # [b, kv_head, token, rest]; the query's rest is its ``g`` heads' vectors. Cast
@@ -250,16 +251,27 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
     for lo in range(0, n_tiles, step):
         hi = min(lo + step, n_tiles)
         keys = lay.keys[lo:hi].flatten()
-        o, s = _attend(q.index_select(2, lay.queries[lo:hi].flatten()),
-                       k.index_select(2, keys), v.index_select(2, keys),
+        o, s = _attend(select(q, 2, lay.queries[lo:hi].flatten()),
+                       select(k, 2, keys), select(v, 2, keys),
                        bias[:, lo:hi], extra, hi - lo, g, dropout_p, in_place)
         outs.append(o)
         lses.append(s)
     out, lse = (torch.cat(x, 2) if len(x) > 1 else x[0] for x in (outs, lses))
     # back to token order
-    out = out.index_select(2, lay.home).transpose(1, 2).reshape(*query.shape[:-1], -1)
-    lse = lse.index_select(2, lay.home).transpose(1, 2).reshape(query.shape[:-1])
+    out = select(out, 2, lay.home).transpose(1, 2).reshape(*query.shape[:-1], -1)
+    lse = select(lse, 2, lay.home).transpose(1, 2).reshape(query.shape[:-1])
     return out.to(dtype), lse if lse.dtype == torch.float64 else lse.float()
+
+
+def _selector():
+    """``torch.index_select``, except under ``torch.compile`` inside a ``torch.func``
+    transform: there inductor (torch 2.13, CPU) miscompiles the vmapped backward of
+    ``index_select`` (an ``index_add`` of a permuted source: wrong values, sometimes heap
+    corruption; compiled ``jacrev`` returned garbage), and plain indexing, whose backward
+    lowers differently, is used instead."""
+    if torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return lambda x, dim, index: x[(slice(None),) * dim + (index,)]
+    return torch.index_select
 
 
 def _attend(q, k, v, bias, extra, n_tiles: int, g: int, dropout_p: float, in_place: bool):
