@@ -1,5 +1,6 @@
 """Every bad input is a TypeError/ValueError that names the argument and the value."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,10 +85,20 @@ def test_bad_arguments(kwargs, error, match):
     ((Q, K[..., :0, :], V[..., :0, :]), ValueError, r"key is empty: size 0 in heads"),
     ((Q, K.to("meta"), V.to("meta")), ValueError, r"key is on meta but query is on cpu"),
     ((Q.to_sparse(), K, V), TypeError, r"query must be a dense \(strided\) tensor"),
+    ((torch.nested.nested_tensor([Q[0], Q[0, :5]]), K, V), TypeError,
+     r"query must be a dense \(strided\) tensor, got a nested tensor"),
 ])
 def test_bad_tensors(args, error, match):
     with pytest.raises(error, match=match):
         natkit.na2d(*args, kernel_size=3)
+
+
+def test_numpy_integers_are_accepted_as_ints():
+    """Sizes read from configs or arrays are often numpy integers; they normalize to int."""
+    out = natkit.na2d(Q, K, V, kernel_size=np.int64(3), dilation=(np.int32(2), 1))
+    torch.testing.assert_close(out, natkit.na2d(Q, K, V, kernel_size=3, dilation=(2, 1)))
+    m = natkit.NeighborhoodAttention2D(np.int64(32), np.int64(4), (np.int64(3), 5))
+    assert m.kernel_size == (3, 5) and all(type(k) is int for k in m.kernel_size)
 
 
 def test_generic_entry_rejects_bad_rank():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
 from typing import Sequence, Union
 
 import torch
@@ -50,8 +50,8 @@ class NAParams:
 
 
 def is_int(x) -> bool:
-    """An int that is not a bool."""
-    return isinstance(x, int) and not isinstance(x, bool)
+    """An integer (int, numpy integer, ...) that is not a bool."""
+    return isinstance(x, Integral) and not isinstance(x, bool)
 
 
 def is_real(x) -> bool:
@@ -61,7 +61,7 @@ def is_real(x) -> bool:
 
 def _tuple(name: str, value, nd: int, kind: type) -> tuple:
     """``value`` as a tuple of ``nd`` entries of ``kind`` (an int or a bool)."""
-    if isinstance(value, (int, bool)):
+    if isinstance(value, (Integral, bool)):
         items = (value,)
     elif isinstance(value, (tuple, list)):
         items = tuple(value)
@@ -77,7 +77,7 @@ def _tuple(name: str, value, nd: int, kind: type) -> tuple:
         ok = isinstance(item, bool) if kind is bool else is_int(item)
         if not ok:
             raise TypeError(f"{name} entries must be {kind.__name__}s, got {value!r}")
-    return items
+    return tuple(map(kind, items))
 
 
 def _check_tensor(name: str, t, layout: str, may_be_zero: tuple[int, ...] = (0,)) -> None:
@@ -87,8 +87,8 @@ def _check_tensor(name: str, t, layout: str, may_be_zero: tuple[int, ...] = (0,)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, "
                         f"float64), got dtype {t.dtype}")
-    if t.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if t.layout != torch.strided or t.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {'a nested tensor' if t.is_nested else f'layout {t.layout}'}")
     rank = layout.count(",") + 1
     if t.dim() != rank:
         raise ValueError(f"{name} must have {rank} dims {layout}, got shape {tuple(t.shape)}")

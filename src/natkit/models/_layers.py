@@ -28,7 +28,7 @@ def check_int(name: str, value, minimum: int = 1) -> int:
     if not is_int(value) or value < minimum:
         raise (ValueError if is_int(value) else TypeError)(
             f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_ints(name: str, value, length: Optional[int] = None, minimum: int = 1) -> list[int]:
@@ -41,7 +41,7 @@ def check_ints(name: str, value, length: Optional[int] = None, minimum: int = 1)
     if not value or (length is not None and len(value) != length) or not all(
             is_int(v) and v >= minimum for v in value):
         raise ValueError(msg)
-    return list(value)
+    return [int(v) for v in value]
 
 
 def check_real(name: str, value, ok: Callable[[float], bool], what: str) -> float:
