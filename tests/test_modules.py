@@ -120,6 +120,24 @@ def test_attention_dropout_only_in_training():
     assert not torch.allclose(a, m(x))
 
 
+def test_attention_dropout_is_unbiased_and_steered_by_use_backend():
+    """Dropped probabilities are rescaled by 1 / (1 - p): the mean of many training outputs
+    approaches the eval output. It runs on the portable backend, the only one that forms
+    the probabilities; a block forcing another backend raises, as that backend would."""
+    torch.manual_seed(0)
+    m = natkit.NeighborhoodAttention2D(16, 2, 3, attn_drop=0.3, rel_pos_bias=True)
+    x = torch.randn(1, 6, 7, 16)
+    expected = m.eval()(x)
+    m.train()
+    with torch.no_grad(), natkit.use_backend("torch"):
+        mean = torch.stack([m(x) for _ in range(2000)]).mean(0)
+    torch.testing.assert_close(mean, expected, atol=0.02, rtol=0)
+    with natkit.use_backend("reference"), pytest.raises(
+            ValueError, match=r"backend='reference' \(set by natkit.use_backend\) cannot run "
+                              r"this call: attention dropout"):
+        m(x)
+
+
 def test_module_torch_compile_fullgraph():
     torch._dynamo.reset()
     m = natkit.NeighborhoodAttention2D(16, 2, 3, rel_pos_bias=True)

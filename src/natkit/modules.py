@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import _tuple, check_inputs, is_int, is_real
+from .backends import require_portable
 from .backends.portable import na_portable
 from .functional import neighborhood_attention
 
@@ -23,6 +24,10 @@ def _pad_spatial(x: torch.Tensor, pads: tuple[int, ...], value: float = 0.0) -> 
     for pad in reversed(pads):  # F.pad lists the last dim first; skip H and D
         widths += [0, pad]
     return F.pad(x, [0, 0, 0, 0] + widths, value=value)
+
+
+ATTN_DROP_REASON = ("attention dropout (attn_drop > 0 in training) needs the attention "
+                    "probabilities, which only the portable backend ('torch') forms")
 
 
 class _NeighborhoodAttention(nn.Module):
@@ -103,7 +108,7 @@ class _NeighborhoodAttention(nn.Module):
         args = dict(kernel_size=self.kernel_size, dilation=self.dilation, stride=self.stride,
                     is_causal=self.is_causal, rpb=self.rpb, scale=scale)
         if self.training and self.attn_drop > 0:
-            # probability dropout needs the probabilities: only the portable path has them
+            require_portable(ATTN_DROP_REASON)
             p = check_inputs(nd, q, k, v, args["kernel_size"], args["dilation"], args["stride"],
                              args["is_causal"], self.rpb, scale, None, None)
             out, _ = na_portable(q, k, v, p, self.rpb, dropout_p=self.attn_drop)

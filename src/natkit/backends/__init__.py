@@ -153,6 +153,14 @@ def use_backend(name: Optional[str]):
         _forced = previous
 
 
+def require_portable(reason: str) -> None:
+    """For a call only the portable backend can run (attention dropout in the modules):
+    raises if ``use_backend`` set another backend, as that backend would itself."""
+    if _forced is not None and _forced != "torch":
+        raise ValueError(f"backend={_forced!r} (set by natkit.use_backend) cannot run this "
+                         f"call: {reason}")
+
+
 def choose_backend(name: Optional[str], p: NAParams, query, rpb, requires_grad: bool,
                    tensors=()) -> Backend:
     """The backend to run this call: ``name`` if given (else ValueError), else the one
