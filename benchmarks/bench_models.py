@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="autocast dtype")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compile", action="store_true",
+                    help="time every model through torch.compile (compiled in the warmup)")
     ap.add_argument("--csv", help="also write the rows to this CSV file")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -36,10 +38,11 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = True
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"# {where}, torch {torch.__version__}, batch {args.batch}, {args.img}x{args.img}, "
-          f"{args.dtype} autocast, {args.steps} timed steps after {args.warmup} warmup; "
+          f"{args.dtype} autocast{', torch.compile' if args.compile else ''}, "
+          f"{args.steps} timed steps after {args.warmup} warmup; "
           f"natkit backends: {natkit.available_backends()}")
     rows = run_models(args.models, args.device, args.batch, args.img, args.steps,
-                      args.warmup, args.dtype)
+                      args.warmup, args.dtype, args.compile)
     print(format_table(rows))
     if args.csv:
         write_csv(rows, args.csv)

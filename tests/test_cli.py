@@ -4,6 +4,7 @@ Training runs use the built-in digits dataset and the ``nat_micro`` config (seco
 epoch on 2 CPU cores). One two-epoch run is shared by the tests that need a checkpoint.
 """
 
+import csv
 import hashlib
 import json
 import os
@@ -188,6 +189,26 @@ def test_bench_writes_csv_and_png(tmp_path, capsys):
                  "8", "--mode", "fwd", "--reps", "2", "--out", out]) == 0
 
 
+def test_bench_models_rows_table_and_csv(tmp_path, capsys):
+    """``natkit bench --models``: images/s of inference and of a training step per model;
+    a timm baseline that cannot be imported is a row that says so, not a crash."""
+    out = str(tmp_path / "models")
+    assert main(["bench", "--models", "--model-names", "nat_micro", "--img-size", "32",
+                 "--reps", "2", "--out", out]) == 0
+    text = capsys.readouterr().out
+    assert "| nat_micro | 0.1 |" in text and "swin_tiny" in text
+    with open(os.path.join(out, "bench_models.csv")) as f:
+        rows = list(csv.DictReader(f))
+    micro = rows[0]
+    assert micro["model"] == "nat_micro"
+    assert float(micro["infer_img_s"]) > 0 and float(micro["train_img_s"]) > 0
+    swin = rows[1]
+    assert swin["infer_img_s"] or swin["note"].startswith("not measured: timm")
+    from natkit.bench.models import run_models
+    with pytest.raises(ValueError, match="warmup must be >= 1 with compile"):
+        run_models(["nat_micro"], "cpu", 2, 32, steps=1, warmup=0, compile=True)
+
+
 def _bad(capsys, argv, needle):
     code = main(argv)
     err = capsys.readouterr().err
@@ -315,6 +336,7 @@ def test_bad_option_values_fail_clearly(run2, ten_classes, tmp_path, capsys):
          "--shape must look like"),
         (["bench", "--shape", "1x8", "--kernel", "3", "--contenders", "nonsense", "--reps",
           "1", "--out", new], "unknown contender(s) ['nonsense']"),
+        (["bench", "--compile", "--out", new], "--compile applies to --models only"),
         (["bench", "--models", "--model-names", "no_such_model", "--out", new],
          "unknown model(s) ['no_such_model']"),
         (["bench", "--models", "--model-names", "nat_micro", "--img-size", "0", "--out", new],
@@ -435,3 +457,29 @@ def test_huge_warmup_is_all_warmup(tmp_path):
                  "--workers", "0", "--warmup-epochs", "1e308", "--output", out,
                  "--no-progress"]) == 0
     assert _metrics(out)[0]["epoch"] == 1
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    """``--compile`` trains the same model as eager mode (no randomness inside the model
+    here: stochastic depth off), and its checkpoints load into a plain model."""
+    root = tmp_path / "two"
+    for split, n in (("train", 8), ("val", 4)):
+        for c in ("a", "b"):
+            for i in range(n):
+                _png(str(root / split / c / f"{i}.png"), mode="RGB", seed=i + 10 * n)
+    runs = {}
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        runs[name] = str(tmp_path / name)
+        assert main(["train", "--data", str(root), "--epochs", "2", "--batch-size", "4",
+                     "--workers", "0", "--drop-path", "0", "--img-size", "32",
+                     "--output", runs[name], "--no-progress"] + extra) == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    eager, compiled = _metrics(runs["eager"]), _metrics(runs["compiled"])
+    for a, b in zip(eager, compiled):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+    ck = torch.load(os.path.join(runs["compiled"], "last.pt"), weights_only=True)
+    assert not [k for k in ck["model"] if "_orig_mod" in k]
+    assert main(["eval", os.path.join(runs["compiled"], "best.pt"), "--no-progress"]) == 0

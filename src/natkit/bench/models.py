@@ -49,15 +49,18 @@ def images_per_s(step, batch: int, steps: int, warmup: int, device: str) -> floa
     return batch * steps / (time.perf_counter() - start)
 
 
-def measure(model, x, y, device: str, dtype: str, steps: int, warmup: int):
-    """``(inference img/s, train-step img/s, peak train GiB or None)`` of one model."""
+def measure(model, x, y, device: str, dtype: str, steps: int, warmup: int,
+            compile: bool = False):
+    """``(inference img/s, train-step img/s, peak train GiB or None)`` of one model;
+    ``compile``: through ``torch.compile`` (each mode compiles in its first warmup step)."""
     amp = dict(device_type=device, dtype=DTYPES[dtype], enabled=dtype != "fp32")
     batch = x.shape[0]
+    run = torch.compile(model) if compile else model
     model.eval()
 
     def infer():
         with torch.inference_mode(), torch.autocast(**amp):
-            model(x)
+            run(x)
 
     inf = images_per_s(infer, batch, steps, warmup, device)
     model.train()
@@ -66,7 +69,7 @@ def measure(model, x, y, device: str, dtype: str, steps: int, warmup: int):
 
     def train():
         with torch.autocast(**amp):
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = F.cross_entropy(run(x).float(), y)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -80,8 +83,13 @@ def measure(model, x, y, device: str, dtype: str, steps: int, warmup: int):
 
 
 def run_models(names: Sequence[str], device: str, batch: int, img: int = 224,
-               steps: int = 30, warmup: int = 10, dtype: str = "bf16") -> list[dict]:
-    """One row per model: params_m, infer_img_s, train_img_s, peak_train_gib, note."""
+               steps: int = 30, warmup: int = 10, dtype: str = "bf16",
+               compile: bool = False) -> list[dict]:
+    """One row per model: params_m, infer_img_s, train_img_s, peak_train_gib, note;
+    ``compile``: every model through ``torch.compile`` (noted in the row)."""
+    if warmup < 1 and compile:
+        raise ValueError(f"warmup must be >= 1 with compile (the first step compiles), "
+                         f"got {warmup}")
     torch.manual_seed(0)
     rows = []
     for name in names:
@@ -91,12 +99,14 @@ def run_models(names: Sequence[str], device: str, batch: int, img: int = 224,
         rows.append(row)
         if model is None:
             continue
+        if compile:
+            row["note"] += ", torch.compile"
         chans = model.pretrained_cfg["input_size"][0]
         x = torch.randn(batch, chans, img, img, device=device)
         y = torch.randint(0, model.num_classes, (batch,), device=device)
         row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         row["infer_img_s"], row["train_img_s"], row["peak_train_gib"] = measure(
-            model, x, y, device, dtype, steps, warmup)
+            model, x, y, device, dtype, steps, warmup, compile)
         del model
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -47,6 +47,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model-names", nargs="+", default=["nat_tiny"],
                    help="--models: natkit models to time (nat_tiny)")
     p.add_argument("--img-size", type=int, default=224, help="--models: input size")
+    p.add_argument("--compile", action="store_true",
+                   help="--models: every model through torch.compile (compiled in the warmup)")
     p.set_defaults(func=run)
 
 
@@ -104,6 +106,9 @@ def _check_args(args: argparse.Namespace) -> None:
             if value is not None:
                 raise CLIError(f"{option} {value} applies to a custom --shape only (the "
                                f"presets fix it)")
+    if args.compile and not args.models:
+        raise CLIError("--compile applies to --models only (the kernel benchmark times the "
+                       "ops as they run eagerly)")
     if args.models:
         known = list_models()
         bad = [n for n in args.model_names if not n.startswith("timm:") and n not in known]
@@ -133,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         batch = args.batch or (128 if device == "cuda" else 8)
         amp = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
         rows = run_models([*args.model_names, SWIN_T], device, batch, args.img_size,
-                          steps=args.reps, warmup=max(1, args.reps // 3), dtype=amp)
+                          steps=args.reps, warmup=max(1, args.reps // 3), dtype=amp,
+                          compile=args.compile)
         print(format_table(rows))
         make_folder(args.out, "--out")
         path = os.path.join(args.out, "bench_models.csv")

@@ -37,7 +37,7 @@ DEFAULTS = dict(data="digits", model="nat_micro", epochs=40, batch_size=64, lr=5
                 min_lr=1e-5, warmup_epochs=1, weight_decay=0.05, label_smoothing=0.1,
                 clip_grad=5.0, drop_path=None, amp="auto", ema=False, ema_decay=0.999,
                 mixup=0.0, cutmix=0.0, img_size=None, workers=None, hflip=0.5, seed=0,
-                device="auto", output=None, progress=True)
+                device="auto", output=None, progress=True, compile=False)
 
 
 def add_parser(sub) -> None:
@@ -81,6 +81,9 @@ def add_parser(sub) -> None:
     a("--resume", help="continue from this last.pt (or the run folder holding it)")
     a("--no-progress", dest="progress", action="store_false", default=None,
       help="no progress bars")
+    a("--compile", action="store_true", default=None,
+      help="torch.compile the training step's model (inductor: the first steps compile it; "
+           "validation runs eagerly); checkpoints are the same as without it")
     p.set_defaults(func=run)
 
 
@@ -95,7 +98,7 @@ def resolve_config(args: argparse.Namespace, saved: dict | None) -> dict:
     if saved is not None:
         cfg.update({k: v for k, v in saved.items() if k in DEFAULTS})
         changed = {k: v for k, v in explicit.items() if saved.get(k) != v
-                   and k not in ("device", "progress", "workers", "output")}
+                   and k not in ("device", "progress", "workers", "output", "compile")}
         if changed:
             warn(f"resuming with changed settings {changed} (the rest come from the checkpoint)")
     cfg.update(explicit)
@@ -308,6 +311,8 @@ def _train(args, d: distributed.Dist) -> int:
     if d.enabled:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["compile"]:  # around DDP, whose buckets then split the graph (DDPOptimizer)
+        ddp_model = torch.compile(ddp_model)
 
     # 2. the run
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -321,7 +326,7 @@ def _train(args, d: distributed.Dist) -> int:
              f"({n_train} train / {len(data.val)} val images, {len(data.classes)} classes, "
              f"{data.in_chans}x{data.img_size}x{data.img_size}); {d.world} process(es) on "
              f"{device.type}, batch {cfg['batch_size']}x{d.world}, amp "
-             f"{amp_dtype or 'off'}; epochs {start_epoch + 1}..{cfg['epochs']}; "
+             f"{amp_dtype or 'off'}{', compiled' if cfg['compile'] else ''}; epochs {start_epoch + 1}..{cfg['epochs']}; "
              f"output {out_dir}")
     kill_at = _kill_step()
     show = bool(cfg["progress"]) and d.main
