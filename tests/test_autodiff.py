@@ -83,6 +83,39 @@ def test_triton_second_order(c, monkeypatch):
     check(c, "triton")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_vmapped_backward_passes(backend, monkeypatch):
+    """A plain forward on a fused backend, then its backward vmapped over a batch of
+    cotangents: ``autograd.grad(is_grads_batched=True)`` (as ``jacobian``/``hessian`` with
+    ``vectorize=True`` use it) and ``torch.func.vmap`` over ``autograd.grad``. Each must
+    equal a loop of plain backward passes. (The cpu backward op returned a list, which
+    PyTorch's batching fallback cannot handle: both raised.)"""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("NATKIT_TRITON_ON_CPU", "1")
+        monkeypatch.setenv("NATKIT_TRITON_AUTOTUNE", "0")
+    c = CONFIGS[-2]  # RPB, extra tokens, GQA, dilation, stride
+    inputs = make_inputs(c, torch.float32)
+    names = [n for n, t in inputs.items() if t is not None]
+    leaves = [inputs[n] for n in names]
+    out, lse = natkit.neighborhood_attention(
+        inputs["query"], inputs["key"], inputs["value"], **c.kwargs(), rpb=inputs["rpb"],
+        additional_keys=inputs["additional_keys"], additional_values=inputs["additional_values"],
+        return_lse=True, backend=backend)
+    g_out, g_lse = torch.randn(3, *out.shape), torch.randn(3, *lse.shape)
+    loop = [torch.autograd.grad((out, lse), leaves, (g_out[i], g_lse[i]), retain_graph=True)
+            for i in range(3)]
+    batched = torch.autograd.grad((out, lse), leaves, (g_out, g_lse), retain_graph=True,
+                                  is_grads_batched=True)
+    vmapped = torch.func.vmap(lambda a, b: torch.autograd.grad(
+        (out, lse), leaves, (a, b), retain_graph=True))(g_out, g_lse)
+    for i, name in enumerate(names):
+        expected = torch.stack([grads[i] for grads in loop])
+        assert expected.abs().max() > 0, name
+        torch.testing.assert_close(batched[i], expected, atol=1e-6, rtol=1e-6, msg=name)
+        torch.testing.assert_close(vmapped[i], expected, atol=1e-6, rtol=1e-6, msg=name)
+
+
 def test_gradient_penalty_through_a_model():
     """An R1-style penalty on a NAT model's input: the fused backend's parameter gradients
     (float32) match the portable backend's (float64)."""

@@ -166,8 +166,11 @@ def _backward_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  rpb: Optional[torch.Tensor], extra_k: Optional[torch.Tensor],
                  extra_v: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
                  grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], cfg: list[int],
-                 scale: float) -> list[torch.Tensor]:
-    """float32 ``[dq, dk, dv]`` + ``[drpb]`` with a bias + ``[dek, dev]`` with extra tokens."""
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor, torch.Tensor]:
+    """float32 ``(dq, dk, dv, drpb, dek, dev)``; an absent input's gradient is an empty
+    tensor. (A fixed tuple of tensors, not a list: PyTorch's generic batching fallback,
+    which ``autograd.grad(is_grads_batched=True)`` needs, handles only tensor returns.)"""
     p = _decode(cfg, scale)
     mod, (q, k, v, table, ek, ev, tables, kd, scale_, nblk, geo) = _prepare(
         query, key, value, rpb, extra_k, extra_v, p)
@@ -175,26 +178,19 @@ def _backward_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     gl = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
     dq, dk, dv, drpb, dek, dev = mod.na_backward(q, k, v, table, ek, ev, tables, kd, scale_,
                                                  out, lse, g, gl, nblk, geo)
-    grads = [dq, dk, dv]
-    if drpb is not None:
-        grads.append(drpb.sum(0))
-    if dek is not None:
-        grads += [dek.sum(0), dev.sum(0)]
-    return grads
+    return (dq, dk, dv, *(q.new_empty(0) if g is None else g.sum(0) for g in (drpb, dek, dev)))
 
 
 @_backward_op.register_fake
 def _(query, key, value, rpb, extra_k, extra_v, out, lse, grad_out, grad_lse, cfg, scale):
     p = _decode(cfg, scale)
-    f32 = dict(dtype=torch.float32)
-    grads = [query.new_empty(p.batch, p.num_tokens, p.heads, p.head_dim, **f32),
-             query.new_empty(p.batch, p.num_tokens, p.kv_heads, p.head_dim, **f32),
-             query.new_empty(p.batch, p.num_tokens, p.kv_heads, p.head_dim, **f32)]
-    if rpb is not None:
-        grads.append(query.new_empty(p.heads, rpb[0].numel(), **f32))
-    if extra_k is not None:
-        grads += [extra_k.new_empty(extra_k.shape, **f32), extra_k.new_empty(extra_k.shape, **f32)]
-    return grads
+    def empty(*shape):
+        return query.new_empty(shape, dtype=torch.float32)
+    kv = (p.batch, p.num_tokens, p.kv_heads, p.head_dim)
+    extra = (0,) if extra_k is None else tuple(extra_k.shape)
+    return (empty(p.batch, p.num_tokens, p.heads, p.head_dim), empty(*kv), empty(*kv),
+            empty(0) if rpb is None else empty(p.heads, rpb[0].numel()), empty(*extra),
+            empty(*extra))
 
 
 def _setup_context(ctx, inputs, output):
@@ -212,15 +208,11 @@ def _backward(ctx, grad_out, grad_lse):
                                        grad_lse), None, None)
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    grads = list(_backward_op(query, key, value, rpb, extra_k, extra_v, out, lse, grad_out,
-                              grad_lse, ctx.cfg, ctx.scale))
-    dq, dk, dv = (g.view(t.shape).to(t.dtype) for g, t in zip(grads[:3], (query, key, value)))
-    rest = grads[3:]
-    drpb = rest.pop(0).view(rpb.shape).to(rpb.dtype) if rpb is not None else None
-    dek = dev = None
-    if extra_k is not None:
-        dek, dev = rest[0].to(extra_k.dtype), rest[1].to(extra_v.dtype)
-    return dq, dk, dv, drpb, dek, dev, None, None
+    grads = _backward_op(query, key, value, rpb, extra_k, extra_v, out, lse, grad_out,
+                         grad_lse, ctx.cfg, ctx.scale)
+    inputs = (query, key, value, rpb, extra_k, extra_v)
+    return (*(None if t is None else g.view(t.shape).to(t.dtype)
+              for g, t in zip(grads, inputs)), None, None)
 
 
 torch.library.register_autograd("natkit::cpu_na_forward", _backward, setup_context=_setup_context)
