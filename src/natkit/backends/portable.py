@@ -221,12 +221,7 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
     lay = tile_layout(p, dev, tiles)
     select = _selector()
     (n_tiles, tq), tw = lay.queries.shape, lay.keys.shape[1]
-    # additive bias [hk, tile, Tq, g, W]: the mask (0 or -inf), plus the RPB
-    bias = torch.zeros(lay.masked.shape, dtype=compute, device=dev)
-    bias = bias.masked_fill_(lay.masked, -math.inf).view(1, n_tiles, tq, 1, tw)
-    if rpb is not None:
-        table = select(rpb.to(compute).reshape(hk, g, -1), 2, lay.rel)
-        bias = bias + table.view(hk, g, n_tiles, tq, tw).permute(0, 2, 3, 1, 4)
+    table = None if rpb is None else rpb.to(compute).reshape(hk, g, -1)
 
     # [b, kv_head, token, rest]; the query's rest is its ``g`` heads' vectors. Cast
     # before gathering: the gathers' backward then sums in ``compute`` precision.
@@ -253,7 +248,8 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
         keys = lay.keys[lo:hi].flatten()
         o, s = _attend(select(q, 2, lay.queries[lo:hi].flatten()),
                        select(k, 2, keys), select(v, 2, keys),
-                       bias[:, lo:hi], extra, hi - lo, g, dropout_p, in_place)
+                       _bias(lay, lo, hi, table, compute, select), extra, hi - lo, g,
+                       dropout_p, in_place)
         outs.append(o)
         lses.append(s)
     out, lse = (torch.cat(x, 2) if len(x) > 1 else x[0] for x in (outs, lses))
@@ -261,6 +257,23 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
     out = select(out, 2, lay.home).transpose(1, 2).reshape(*query.shape[:-1], -1)
     lse = select(lse, 2, lay.home).transpose(1, 2).reshape(query.shape[:-1])
     return out.to(dtype), lse if lse.dtype == torch.float64 else lse.float()
+
+
+def _bias(lay: Layout, lo: int, hi: int, table, dtype, select) -> torch.Tensor:
+    """The additive bias of tiles ``lo:hi``, broadcastable to ``[hk, tiles, Tq, g, W]``:
+    the window mask (0 or -inf) plus, with ``table`` (the RPB as ``[hk, g, entries]``), the
+    bias of each pair. Built per chunk: a bias of every tile at once held ``N * W^d``
+    values per head, and each chunk's slice of it cost a full-size zero gradient in the
+    backward (quadratic in the chunk count)."""
+    masked = lay.masked[lo:hi]
+    n, tq, tw = masked.shape
+    bias = torch.zeros(masked.shape, dtype=dtype, device=masked.device)
+    bias = bias.masked_fill_(masked, -math.inf).view(1, n, tq, 1, tw)
+    if table is None:
+        return bias
+    hk, g = table.shape[:2]
+    pairs = select(table, 2, lay.rel[lo * tq * tw:hi * tq * tw])
+    return bias + pairs.view(hk, g, n, tq, tw).permute(0, 2, 3, 1, 4)
 
 
 def _selector():
