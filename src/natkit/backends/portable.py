@@ -242,14 +242,15 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
     step = max(1, chunk_elements // rows)
     # vmap cannot add a batched bias (an rpb vmapped over) into unbatched scores in place
     in_place = torch.compiler.is_compiling() or not wrapped_by_transform((query, key, rpb))
+    starts = range(0, n_tiles, step)
+    tiles_of = [min(lo + step, n_tiles) - lo for lo in starts]
+    qs = _row_chunks(q, lay.queries.flatten(), [t * tq for t in tiles_of], select)
+    ks, vs = (_row_chunks(x, lay.keys.flatten(), [t * tw for t in tiles_of], select)
+              for x in (k, v))
     outs, lses = [], []
-    for lo in range(0, n_tiles, step):
-        hi = min(lo + step, n_tiles)
-        keys = lay.keys[lo:hi].flatten()
-        o, s = _attend(select(q, 2, lay.queries[lo:hi].flatten()),
-                       select(k, 2, keys), select(v, 2, keys),
-                       _bias(lay, lo, hi, table, compute, select), extra, hi - lo, g,
-                       dropout_p, in_place)
+    for lo, count, qc, kc, vc in zip(starts, tiles_of, qs, ks, vs):
+        o, s = _attend(qc, kc, vc, _bias(lay, lo, lo + count, table, compute, select), extra,
+                       count, g, dropout_p, in_place)
         outs.append(o)
         lses.append(s)
     out, lse = (torch.cat(x, 2) if len(x) > 1 else x[0] for x in (outs, lses))
@@ -257,6 +258,20 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
     out = select(out, 2, lay.home).transpose(1, 2).reshape(*query.shape[:-1], -1)
     lse = select(lse, 2, lay.home).transpose(1, 2).reshape(query.shape[:-1])
     return out.to(dtype), lse if lse.dtype == torch.float64 else lse.float()
+
+
+def _row_chunks(x: torch.Tensor, index: torch.Tensor, sizes: list[int], select):
+    """The rows ``index`` of ``x`` (dim 2), in consecutive chunks of ``sizes`` rows.
+
+    Gathered chunk by chunk (the memory of one chunk at a time) when no gradient flows to
+    ``x``; else at once and split: each chunk's own gather would get, in the backward, a
+    zero gradient of all of ``x`` to add its rows into (quadratic in the chunk count),
+    while one gather's backward adds every row into one (and autograd keeps every chunk's
+    rows for the backward anyway). ``torch.jit.trace`` records the first form whatever
+    the grad mode (its check re-traces in another mode and compares the graphs)."""
+    if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
+        return torch.split(select(x, 2, index), sizes, dim=2)
+    return (select(x, 2, part) for part in torch.split(index, sizes))
 
 
 def _bias(lay: Layout, lo: int, hi: int, table, dtype, select) -> torch.Tensor:
