@@ -88,7 +88,8 @@ def _check_tensor(name: str, t, layout: str, may_be_zero: tuple[int, ...] = (0,)
         raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, "
                         f"float64), got dtype {t.dtype}")
     if t.layout != torch.strided or t.is_nested:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got {'a nested tensor' if t.is_nested else f'layout {t.layout}'}")
+        got = "a nested tensor" if t.is_nested else f"layout {t.layout}"
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {got}")
     rank = layout.count(",") + 1
     if t.dim() != rank:
         raise ValueError(f"{name} must have {rank} dims {layout}, got shape {tuple(t.shape)}")

@@ -326,8 +326,8 @@ def _train(args, d: distributed.Dist) -> int:
              f"({n_train} train / {len(data.val)} val images, {len(data.classes)} classes, "
              f"{data.in_chans}x{data.img_size}x{data.img_size}); {d.world} process(es) on "
              f"{device.type}, batch {cfg['batch_size']}x{d.world}, amp "
-             f"{amp_dtype or 'off'}{', compiled' if cfg['compile'] else ''}; epochs {start_epoch + 1}..{cfg['epochs']}; "
-             f"output {out_dir}")
+             f"{amp_dtype or 'off'}{', compiled' if cfg['compile'] else ''}; epochs "
+             f"{start_epoch + 1}..{cfg['epochs']}; output {out_dir}")
     kill_at = _kill_step()
     show = bool(cfg["progress"]) and d.main
     t_run = time.perf_counter()
