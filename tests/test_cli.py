@@ -477,6 +477,7 @@ def test_compiled_training_matches_eager(tmp_path):
                      "--output", runs[name], "--no-progress"] + extra) == 0
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
     eager, compiled = _metrics(runs["eager"]), _metrics(runs["compiled"])
+    assert len(eager) == len(compiled) == 2
     for a, b in zip(eager, compiled):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
