@@ -216,12 +216,13 @@ def test_fused_backends_refuse_under_transforms():
 
 @pytest.mark.parametrize("transform, wrt", [
     ("grad", "key"), ("jacrev", "query"), ("jacrev", "rpb"), ("jvp", "query"),
-    ("vmap", "additional_values"), ("forward_ad", "rpb")])
+    ("vmap", "additional_values"), ("vmap", "rpb"), ("forward_ad", "rpb")])
 def test_transforms_inside_torch_compile(transform, wrt):
     """Dynamo traces the transform itself and cannot look at wrapped tensors or tangents:
     dispatch reads the transform and dual-level state, which dynamo folds and guards on.
-    (Before, the compiled jvp and forward AD dropped the tangents, grad raised, and
-    jacrev returned garbage: inductor miscompiled the vmapped index_select backward.)"""
+    (Before, the compiled jvp and forward AD dropped the tangents, grad raised, jacrev
+    returned garbage (inductor miscompiled the vmapped index_select backward), and vmap
+    over the rpb raised: the portable backend added the batched bias in place.)"""
     ref_in = make_inputs(TRANSFORM_CONFIG, torch.float64, requires_grad=False)
     got_in = {n: None if t is None else t.float() for n, t in ref_in.items()}
     apply = TRANSFORMS[transform]

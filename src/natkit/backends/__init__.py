@@ -64,20 +64,20 @@ def plain_ops_reason(tensors) -> Optional[str]:
         return ONNX_REASON
     if torch.jit.is_tracing():
         return TRACE_REASON
-    if torch.compiler.is_compiling():
-        # dynamo cannot inspect wrapped tensors or tangents; it folds these two global
-        # states to constants (and guards on them): any transform or dual level active
-        if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
-            return TRANSFORM_REASON
-    elif wrapped_by_transform(tensors) or any(
-            t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+    if transformed(tensors):
         return TRANSFORM_REASON
     return None
 
 
-def wrapped_by_transform(tensors) -> bool:
-    """A ``torch.func`` transform (grad, vmap, jvp, ...) wraps one of ``tensors``."""
-    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
+def transformed(tensors) -> bool:
+    """A ``torch.func`` transform (grad, vmap, jvp, ...) wraps one of ``tensors``, or one
+    carries a forward-AD tangent. Under ``torch.compile``, where dynamo cannot inspect
+    wrapped tensors or tangents: any transform or dual level is active (two global states
+    that dynamo folds to constants and guards on)."""
+    if torch.compiler.is_compiling():
+        return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+    return any(t is not None and (torch._C._functorch.is_functorch_wrapped_tensor(t)
+                                  or forward_ad.unpack_dual(t).tangent is not None)
                for t in tensors)
 
 

@@ -24,7 +24,7 @@ from torch._guards import detect_fake_mode
 
 from .._checks import NAParams
 from .._window import group_window, window_1d
-from . import wrapped_by_transform
+from . import transformed
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,8 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
     b, n, hk, dev = p.batch, p.num_tokens, p.kv_heads, query.device
     g = p.heads // hk
     lay = tile_layout(p, dev, tiles)
-    select = _selector()
+    under_transform = transformed((query, key, rpb))
+    select = _selector(under_transform)
     (n_tiles, tq), tw = lay.queries.shape, lay.keys.shape[1]
     table = None if rpb is None else rpb.to(compute).reshape(hk, g, -1)
 
@@ -241,7 +242,7 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
     rows = p.heads * tq * tw * (1 if torch.compiler.is_compiling() else b)
     step = max(1, chunk_elements // rows)
     # vmap cannot add a batched bias (an rpb vmapped over) into unbatched scores in place
-    in_place = torch.compiler.is_compiling() or not wrapped_by_transform((query, key, rpb))
+    in_place = not under_transform
     starts = range(0, n_tiles, step)
     tiles_of = [min(lo + step, n_tiles) - lo for lo in starts]
     qs = _row_chunks(q, lay.queries.flatten(), [t * tq for t in tiles_of], select)
@@ -291,13 +292,13 @@ def _bias(lay: Layout, lo: int, hi: int, table, dtype, select) -> torch.Tensor:
     return bias + pairs.view(hk, g, n, tq, tw).permute(0, 2, 3, 1, 4)
 
 
-def _selector():
+def _selector(under_transform: bool):
     """``torch.index_select``, except under ``torch.compile`` inside a ``torch.func``
-    transform: there inductor (torch 2.13, CPU) miscompiles the vmapped backward of
+    transform (``under_transform``): there inductor (torch 2.13, CPU) miscompiles the vmapped backward of
     ``index_select`` (an ``index_add`` of a permuted source: wrong values, sometimes heap
     corruption; compiled ``jacrev`` returned garbage), and plain indexing, whose backward
     lowers differently, is used instead."""
-    if torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() and under_transform:
         return lambda x, dim, index: x[(slice(None),) * dim + (index,)]
     return torch.index_select
 

@@ -298,7 +298,7 @@ na_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _params(query, key, rpb, additional_keys, kernel_size, dilation, stride, is_causal,
-                 scale):
+            scale):
     """The ``NAParams`` of an op call whose tensors are given by their shapes (as
     FlopCounterMode passes them; rpb only has to be None or not)."""
     batch, *spatial, heads, head_dim = query
