@@ -95,12 +95,18 @@ def main():
               f"{'' if tf is None else f'{tf:7.1f} TFLOP/s'} "
               f"{'' if mem is None else f'{mem:9.1f} MiB'} {note}", flush=True)
 
-    def tile_note(spatial, kernel, b, h, pas):
+    def tile_note(spatial, kernel, b, h, pas, rpb):
         """Tile work of the configs natkit just ran: scores computed per attended pair and
         the share paying for the window mask, per kernel."""
         ones = (1,) * len(spatial)
         notes = []
-        for kind in ("fwd", "dq", "dkdv") if pas == "fwd+bwd" else ("fwd",):
+        kinds = ("fwd",)
+        if pas == "fwd+bwd":
+            scheme = configs.last_drpb_scheme() if rpb else None
+            kinds += ("dq", "dkdv") + (("drpb",) if scheme == "separate" else ())
+            if scheme is not None:
+                notes.append(f"rpb gradient {scheme}")
+        for kind in kinds:
             cfg = configs.last_chosen(kind)
             if cfg is not None:
                 w = tile_work(spatial, kernel, ones, ones, (False,) * len(spatial), cfg, kind, b * h)
@@ -168,9 +174,14 @@ def main():
             for pas in passes:
                 f = flops * (3.5 if pas == "fwd+bwd" else 1.0)
                 inputs = (q, k, v) if not rpb else (q, k, v, table)
-                bench(name, rpb, pas, "natkit", (lambda q, k, v, t=None: na(q, k, v, t)) if rpb
-                      else na, inputs, f,
-                      note=lambda: tile_note(spatial, kernel, b, h, pas))
+                nat = (lambda q, k, v, t=None: na(q, k, v, t)) if rpb else na
+                bench(name, rpb, pas, "natkit", nat, inputs, f,
+                      note=lambda: tile_note(spatial, kernel, b, h, pas, rpb))
+                if rpb and pas == "fwd+bwd":  # both rpb-gradient schemes, forced (configs.py)
+                    for scheme in configs.DRPB_SCHEMES:
+                        with configs.override(drpb=scheme):
+                            bench(name, rpb, pas, f"natkit_{scheme}", nat, inputs, f,
+                                  note=lambda: tile_note(spatial, kernel, b, h, pas, rpb))
                 if not large:
                     bias = relative_bias_table(table.detach(), kernel).requires_grad_() if rpb else None
                     win_in = (q, k, v, bias) if rpb else (q, k, v)
@@ -202,19 +213,23 @@ def main():
         kfrac = math.prod(kernel) / math.prod(spatial)
         for rpb in rpbs:
             for pas in passes:
-                nat = get(name, rpb, pas, "natkit")
                 swin = get(name, rpb, pas, "swin_wsa")
                 flex = get(name, rpb, pas, "flex_na")
                 fulls = [x for x in (get(name, False, pas, "full_cudnn"),
                                      get(name, False, pas, "full_flash")) if x]
                 full = min(fulls) if fulls else None
-                line = dict(shape=name, rpb=rpb, pass_=pas, natkit_ms=nat,
-                            vs_swin=(nat / swin) if nat and swin else None,
-                            flex_speedup=(flex / nat) if nat and flex else None,
-                            full_speedup=(full / nat) if nat and full else None,
-                            bound_speedup=(1 / kfrac) if b == 1 else None,
-                            pct_bound=((full * kfrac) / nat) if nat and full and b == 1 else None)
-                summary.append(line)
+                impls = ["natkit"] + ([f"natkit_{s}" for s in configs.DRPB_SCHEMES]
+                                      if rpb and pas == "fwd+bwd" else [])
+                for impl in impls:  # the autotuned run, then each rpb-gradient scheme forced
+                    nat = get(name, rpb, pas, impl)
+                    label = name if impl == "natkit" else f"{name} ({impl[7:]})"
+                    summary.append(dict(
+                        shape=label, rpb=rpb, pass_=pas, natkit_ms=nat,
+                        vs_swin=(nat / swin) if nat and swin else None,
+                        flex_speedup=(flex / nat) if nat and flex else None,
+                        full_speedup=(full / nat) if nat and full else None,
+                        bound_speedup=(1 / kfrac) if b == 1 else None,
+                        pct_bound=((full * kfrac) / nat) if nat and full and b == 1 else None))
 
     raw.close()
     with open(args.csv.replace(".csv", "_summary.csv"), "w", newline="") as fh:

@@ -5,7 +5,8 @@ tile config the autotuner may pick, prints:
 
 - tile work (``natkit.backends.triton.work``): scores computed per attended pair (tile
   waste) and the share of them that pays for the window mask, counted exactly as the
-  kernels iterate;
+  kernels iterate (with RPB also the dQ kernel without its atomics, ``dq-``, and the dRPB
+  kernel: the "separate" rpb-gradient scheme of ``configs.py``);
 - sm_90 resources (``natkit.backends.triton.aot``, compiled with the launch arguments of
   that very shape): registers per thread, spill bytes, whether the loop's loads are
   software-pipelined, shared memory, and the occupancy that follows (programs and warps
@@ -54,20 +55,28 @@ def main():
             nd = len(spatial)
             groups = (1,) * (3 - nd) + tuple(spatial)
             ones = (1,) * nd
-            kinds = ("fwd",) + (("dq", "dkdv") if "fwd+bwd" in passes else ())
             print(f"== {name}: B={b} spatial={spatial} heads={h} dim={d} kernel={kernel}")
             for rpb in rpbs:
-                for kind in kinds:
+                # (kernel, rpb-gradient scheme); with rpb the "separate" scheme runs the dQ
+                # kernel without its atomics ("dq-") and the dRPB kernel
+                kinds = [("fwd", "fused")]
+                if "fwd+bwd" in passes:
+                    kinds += [("dq", "fused"), ("dkdv", "fused")]
+                    if rpb:
+                        kinds += [("dq", "separate"), ("drpb", "separate")]
+                for kind, scheme in kinds:
+                    label = "dq-" if (kind, scheme) == ("dq", "separate") else kind
                     cands = configs.candidates(nd, configs.block_d(d), groups, kind, rpb)
                     for i, cfg in enumerate(cands):
                         work = tile_work(spatial, kernel, ones, ones, (False,) * nd, cfg,
                                          kind, batch_heads=b * h)
                         res = aot.resources(kind, cfg, aot.Problem(
-                            spatial, kernel, batch=b, heads=h, head_dim=d, rpb=rpb))
+                            spatial, kernel, batch=b, heads=h, head_dim=d, rpb=rpb,
+                            drpb_scheme=scheme))
                         visits = work.computed // (cfg.block_m * cfg.block_n)
                         issue = aot.issue_bound_ms(res, visits)
                         mma = aot.mma_bound_ms(kind, cfg, configs.block_d(d), visits)
-                        row = dict(shape=name, rpb=int(rpb), kind=kind,
+                        row = dict(shape=name, rpb=int(rpb), kind=label,
                                    config=f"q{'x'.join(map(str, cfg.q_tile))} "
                                           f"k{'x'.join(map(str, cfg.k_tile))} "
                                           f"w{cfg.num_warps} s{cfg.num_stages}",
@@ -82,7 +91,7 @@ def main():
                                    mma_bound_ms=round(mma, 4),
                                    bound_ms=round(max(issue, mma), 4))
                         writer.writerow(row)
-                        print(f"  rpb={int(rpb)} {kind:4s} {row['config']:22s}"
+                        print(f"  rpb={int(rpb)} {label:4s} {row['config']:22s}"
                               f"{'*' if i == 0 else ' '} waste {row['waste']:5.2f}  "
                               f"masked {row['masked_pct']:5.1f}%  regs {res.registers:3d}  "
                               f"spill {row['spill_bytes']:5d} B  {'pipelined' if res.pipelined else 'sync load'}  smem {row['shared_kb']:5.1f} KB  "

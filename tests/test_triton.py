@@ -146,12 +146,37 @@ def test_every_2d_candidate(head_dim, rpb):
     other tests run. 12x20 tokens leave the largest tiles (8x16 / 8x16) unclamped."""
     c = cfg((12, 20), 5, rpb=rpb, heads=2, kv_heads=1, head_dim=head_dim)
     group_lengths = (1, 12, 20)
+    kinds = configs.KINDS if rpb else ("fwd", "dq", "dkdv")
     per_kind = {kind: configs.candidates(2, configs.block_d(c.head_dim), group_lengths, kind, rpb)
-                for kind in configs.KINDS}
+                for kind in kinds}
     for i in range(max(len(v) for v in per_kind.values())):
         chosen = {kind: cands[min(i, len(cands) - 1)] for kind, cands in per_kind.items()}
-        with configs.override(**chosen):
+        with configs.override(**chosen):  # with rpb: a dRPB tile forces the separate scheme
             check(c, seed=i)
+        if rpb:  # and the dQ kernel's own atomics
+            with configs.override(**dict(chosen, drpb="fused")):
+                check(c, seed=i)
+
+
+@pytest.mark.parametrize("name,sms", [("2d_rpb_dilation", 2), ("3d_rpb", 0),
+                                      ("2d_extra_rpb_mqa", 2), ("1d_rpb_stride", 2),
+                                      ("2d_rpb_stride_gqa", 0)])
+def test_separate_drpb_scheme(name, sms, monkeypatch):
+    """The dRPB kernel (``configs.drpb_scheme`` "separate") on every rpb feature. ``sms``
+    sizes the launch: with 2, several programs share a shift's work items (each adds its
+    own sum); with 0, one program per shift."""
+    c = dict(FEATURES, **{
+        "1d_rpb_stride": cfg((22,), 5, dilation=2, stride=2, rpb=True, batch=3),
+        "2d_rpb_stride_gqa": cfg((9, 10), (3, 5), stride=(1, 2), rpb=True, heads=4, kv_heads=2),
+    })[name]
+    monkeypatch.setattr(op, "_sms", lambda device: sms)
+    g = op.geometry(torch.empty(c.batch, *c.spatial, c.heads, c.head_dim), c.kernel_size,
+                    c.dilation, c.stride, c.is_causal)
+    tile = configs.candidates(g.ndim, configs.block_d(c.head_dim), g.group_lengths, "drpb")[0]
+    assert (op.drpb_layout(g, tile, c.batch, c.heads, sms).splits > 1) == (sms > 0)
+    with configs.override(drpb="separate"):
+        check(c)
+    assert configs.last_drpb_scheme() == "separate"
 
 
 def test_can_run_reasons(monkeypatch):
@@ -207,7 +232,67 @@ def test_config_override_validation():
         configs.set_override("bwd", TileConfig((1, 1, 16), (1, 1, 16)))
     with pytest.raises(TypeError, match="TileConfig"):
         configs.set_override("fwd", (1, 1, 16))
+    with pytest.raises(TypeError, match="'fused', 'separate'"):
+        configs.set_override("drpb", 3)
+    with pytest.raises(ValueError, match="drpb scheme must be one of .* got 'atomic'"):
+        configs.set_override("drpb", "atomic")
+    with pytest.raises(TypeError, match="for 'dq' must be a TileConfig or None"):
+        configs.set_override("dq", "fused")
     assert configs.fit((4, 4, 8), (1, 3, 2)) == (1, 4, 4)  # clamped, then grown to 16 tokens
+
+
+def test_drpb_scheme_choice(monkeypatch):
+    """Forced by an override, else cached per key, else timed where autotuning runs (CUDA):
+    the faster scheme wins and a failing timing keeps the atomics; else the atomics."""
+    calls = []
+
+    def timer(name, ms):
+        def time_it():
+            calls.append(name)
+            return ms
+        return time_it
+
+    def failing():
+        raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(configs, "_SCHEMES", {})
+    monkeypatch.setenv("NATKIT_TRITON_AUTOTUNE", "1")
+    choose = configs.drpb_scheme
+    assert choose(("a",), "cpu", timer("f", 1.0), timer("s", 0.5)) == "fused" and calls == []
+    assert choose(("b",), "cuda", timer("f", 1.0), timer("s", 0.5)) == "separate"
+    assert calls == ["f", "s"]
+    assert choose(("b",), "cuda", timer("f", 0.1), timer("s", 0.5)) == "separate"  # cached
+    assert calls == ["f", "s"] and configs.last_drpb_scheme() == "separate"
+    assert choose(("c",), "cuda", timer("f", 0.4), timer("s", 0.5)) == "fused"
+    assert choose(("d",), "cuda", timer("f", 1.0), failing) == "fused"
+    monkeypatch.setenv("NATKIT_TRITON_AUTOTUNE", "0")
+    assert choose(("e",), "cuda", timer("f", 1.0), timer("s", 0.5)) == "fused"
+    for forced, want in (("separate", "separate"), ("fused", "fused"),
+                         (TileConfig((1, 1, 16), (1, 1, 16)), "separate")):
+        with configs.override(drpb=forced):
+            assert choose(("b",) if want == "fused" else ("c",), "cuda", failing,
+                          failing) == want
+            assert configs.last_drpb_scheme() == want
+
+
+def test_autotuning_runs_every_kernel_and_both_drpb_schemes(monkeypatch):
+    """The tuning path as on CUDA, here timed by the wall clock in the interpreter: every
+    kernel's candidates and both rpb-gradient schemes run, and the tuned call is exact."""
+    import time
+
+    def wall_clock(fn):
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    monkeypatch.setattr(op, "_bench", wall_clock)
+    monkeypatch.setattr(configs, "autotune_enabled", lambda device_type: True)
+    monkeypatch.setattr(configs, "_CACHE", {})
+    monkeypatch.setattr(configs, "_SCHEMES", {})
+    check(cfg((8, 9), 3, rpb=True, heads=1, kv_heads=1))
+    assert {key[0] for key in configs._CACHE} == {"fwd", "dq", "dkdv", "drpb"}
+    assert {key[-1] for key in configs._CACHE if key[0] == "dq"} == {True, False}  # atomics or not
+    assert list(configs._SCHEMES.values()) == [configs.last_drpb_scheme()]
 
 
 def test_strided_rpb():

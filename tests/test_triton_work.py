@@ -4,7 +4,8 @@ The brute force derives everything from the reference's dense per-dimension mask
 tile's key box is the span of keys any of its queries attends, a tile pair runs unmasked
 when every query of a full tile attends every key of the key tile. Its useful count must
 equal the attended pairs of the whole problem, so it also checks that the kernels' box (and
-inverse range) never misses an attended pair.
+inverse range, or the dRPB kernel's key tiles at fixed offsets) never misses an attended
+pair.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from natkit._window import dense_mask_1d
-from natkit.backends.triton.configs import TileConfig
+from natkit.backends.triton.configs import TileConfig, drpb_shifts
 from natkit.backends.triton.work import describe, tile_work
 
 
@@ -49,14 +50,21 @@ def brute_force(spatial, kernel, dilation, stride, causal, cfg, kind):
                 red = [a for a in range(6) if a != ax]
                 hit = torch.nonzero(sub.any(dim=tuple(red))).flatten()
                 span.append((int(hit.min()), int(hit.max()) + 1) if len(hit) else (0, 0))
-            starts = [range(lo, hi, inner[i]) for i, (lo, hi) in enumerate(span)]
+            if kind == "drpb":  # key tiles at fixed offsets from the query tile, those meeting the span
+                starts = []
+                for i, (lo, hi) in enumerate(span):
+                    origin, count = drpb_shifts(K[i], bq[i], bk[i])
+                    cs = (t[i] + origin + n * bk[i] for n in range(count))
+                    starts.append([c for c in cs if c < hi and c + bk[i] > lo])
+            else:
+                starts = [range(lo, hi, inner[i]) for i, (lo, hi) in enumerate(span)]
             for u in itertools.product(*starts):
-                other = tuple(slice(u[i], u[i] + inner[i]) for i in range(3))
+                other = tuple(slice(max(u[i], 0), max(u[i] + inner[i], 0)) for i in range(3))
                 pair = mask[own + other] if kind != "dkdv" else mask[other + own]
                 computed += cfg.block_m * cfg.block_n
                 useful += int(pair.sum())
                 full = all(t[i] + outer[i] <= lg[i] and u[i] + inner[i] <= lg[i] for i in range(3))
-                if full and bool(pair.all()):
+                if full and bool(pair.all()) and kind != "drpb":
                     unmasked += cfg.block_m * cfg.block_n
     return computed, unmasked, useful
 
@@ -73,9 +81,11 @@ def random_problem(rng: random.Random):
 
 
 @pytest.mark.parametrize("seed", range(60))
-@pytest.mark.parametrize("kind", ["fwd", "dkdv"])
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "drpb"])
 def test_matches_brute_force(seed, kind):
     spatial, kernel, dil, stride, causal, cfg = random_problem(random.Random(seed))
+    if kind == "drpb":  # the dRPB kernel runs only with rpb, which excludes causal masking
+        causal = (False,) * len(spatial)
     work = tile_work(spatial, kernel, dil, stride, causal, cfg, kind)
     computed, unmasked, useful = brute_force(spatial, kernel, dil, stride, causal, cfg, kind)
     attended = 1

@@ -1,5 +1,6 @@
 """Triton backend on a real GPU: the random sweep (float32 vs float64, fp16/bf16 by the
-FlashAttention rule, poisoned outputs), autotuning and large head dims.
+FlashAttention rule, poisoned outputs, both rpb-gradient schemes), autotuning and large
+head dims.
 
 Not part of the CPU test suite (the interpreter is far too slow for it); run it on a CUDA
 machine with ``python -m pytest tests_gpu -n 8`` (pytest-xdist). Most of the time goes to
@@ -20,6 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from sweep import Config  # noqa: E402
 from test_triton import _triton_env, cfg, check  # noqa: E402,F401  (fixture re-exported)
+
+from natkit.backends.triton import configs  # noqa: E402
 
 if not torch.cuda.is_available():
     raise RuntimeError("tests_gpu needs a CUDA GPU; the CPU suite is `python -m pytest`")
@@ -58,8 +61,9 @@ def sweep(seed: int, count: int, dtype, shard: int):
         c = gpu_config(rng)
         if i % SHARDS != shard:
             continue
-        try:
-            check(c, dtype, seed=i)
+        try:  # with rpb, odd configs take the "separate" rpb-gradient scheme (configs.py)
+            with configs.override(drpb="separate" if c.rpb and i % 2 else None):
+                check(c, dtype, seed=i)
         except AssertionError as err:
             raise AssertionError(f"config {i}: {c}: {err}") from None
 

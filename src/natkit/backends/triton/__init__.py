@@ -1,7 +1,8 @@
 """Fused Triton kernels for neighborhood attention (forward + backward), backend ``"triton"``.
 
 - ``window``: the SPEC window formula and tile ranges, in-kernel.
-- ``forward`` / ``backward``: the kernels (online-softmax forward; delta, dQ + dRPB, dK/dV).
+- ``forward`` / ``backward``: the kernels (online-softmax forward; delta, dQ + dRPB, dRPB,
+  dK/dV).
 - ``configs``: tile shapes / warps / stages, autotuning and caller overrides.
 - ``op``: launchers and the ``natkit::triton_na_fwd`` / ``natkit::triton_na_bwd`` custom ops.
 

@@ -29,10 +29,11 @@ from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
 from . import configs, op
-from .backward import na_bwd_dkdv_kernel, na_bwd_dq_kernel
+from .backward import na_bwd_dkdv_kernel, na_bwd_dq_kernel, na_bwd_drpb_kernel
 from .forward import na_fwd_kernel
 
-KERNELS = {"fwd": na_fwd_kernel, "dq": na_bwd_dq_kernel, "dkdv": na_bwd_dkdv_kernel}
+KERNELS = {"fwd": na_fwd_kernel, "dq": na_bwd_dq_kernel, "dkdv": na_bwd_dkdv_kernel,
+           "drpb": na_bwd_drpb_kernel}
 _POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 # per-SM limits of sm_90
 REGISTERS, MAX_WARPS, MAX_SHARED = 65536, 64, 227 * 1024
@@ -54,6 +55,7 @@ class Problem:
     rpb: bool = False
     extra: int = 0
     dtype: torch.dtype = torch.bfloat16
+    drpb_scheme: str = "fused"  # with rpb: whether the dQ kernel adds the rpb gradient
 
 
 # representative problems per rank (what the static test and report compile)
@@ -107,13 +109,21 @@ def launch_args(kind: str, cfg: configs.TileConfig, p: Problem) -> tuple:
     scale = p.head_dim ** -0.5
     if kind == "fwd":
         return op.fwd_args(q, k, v, out, lse, rpb, ek, ev, g, cfg, scale)[1]
+    table = math.prod(2 * x - 1 for x in g.K)
     if kind == "dq":
-        ncopy = min(64, op.dq_grid(g, cfg, q)[0])
-        drpb = t(ncopy, p.heads, math.prod(2 * x - 1 for x in g.K), dtype=torch.float32)
+        atomics = p.rpb and p.drpb_scheme == "fused"
+        ncopy = min(64, op.dq_grid(g, cfg, q)[0]) if atomics else 1
+        drpb = t(ncopy, p.heads, table, dtype=torch.float32) if atomics else None
         return op.dq_args(q, k, v, dout, lse, delta, dq, rpb, drpb, ncopy, ek, ev, g, cfg,
                           scale)[1]
     if kind == "dkdv":
         return op.dkdv_args(q, k, v, dout, lse, delta, dk, dv, rpb, g, cfg, scale)[1]
+    if kind == "drpb":
+        if rpb is None:
+            raise ValueError("the dRPB kernel needs a problem with rpb=True")
+        layout = op.drpb_layout(g, cfg, p.batch, p.heads, SMS)
+        drpb = t(layout.ncopy, p.heads, table, dtype=torch.float32)
+        return op.drpb_args(q, k, v, dout, lse, delta, rpb, drpb, layout, g, cfg, scale)[1]
     raise ValueError(f"kind must be one of {tuple(KERNELS)}, got {kind!r}")
 
 
@@ -220,7 +230,7 @@ def loop_shared_stores(sass: str) -> int:
 
 @lru_cache(maxsize=None)
 def resources(kind: str, cfg: configs.TileConfig, p: Problem, arch: int = 90) -> Resources:
-    """ptxas's resource use of kernel ``kind`` (``"fwd"``, ``"dq"``, ``"dkdv"``) with ``cfg``.
+    """ptxas's resource use of kernel ``kind`` (one of ``KERNELS``) with ``cfg``.
 
     Registers and spills come from ``ptxas -v`` on Triton's PTX (Triton's own ptxas run does
     not report them without a GPU); the SASS is Triton's cubin, disassembled."""
@@ -264,8 +274,9 @@ def issue_bound_ms(res: Resources, tile_visits: int) -> float:
 # dense tensor-core multiply-adds per SM per clock (sm_90): 16-bit inputs; TF32 runs at half
 MMA_FLOPS_PER_CLOCK = {torch.bfloat16: 4096, torch.float16: 4096, torch.float32: 2048}
 # matrix products per visited tile pair: forward S = QK^T, O += PV; dQ recomputes S and dP =
-# dO V^T, then dQ += dS K; dK/dV recomputes both and adds dV += P^T dO, dK += dS^T Q
-DOTS = {"fwd": 2, "dq": 3, "dkdv": 4}
+# dO V^T, then dQ += dS K; dK/dV recomputes both and adds dV += P^T dO, dK += dS^T Q; dRPB
+# recomputes S and dP
+DOTS = {"fwd": 2, "dq": 3, "dkdv": 4, "drpb": 2}
 
 
 def mma_bound_ms(kind: str, cfg: configs.TileConfig, block_d: int, tile_visits: int,
@@ -279,12 +290,13 @@ def mma_bound_ms(kind: str, cfg: configs.TileConfig, block_d: int, tile_visits: 
 
 
 def default_report(ndim: int, head_dim: int) -> list[dict]:
-    """Resources of every kernel's default config (without and with RPB) for the rank's
-    representative problem at ``head_dim``. Rows with RPB also give the loop of the same
-    config compiled without it (``*_without_rpb``): what the bias itself costs."""
+    """Resources of every kernel's default config (without and with RPB; the dRPB kernel only
+    with) for the rank's representative problem at ``head_dim``. Rows with RPB also give the
+    loop of the same config compiled without it (``*_without_rpb``): what the bias itself
+    costs."""
     out = []
     for kind in configs.KINDS:
-        for rpb in (False, True):
+        for rpb in (False, True) if kind != "drpb" else (True,):
             p = replace(REPRESENTATIVE[ndim], head_dim=head_dim, rpb=rpb)
             group_lengths = (1,) * (3 - ndim) + tuple(p.spatial)
             cfg = configs.candidates(ndim, configs.block_d(head_dim), group_lengths, kind, rpb)[0]
@@ -294,7 +306,7 @@ def default_report(ndim: int, head_dim: int) -> list[dict]:
                        shared=res.shared, ctas_per_sm=res.ctas_per_sm,
                        loop_instructions=res.loop_instructions,
                        loop_shared_stores=res.loop_shared_stores)
-            if rpb:
+            if rpb and kind != "drpb":
                 plain = resources(kind, cfg, replace(p, rpb=False))
                 row.update(loop_instructions_without_rpb=plain.loop_instructions,
                            loop_shared_stores_without_rpb=plain.loop_shared_stores)

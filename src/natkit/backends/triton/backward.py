@@ -1,13 +1,20 @@
-"""Backward kernels: delta preprocess, dQ (+ fused dRPB), dK/dV, and dK/dV of the extra tokens.
+"""Backward kernels: delta preprocess, dQ (+ fused dRPB), dRPB, dK/dV, and dK/dV of the extra tokens.
 
 Scheme (as in FlashAttention-2 / Triton's fused-attention tutorial): probabilities are
 recomputed from the saved log-sum-exp; ``delta = rowsum(dO * O) - dlse`` folds the
 gradient of the returned log-sum-exp in (``d lse / d s = P``).
 
 - ``na_bwd_dq_kernel``, grid ``(query-tile slots, batch * heads)``: the forward's key box;
-  ``dQ = scale * dS K``; ``dRPB += dS`` by fp32 atomics into ``NCOPY`` private copies of the
-  table (program ``pid`` uses copy ``pid % NCOPY``), so at most ``ceil(programs / NCOPY)``
-  programs contend per address; the copies are summed on the host.
+  ``dQ = scale * dS K``; with ``DRPB_ATOMICS`` (rpb-gradient scheme "fused", ``configs``)
+  ``dRPB += dS`` by fp32 atomics, one per attended pair, into ``NCOPY`` private copies of
+  the table (program ``pid`` uses copy ``pid % NCOPY``), so at most
+  ``ceil(programs / NCOPY)`` programs contend per address; the copies are summed on the host.
+- ``na_bwd_drpb_kernel`` (scheme "separate"), grid ``(shifts * splits, heads)``: a pair's
+  table index depends only on its offset ``j - i``, so for a key tile at a fixed offset
+  from the query tile every query tile (and batch element) maps its pairs to the same
+  indices. The kernel recomputes ``dS`` (two products) for each such tile pair, sums it
+  in registers and adds once per pair of the tile at the end: atomics drop from one per
+  attended pair to one per program and tile element.
 - ``na_bwd_dkdv_kernel``, grid ``(key-tile slots, batch * kv_heads)``: the inverse
   neighborhood (``window.query_box``) of every query head of the GQA group; deterministic,
   no atomics. ``dK = scale * dS^T Q``, ``dV = P^T dO``.
@@ -18,8 +25,8 @@ gradient of the returned log-sum-exp in (``d lse / d s = P``).
 import triton
 import triton.language as tl
 
-from .window import (apply_mask, bias_tile, box_tile, group_len, key_box, query_box, rpb_center,
-                     rpb_flat, tile_coords, tile_index, win_end, win_start, window_lengths)
+from .window import (apply_mask, bias_tile, box_tile, key_box, key_span, query_box, query_windows,
+                     rpb_center, rpb_flat, tile_coords, tile_slot, win_end, win_start)
 
 
 @triton.jit
@@ -36,6 +43,14 @@ def delta_kernel(O, DO, LSE_GRAD, DELTA, rows, HEAD_DIM: tl.constexpr, BLOCK_D: 
     if HAS_LSE_GRAD:
         delta -= tl.load(LSE_GRAD + r, mask=r < rows, other=0.0)
     tl.store(DELTA + r, delta, mask=r < rows)
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, b, r0, r1, r2, L0, L1, L2, H, h, valid):
+    """The saved log-sum-exp (in log2 units) and delta of query rows ``(b, r*, h)``."""
+    row = (b * L0 * L1 * L2 + (r0 * L1 + r1) * L2 + r2) * H + h
+    return (tl.load(LSE + row, mask=valid, other=0.0) * 1.4426950408889634,
+            tl.load(DELTA + row, mask=valid, other=0.0))
 
 
 @triton.jit
@@ -64,22 +79,19 @@ def na_bwd_dq_kernel(
         BQ0: tl.constexpr, BQ1: tl.constexpr, BQ2: tl.constexpr,
         BK0: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, PRECISION: tl.constexpr):
+        HAS_RPB: tl.constexpr, DRPB_ATOMICS: tl.constexpr, HAS_EXTRA: tl.constexpr,
+        PRECISION: tl.constexpr):
     BLOCK_N: tl.constexpr = BK0 * BK1 * BK2
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
     hk = h // G
-    g0, t0, g1, t1, g2, t2 = tile_index(pid, NT1, NT2, D0, D1, D2)
-    Lg0 = group_len(L0, g0, D0)
-    Lg1 = group_len(L1, g1, D1)
-    Lg2 = group_len(L2, g2, D2)
-    a0 = t0 * BQ0
-    a1 = t1 * BQ1
-    a2 = t2 * BQ2
+    g0, g1, g2, Lg0, Lg1, Lg2, a0, a1, a2 = tile_slot(
+        pid, NT1, NT2, L0, L1, L2, D0, D1, D2, BQ0, BQ1, BQ2)
     i0, i1, i2 = tile_coords(a0, a1, a2, BQ0, BQ1, BQ2)
-    qvalid = (i0 < Lg0) & (i1 < Lg1) & (i2 < Lg2)
+    qvalid, ws0, wl0, ws1, wl1, ws2, wl2 = query_windows(i0, i1, i2, Lg0, Lg1, Lg2, K0, K1, K2,
+                                                         S0, S1, S2, C0, C1, C2)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < HEAD_DIM
     r0 = i0 * D0 + g0
@@ -90,16 +102,7 @@ def na_bwd_dq_kernel(
                 + dd[None, :] * sqd, mask=qm, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + r0[:, None] * sdo0 + r1[:, None] * sdo1
                  + r2[:, None] * sdo2 + dd[None, :] * sdod, mask=qm, other=0.0)
-    row = (b * L0 * L1 * L2 + (r0 * L1 + r1) * L2 + r2) * H + h
-    lse2 = tl.load(LSE + row, mask=qvalid, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
-
-    ws0 = win_start(i0, Lg0, K0, S0, C0)
-    wl0 = window_lengths(i0, ws0, Lg0, K0, C0)
-    ws1 = win_start(i1, Lg1, K1, S1, C1)
-    wl1 = window_lengths(i1, ws1, Lg1, K1, C1)
-    ws2 = win_start(i2, Lg2, K2, S2, C2)
-    wl2 = tl.where(qvalid, window_lengths(i2, ws2, Lg2, K2, C2), 0)
+    lse2, delta = _row_stats(LSE, DELTA, b, r0, r1, r2, L0, L1, L2, H, h, qvalid)
     qidx = tl.where(qvalid, rpb_flat(i0, i1, i2, K1, K2), -1)
     lo0, nk0, flo0, fhi0, full0 = key_box(a0, Lg0, K0, S0, C0, BQ0, BK0)
     lo1, nk1, flo1, fhi1, full1 = key_box(a1, Lg1, K1, S1, C1, BQ1, BK1)
@@ -135,7 +138,7 @@ def na_bwd_dq_kernel(
         dp = tl.dot(do, vT, input_precision=PRECISION)
         qk = apply_mask(qk, inside, j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, ND, False)
         dq, ds, p = _dq_update(dq, qk, dp, lse2, delta, k, PRECISION)
-        if HAS_RPB:  # dRPB += dS where a pair is attended (P > 0: window pairs whose
+        if DRPB_ATOMICS:  # dRPB += dS where a pair is attended (P > 0: window pairs whose
             # probability did not underflow; the others would add zero)
             tl.atomic_add(drpb_ptr + bidx, ds, mask=p > 0.0, sem="relaxed")
     if HAS_EXTRA:
@@ -154,6 +157,87 @@ def na_bwd_dq_kernel(
             dq, _, _ = _dq_update(dq, qk, dp, lse2, delta, k, PRECISION)
     tl.store(DQ + b * sdqb + h * sdqh + r0[:, None] * sdq0 + r1[:, None] * sdq1
              + r2[:, None] * sdq2 + dd[None, :] * sdqd, (dq * scale).to(DQ.dtype.element_ty), mask=qm)
+
+
+@triton.jit
+def na_bwd_drpb_kernel(
+        Q, K, V, DO, LSE, DELTA, RPB, DRPB,
+        sqb, sq0, sq1, sq2, sqh, sqd,
+        skb, sk0, sk1, sk2, skh, skd,
+        svb, sv0, sv1, sv2, svh, svd,
+        sdob, sdo0, sdo1, sdo2, sdoh, sdod,
+        L0, L1, L2, K0, K1, K2, S0, S1, S2, D0, D1, D2,
+        NT1, NT2, TILES, ITEMS, O0, O1, O2, NS1, NS2, SPLITS, H, G, qk_scale, NCOPY,
+        C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, ND: tl.constexpr,
+        BQ0: tl.constexpr, BQ1: tl.constexpr, BQ2: tl.constexpr,
+        BK0: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Program ``(shift * SPLITS + split, head)``: the key tile at one fixed offset from the
+    query tile (``O* + shift * BK*``), over the work items ``split, split + SPLITS, ...``
+    (an item is a batch element and a query-tile slot). Every item's pairs then have the
+    same bias indices, so ``dS`` sums in registers and reaches ``DRPB`` with one atomic add
+    per pair of the tile, at the end."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // G
+    shift = pid // SPLITS
+    o0 = O0 + (shift // (NS1 * NS2)) * BK0
+    o1 = O1 + ((shift // NS2) % NS1) * BK1
+    o2 = O2 + (shift % NS2) * BK2
+    u0, u1, u2 = tile_coords(0, 0, 0, BQ0, BQ1, BQ2)  # query offsets in the tile
+    v0, v1, v2 = tile_coords(o0, o1, o2, BK0, BK1, BK2)  # key offsets from the query tile
+    table = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
+    center = rpb_center(K0, K1, K2)
+    bias, bidx = bias_tile(RPB + h * table + center, rpb_flat(u0, u1, u2, K1, K2),
+                           rpb_flat(v0, v1, v2, K1, K2), center, table, False)
+    # pairs whose offset lies in the table in every dimension (the others are never attended)
+    in_table = ((tl.abs(v0[None, :] - u0[:, None]) < K0) & (tl.abs(v1[None, :] - u1[:, None]) < K1)
+                & (tl.abs(v2[None, :] - u2[:, None]) < K2))
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < HEAD_DIM
+    acc = tl.zeros([BQ0 * BQ1 * BQ2, BK0 * BK1 * BK2], tl.float32)
+    for item in range(pid % SPLITS, ITEMS, SPLITS):
+        b = (item // TILES).to(tl.int64)
+        g0, g1, g2, Lg0, Lg1, Lg2, a0, a1, a2 = tile_slot(
+            item % TILES, NT1, NT2, L0, L1, L2, D0, D1, D2, BQ0, BQ1, BQ2)
+        lo0, hi0, _, _ = key_span(a0, Lg0, K0, S0, C0, BQ0)
+        lo1, hi1, _, _ = key_span(a1, Lg1, K1, S1, C1, BQ1)
+        lo2, hi2, _, _ = key_span(a2, Lg2, K2, S2, C2, BQ2)
+        # skip items whose attended keys miss this key tile (or whose queries all lie past the group)
+        if ((a0 < Lg0) & (a1 < Lg1) & (a2 < Lg2) & (a0 + o0 < hi0) & (a0 + o0 + BK0 > lo0)
+                & (a1 + o1 < hi1) & (a1 + o1 + BK1 > lo1) & (a2 + o2 < hi2) & (a2 + o2 + BK2 > lo2)):
+            i0 = a0 + u0
+            i1 = a1 + u1
+            i2 = a2 + u2
+            j0 = a0 + v0
+            j1 = a1 + v1
+            j2 = a2 + v2
+            qvalid, ws0, wl0, ws1, wl1, ws2, wl2 = query_windows(
+                i0, i1, i2, Lg0, Lg1, Lg2, K0, K1, K2, S0, S1, S2, C0, C1, C2)
+            kvalid = ((j0 >= 0) & (j0 < Lg0) & (j1 >= 0) & (j1 < Lg1) & (j2 >= 0) & (j2 < Lg2))
+            r0 = i0 * D0 + g0
+            r1 = i1 * D1 + g1
+            r2 = i2 * D2 + g2
+            s0 = j0 * D0 + g0
+            s1 = j1 * D1 + g1
+            s2 = j2 * D2 + g2
+            qm = qvalid[:, None] & dmask[None, :]
+            q = tl.load(Q + b * sqb + h * sqh + (r0 * sq0 + r1 * sq1 + r2 * sq2)[:, None]
+                        + dd[None, :] * sqd, mask=qm, other=0.0)
+            do = tl.load(DO + b * sdob + h * sdoh + (r0 * sdo0 + r1 * sdo1 + r2 * sdo2)[:, None]
+                         + dd[None, :] * sdod, mask=qm, other=0.0)
+            k = tl.load(K + b * skb + hk * skh + (s0 * sk0 + s1 * sk1 + s2 * sk2)[:, None]
+                        + dd[None, :] * skd, mask=kvalid[:, None] & dmask[None, :], other=0.0)
+            vT = tl.load(V + b * svb + hk * svh + (s0 * sv0 + s1 * sv1 + s2 * sv2)[None, :]
+                         + dd[:, None] * svd, mask=kvalid[None, :] & dmask[:, None], other=0.0)
+            lse2, delta = _row_stats(LSE, DELTA, b, r0, r1, r2, L0, L1, L2, H, h, qvalid)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias
+            qk = apply_mask(qk, False, j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, ND, False)
+            p = tl.math.exp2(qk - lse2[:, None])
+            dp = tl.dot(do, vT, input_precision=PRECISION)
+            acc += p * (dp - delta[:, None])
+    tl.atomic_add(DRPB + ((pid % NCOPY) * H + h) * table + center + bidx, acc,
+                  mask=in_table & (acc != 0.0), sem="relaxed")
 
 
 @triton.jit
@@ -189,13 +273,8 @@ def na_bwd_dkdv_kernel(
     bh = tl.program_id(1)
     b = (bh // HK).to(tl.int64)
     hk = bh % HK
-    g0, t0, g1, t1, g2, t2 = tile_index(pid, NT1, NT2, D0, D1, D2)
-    Lg0 = group_len(L0, g0, D0)
-    Lg1 = group_len(L1, g1, D1)
-    Lg2 = group_len(L2, g2, D2)
-    c0 = t0 * BK0
-    c1 = t1 * BK1
-    c2 = t2 * BK2
+    g0, g1, g2, Lg0, Lg1, Lg2, c0, c1, c2 = tile_slot(
+        pid, NT1, NT2, L0, L1, L2, D0, D1, D2, BK0, BK1, BK2)
     j0, j1, j2 = tile_coords(c0, c1, c2, BK0, BK1, BK2)
     kvalid = (j0 < Lg0) & (j1 < Lg1) & (j2 < Lg2)
     kidx = rpb_flat(j0, j1, j2, K1, K2)
@@ -218,7 +297,6 @@ def na_bwd_dkdv_kernel(
     center = rpb_center(K0, K1, K2)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    NQ = L0 * L1 * L2
     for gi in range(0, G):
         h = hk * G + gi
         bias_ptr = RPB + h * table + center
@@ -232,12 +310,6 @@ def na_bwd_dkdv_kernel(
             r2 = i2 * D2 + g2
             qoff = r0 * sq0 + r1 * sq1 + r2 * sq2
             dooff = r0 * sdo0 + r1 * sdo1 + r2 * sdo2
-            row = (b * NQ + (r0 * L1 + r1) * L2 + r2) * H + h
-            ws0 = win_start(i0, Lg0, K0, S0, C0)
-            wl0 = window_lengths(i0, ws0, Lg0, K0, C0)
-            ws1 = win_start(i1, Lg1, K1, S1, C1)
-            wl1 = window_lengths(i1, ws1, Lg1, K1, C1)
-            ws2 = win_start(i2, Lg2, K2, S2, C2)
             # every query of the tile valid and attending every key of the key tile
             sa0 = win_start(a0, Lg0, K0, S0, C0)
             sa1 = win_start(a1, Lg1, K1, S1, C1)
@@ -250,13 +322,12 @@ def na_bwd_dkdv_kernel(
                       & (c1 + BK1 <= win_end(a1, sa1, K1, C1))
                       & (c2 + BK2 <= win_end(a2, sa2, K2, C2)))
             # loads and dots outside the branch (software-pipelined); only masking depends on it
-            qvalid = (i0 < Lg0) & (i1 < Lg1) & (i2 < Lg2)
+            qvalid, ws0, wl0, ws1, wl1, ws2, wl2 = query_windows(
+                i0, i1, i2, Lg0, Lg1, Lg2, K0, K1, K2, S0, S1, S2, C0, C1, C2)
             qm = qvalid[:, None] & dmask[None, :]
             q = tl.load(q_base + qoff[:, None] + dd[None, :] * sqd, mask=qm, other=0.0)
             do = tl.load(do_base + dooff[:, None] + dd[None, :] * sdod, mask=qm, other=0.0)
-            lse2 = tl.load(LSE + row, mask=qvalid, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
-            wl2 = tl.where(qvalid, window_lengths(i2, ws2, Lg2, K2, C2), 0)
+            lse2, delta = _row_stats(LSE, DELTA, b, r0, r1, r2, L0, L1, L2, H, h, qvalid)
             qidx = tl.where(qvalid, rpb_flat(i0, i1, i2, K1, K2), -1)
             if HAS_RPB:  # loaded before the products (``bias_tile``)
                 biasT, _ = bias_tile(bias_ptr, qidx, kidx, center, table, True)

@@ -2,9 +2,17 @@
 
 A ``TileConfig`` gives the query tile and key tile as 3-D shapes (problems are 3-D inside
 the kernels; 1-D/2-D inputs have leading size-1 dimensions). Each kernel kind (``"fwd"``,
-``"dq"``, ``"dkdv"``) picks its config by, in order: a caller override (``override``
-context manager / ``set_override``), the autotune cache (keyed by a bucketed problem
-shape), autotuning on CUDA (unless ``NATKIT_TRITON_AUTOTUNE=0``), the heuristic default.
+``"dq"``, ``"dkdv"``, ``"drpb"``) picks its config by, in order: a caller override
+(``override`` context manager / ``set_override``), the autotune cache (keyed by a bucketed
+problem shape), autotuning on CUDA (unless ``NATKIT_TRITON_AUTOTUNE=0``), the heuristic
+default.
+
+The rpb gradient has two schemes (``drpb_scheme``): ``"fused"``, atomic adds of every
+attended pair's ``dS`` inside the dQ kernel, and ``"separate"``, the dRPB kernel, which sums
+``dS`` over the batch and the query tiles in registers first and adds once per tile pair
+at the end, at the price of recomputing the scores. Autotuning times both; without it the
+dQ kernel's atomics run (``"fused"``). ``override(drpb=...)`` forces one: ``"fused"``,
+``"separate"``, or a ``TileConfig`` for the dRPB kernel (which implies ``"separate"``).
 """
 
 from __future__ import annotations
@@ -14,11 +22,12 @@ import logging
 import math
 import os
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 logger = logging.getLogger("natkit")
 
-KINDS = ("fwd", "dq", "dkdv")
+KINDS = ("fwd", "dq", "dkdv", "drpb")
+DRPB_SCHEMES = ("fused", "separate")
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,15 @@ _TABLE: dict[tuple[str, bool, int], str] = {
     ("dkdv", True, 128): "4x4/2x8 w4 s2, 2x8/8x8 w4 s2, 4x4/4x8 w4 s2",
     ("dkdv", False, 256): "4x4/2x8 w4 s1",
     ("dkdv", True, 256): "4x4/2x8 w4 s1",
+    # the dRPB kernel's loads sit under the per-item branch (items whose keys miss the
+    # program's key tile skip everything), so there is no pipelining to ask for: one stage.
+    # Head dim 32 defaults to the lowest static bound at NAT-Tiny stages 1 and 3 (2x8/2x16:
+    # 0.057 / 0.016 ms vs 0.080 / 0.027 for 4x8/4x8), larger ones to 4x8/4x8 (2-D 128² k13:
+    # 0.135 ms vs 0.213-0.217 for the others)
+    ("drpb", True, 32): "2x8/2x16 w1 s1, 4x8/4x8 w2 s1, 8x8/8x8 w4 s1",
+    ("drpb", True, 64): "4x8/4x8 w4 s1, 8x8/8x8 w4 s1, 2x8/2x16 w2 s1",
+    ("drpb", True, 128): "4x8/4x8 w4 s1, 4x8/2x8 w4 s1, 2x8/2x16 w4 s1",
+    ("drpb", True, 256): "4x4/2x8 w4 s1",
 }
 
 # 1-D and 3-D tiles of the same token counts as the table's 2-D tiles
@@ -136,6 +154,7 @@ def candidates(ndim: int, block_d: int, group_lengths, kind: str = "fwd",
                has_rpb: bool = False) -> list[TileConfig]:
     """Autotuning candidates for one launch, default first, clamped to the problem."""
     seen, out = set(), []
+    has_rpb = has_rpb or kind == "drpb"  # the dRPB kernel exists only with a bias
     for cfg in _parse(_TABLE[(kind, has_rpb, head_dim_class(block_d))], ndim):
         cfg = sanitize(cfg, group_lengths)
         if cfg not in seen:
@@ -144,19 +163,27 @@ def candidates(ndim: int, block_d: int, group_lengths, kind: str = "fwd",
     return out
 
 
-_OVERRIDE: dict[str, TileConfig] = {}
+_OVERRIDE: dict[str, Union[TileConfig, str]] = {}
 _CACHE: dict[tuple, TileConfig] = {}
+_SCHEMES: dict[tuple, str] = {}
 _LAST: dict[str, TileConfig] = {}
+_LAST_SCHEME: list[Optional[str]] = [None]
 
 
-def set_override(kind: str, cfg: Optional[TileConfig]) -> None:
-    """Forces ``cfg`` for kernel ``kind`` (``"fwd"``, ``"dq"``, ``"dkdv"``); ``None`` clears it."""
+def set_override(kind: str, cfg: Union[TileConfig, str, None]) -> None:
+    """Forces ``cfg`` for kernel ``kind`` (``"fwd"``, ``"dq"``, ``"dkdv"``, ``"drpb"``);
+    ``None`` clears it. ``"drpb"`` also takes a scheme name, ``"fused"`` or ``"separate"``."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if cfg is None:
         _OVERRIDE.pop(kind, None)
+    elif kind == "drpb" and isinstance(cfg, str):
+        if cfg not in DRPB_SCHEMES:
+            raise ValueError(f"the drpb scheme must be one of {DRPB_SCHEMES}, got {cfg!r}")
+        _OVERRIDE[kind] = cfg
     elif not isinstance(cfg, TileConfig):
-        raise TypeError(f"cfg must be a TileConfig or None, got {type(cfg).__name__}")
+        what = "a TileConfig, 'fused', 'separate'" if kind == "drpb" else "a TileConfig"
+        raise TypeError(f"cfg for {kind!r} must be {what} or None, got {type(cfg).__name__}")
     else:
         _OVERRIDE[kind] = cfg
 
@@ -182,7 +209,7 @@ def choose(kind: str, key: tuple, ndim: int, block_d: int, group_lengths,
            device_type: str, bench: Callable[[TileConfig], float],
            has_rpb: bool = False) -> TileConfig:
     """The config for one launch; ``bench(cfg)`` times a candidate (used only when tuning)."""
-    if kind in _OVERRIDE:
+    if isinstance(_OVERRIDE.get(kind), TileConfig):
         _LAST[kind] = sanitize(_OVERRIDE[kind], group_lengths)
         return _LAST[kind]
     full_key = (kind,) + key
@@ -204,6 +231,47 @@ def choose(kind: str, key: tuple, ndim: int, block_d: int, group_lengths,
     _CACHE[full_key] = best
     _LAST[kind] = best
     return best
+
+
+def drpb_shifts(kernel: int, q_tile: int, k_tile: int) -> tuple[int, int]:
+    """One dimension of the dRPB kernel's key tiles, at fixed offsets from the query tile:
+    ``(origin, count)``, tiles starting ``origin + u * k_tile`` tokens from the query tile's
+    start for ``u < count``. They cover every offset a window can have (``-(K-1) .. K-1``;
+    rpb excludes causal masking) and are aligned so that an interior query tile's window
+    box (which starts ``K // 2`` before it) starts at a tile edge: fewest tiles touched."""
+    base = kernel // 2
+    below = -(-(kernel - 1 - base) // k_tile)  # tiles before the interior alignment
+    reach = q_tile + kernel - 1 + base  # one past the last offset (q_tile - 1 + K - 1), from the base
+    return -base - below * k_tile, below + -(-reach // k_tile)
+
+
+def drpb_scheme(key: tuple, device_type: str, time_fused: Callable[[], float],
+                time_separate: Callable[[], float]) -> str:
+    """How one backward call sums the rpb gradient: ``"fused"`` or ``"separate"`` (module
+    docstring). ``time_*()`` runs the dQ pass of a scheme, its configs tuned, and returns
+    milliseconds; they are called only when tuning."""
+    forced = _OVERRIDE.get("drpb")
+    if forced is not None:
+        _LAST_SCHEME[0] = "fused" if forced == "fused" else "separate"
+        return _LAST_SCHEME[0]
+    if key not in _SCHEMES:
+        scheme = "fused"
+        if autotune_enabled(device_type):
+            try:
+                fused, separate = time_fused(), time_separate()
+                scheme = "separate" if separate < fused else "fused"
+                logger.debug("natkit triton: drpb %s: fused %.3f ms, separate %.3f ms -> %s",
+                             key, fused, separate, scheme)
+            except Exception as err:  # e.g. no config of the dRPB kernel fits: keep the atomics
+                logger.debug("natkit triton: drpb %s: timing failed (%s), fused", key, err)
+        _SCHEMES[key] = scheme
+    _LAST_SCHEME[0] = _SCHEMES[key]
+    return _LAST_SCHEME[0]
+
+
+def last_drpb_scheme() -> Optional[str]:
+    """The rpb-gradient scheme of the latest backward call with rpb in this process."""
+    return _LAST_SCHEME[0]
 
 
 def last_chosen(kind: str) -> Optional[TileConfig]:

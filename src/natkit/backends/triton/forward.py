@@ -10,8 +10,8 @@ the tile run the unmasked inner step; only boundary tiles pay for the window mas
 import triton
 import triton.language as tl
 
-from .window import (apply_mask, bias_tile, box_tile, group_len, key_box, rpb_center, rpb_flat,
-                     tile_coords, tile_index, win_start, window_lengths)
+from .window import (apply_mask, bias_tile, box_tile, key_box, query_windows, rpb_center,
+                     rpb_flat, tile_coords, tile_slot)
 
 
 @triton.jit
@@ -49,15 +49,12 @@ def na_fwd_kernel(
     b = (bh // H).to(tl.int64)
     h = bh % H
     hk = h // G
-    g0, t0, g1, t1, g2, t2 = tile_index(pid, NT1, NT2, D0, D1, D2)
-    Lg0 = group_len(L0, g0, D0)
-    Lg1 = group_len(L1, g1, D1)
-    Lg2 = group_len(L2, g2, D2)
-    a0 = t0 * BQ0
-    a1 = t1 * BQ1
-    a2 = t2 * BQ2
+    g0, g1, g2, Lg0, Lg1, Lg2, a0, a1, a2 = tile_slot(
+        pid, NT1, NT2, L0, L1, L2, D0, D1, D2, BQ0, BQ1, BQ2)
     i0, i1, i2 = tile_coords(a0, a1, a2, BQ0, BQ1, BQ2)
-    qvalid = (i0 < Lg0) & (i1 < Lg1) & (i2 < Lg2)
+    # per-query windows (masked tiles); invalid queries get an empty window
+    qvalid, ws0, wl0, ws1, wl1, ws2, wl2 = query_windows(i0, i1, i2, Lg0, Lg1, Lg2, K0, K1, K2,
+                                                         S0, S1, S2, C0, C1, C2)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < HEAD_DIM
     r0 = i0 * D0 + g0
@@ -66,13 +63,6 @@ def na_fwd_kernel(
     q = tl.load(Q + b * sqb + h * sqh + r0[:, None] * sq0 + r1[:, None] * sq1 + r2[:, None] * sq2
                 + dd[None, :] * sqd, mask=qvalid[:, None] & dmask[None, :], other=0.0)
 
-    # per-query windows (masked tiles); invalid queries get an empty window
-    ws0 = win_start(i0, Lg0, K0, S0, C0)
-    wl0 = window_lengths(i0, ws0, Lg0, K0, C0)
-    ws1 = win_start(i1, Lg1, K1, S1, C1)
-    wl1 = window_lengths(i1, ws1, Lg1, K1, C1)
-    ws2 = win_start(i2, Lg2, K2, S2, C2)
-    wl2 = tl.where(qvalid, window_lengths(i2, ws2, Lg2, K2, C2), 0)
     qidx = tl.where(qvalid, rpb_flat(i0, i1, i2, K1, K2), -1)
     # the tile's key box per dimension, and the keys every query of the tile attends
     lo0, nk0, flo0, fhi0, full0 = key_box(a0, Lg0, K0, S0, C0, BQ0, BK0)

@@ -23,7 +23,8 @@ from ..._checks import NAParams
 from ..._flops import register_flop_formula
 from .. import second_order
 from . import configs
-from .backward import delta_kernel, na_bwd_dkdv_extra_kernel, na_bwd_dkdv_kernel, na_bwd_dq_kernel
+from .backward import (delta_kernel, na_bwd_dkdv_extra_kernel, na_bwd_dkdv_kernel,
+                       na_bwd_dq_kernel, na_bwd_drpb_kernel)
 from .forward import na_fwd_kernel
 
 LOG2E = 1.4426950408889634
@@ -127,18 +128,75 @@ def dq_grid(g: Geometry, cfg: configs.TileConfig, q) -> tuple:
 
 def dq_args(q, k, v, dout, lse, delta, dq, rpb, drpb, ncopy, ek, ev, g: Geometry,
             cfg: configs.TileConfig, scale):
+    """``drpb`` (``[ncopy, heads, table]`` fp32, zeroed) makes the kernel add the rpb
+    gradient with atomics (scheme ``"fused"``); ``None`` leaves it to the dRPB kernel."""
     b, h, hd, hk, nd = q.shape[0], q.shape[-2], q.shape[-1], k.shape[-2], g.ndim
     slots, grid = _grid(g, cfg.q_tile, b * h)
     args = (q, k, v, dout, lse, delta, dq, rpb if rpb is not None else q,
-            drpb if rpb is not None else q,
+            drpb if drpb is not None else q,
             ek if ek is not None else q, ev if ev is not None else q,
             *_strides(q, nd), *_strides(k, nd), *_strides(v, nd), *_strides(dout, nd),
             *_strides(dq, nd), *_extra_strides(ek), *_extra_strides(ev),
             *_common_args(g), slots[1], slots[2], h, h // hk,
             0 if ek is None else ek.shape[1], scale * LOG2E, scale,
             ncopy, *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, configs.block_d(hd),
-            rpb is not None, ek is not None, _precision(q.dtype))
+            rpb is not None, drpb is not None, ek is not None, _precision(q.dtype))
     return grid, args, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+@dataclass(frozen=True)
+class DrpbLayout:
+    """The dRPB kernel's launch: per dimension, the key-tile offset of shift 0 from the query
+    tile (``origin``) and the number of shifts (``shifts``); the work items (batch elements x
+    query-tile slots) split ``splits`` ways per shift and head; ``ncopy`` private copies of
+    the gradient table (program ``pid`` adds into copy ``pid % ncopy``)."""
+
+    origin: tuple[int, int, int]
+    shifts: tuple[int, int, int]
+    tiles: int
+    items: int
+    splits: int
+    ncopy: int
+
+    @property
+    def programs(self) -> int:
+        """Programs per head."""
+        return math.prod(self.shifts) * self.splits
+
+
+def drpb_layout(g: Geometry, cfg: configs.TileConfig, batch: int, heads: int,
+                sms: int) -> DrpbLayout:
+    """Shifts from ``configs.drpb_shifts``. Most programs of the outer shifts only skip
+    (only border tiles reach those offsets), so the splits are sized by the shifts an
+    interior query tile meets: about 16 warps per SM of ``sms`` for those."""
+    origin, shifts = zip(*(configs.drpb_shifts(k, bq, bk)
+                           for k, bq, bk in zip(g.K, cfg.q_tile, cfg.k_tile)))
+    busy = math.prod(-(-(bq + k - 1) // bk) for k, bq, bk in zip(g.K, cfg.q_tile, cfg.k_tile))
+    tiles = math.prod(g.slots(cfg.q_tile))
+    items = batch * tiles
+    splits = max(1, min(items, -(-16 * sms // (cfg.num_warps * busy * heads))))
+    return DrpbLayout(tuple(origin), tuple(shifts), tiles, items, splits,
+                      min(64, math.prod(shifts) * splits))
+
+
+def drpb_args(q, k, v, dout, lse, delta, rpb, drpb, layout: DrpbLayout, g: Geometry,
+              cfg: configs.TileConfig, scale):
+    h, hd, hk, nd = q.shape[-2], q.shape[-1], k.shape[-2], g.ndim
+    slots = g.slots(cfg.q_tile)
+    grid = (layout.programs, h)
+    args = (q, k, v, dout, lse, delta, rpb, drpb,
+            *_strides(q, nd), *_strides(k, nd), *_strides(v, nd), *_strides(dout, nd),
+            *_common_args(g), slots[1], slots[2], layout.tiles, layout.items, *layout.origin,
+            layout.shifts[1], layout.shifts[2], layout.splits, h, h // hk, scale * LOG2E,
+            layout.ncopy, *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, configs.block_d(hd),
+            _precision(q.dtype))
+    return grid, args, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter runs programs one after another
 
 
 def dkdv_args(q, k, v, dout, lse, delta, dk, dv, rpb, g: Geometry, cfg: configs.TileConfig,
@@ -193,24 +251,49 @@ def backward(dout, dlse, q, k, v, out, lse, rpb, ek, ev, g: Geometry, scale: flo
     key = _tune_key(g, q, rpb is not None, ek is not None, h // hk)
     drpb_buf = [None]
 
-    def launch_dq(cfg: configs.TileConfig):
-        ncopy = 1
-        if rpb is not None:
-            # private copies bound atomic contention; a copy per program at most
-            ncopy = min(64, dq_grid(g, cfg, q)[0])
-            drpb_buf[0] = torch.zeros((ncopy, h, table), dtype=torch.float32, device=q.device)
-        grid, args, options = dq_args(q, k, v, dout, lse, delta, dq, rpb, drpb_buf[0], ncopy,
-                                      ek, ev, g, cfg, scale)
-        na_bwd_dq_kernel[grid](*args, **options)
+    def zeroed_drpb(ncopy: int) -> torch.Tensor:
+        drpb_buf[0] = torch.zeros((ncopy, h, table), dtype=torch.float32, device=q.device)
+        return drpb_buf[0]
 
     def launch_dkdv(cfg: configs.TileConfig):
         grid, args, options = dkdv_args(q, k, v, dout, lse, delta, dk, dv, rpb, g, cfg, scale)
         na_bwd_dkdv_kernel[grid](*args, **options)
 
-    for kind, launch in (("dq", launch_dq), ("dkdv", launch_dkdv)):
-        cfg = configs.choose(kind, key, nd, block_d, g.group_lengths, q.device.type,
-                             lambda c, launch=launch: _bench(lambda: launch(c)), rpb is not None)
+    def launch_dq(cfg: configs.TileConfig, atomics: bool):
+        # private copies bound atomic contention; a copy per program at most
+        ncopy = min(64, dq_grid(g, cfg, q)[0]) if atomics else 1
+        grid, args, options = dq_args(q, k, v, dout, lse, delta, dq, rpb,
+                                      zeroed_drpb(ncopy) if atomics else None, ncopy, ek, ev,
+                                      g, cfg, scale)
+        na_bwd_dq_kernel[grid](*args, **options)
+
+    def launch_drpb(cfg: configs.TileConfig):
+        layout = drpb_layout(g, cfg, b, h, _sms(q.device))
+        grid, args, options = drpb_args(q, k, v, dout, lse, delta, rpb,
+                                        zeroed_drpb(layout.ncopy), layout, g, cfg, scale)
+        na_bwd_drpb_kernel[grid](*args, **options)
+
+    def tuned(kind, sub_key, launch):
+        cfg = configs.choose(kind, sub_key, nd, block_d, g.group_lengths, q.device.type,
+                             lambda c: _bench(lambda: launch(c)), rpb is not None)
         launch(cfg)
+
+    def dq_pass(scheme):  # dQ, and the rpb gradient by ``scheme`` (None: no rpb)
+        atomics = scheme == "fused"
+        tuned("dq", key + (atomics,), lambda c: launch_dq(c, atomics))
+        if scheme == "separate":
+            tuned("drpb", key, launch_drpb)
+
+    def time_scheme(scheme):
+        dq_pass(scheme)  # tunes its configs first
+        return _bench(lambda: dq_pass(scheme))
+
+    scheme = None
+    if rpb is not None:
+        scheme = configs.drpb_scheme(key, q.device.type, lambda: time_scheme("fused"),
+                                     lambda: time_scheme("separate"))
+    dq_pass(scheme)
+    tuned("dkdv", key, launch_dkdv)
 
     drpb = (drpb_buf[0].sum(0).view(rpb.shape).to(rpb.dtype) if rpb is not None
             else q.new_empty(0))

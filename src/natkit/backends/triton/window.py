@@ -47,17 +47,26 @@ def group_len(L, g, D):
 
 
 @triton.jit
-def key_box(a, L, K, S, CAUSAL: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
-    """The key tiles of the query tile ``[a, a + BQ)`` (clipped to ``L``) in one dimension:
-    ``(lo, n, full_lo, full_hi, full)``. Its key tiles start at ``lo + u * BK`` for ``u < n``;
-    every query of the tile attends the keys ``[full_lo, full_hi)``; ``full`` says no query
-    of the tile lies past ``L``."""
+def key_span(a, L, K, S, CAUSAL: tl.constexpr, BQ: tl.constexpr):
+    """The query tile ``[a, a + BQ)`` (clipped to ``L``) in one dimension: every query of it
+    attends keys in ``[lo, hi)``, and all of them attend ``[full_lo, full_hi)``:
+    ``(lo, hi, full_lo, full_hi)``."""
     first = tl.minimum(a, L - 1)
     last = tl.minimum(a + BQ, L) - 1
     lo = win_start(first, L, K, S, CAUSAL)
     full_lo = win_start(last, L, K, S, CAUSAL)
     hi = tl.minimum(win_end(last, full_lo, K, CAUSAL), L)
     full_hi = tl.minimum(win_end(first, lo, K, CAUSAL), L)
+    return lo, hi, full_lo, full_hi
+
+
+@triton.jit
+def key_box(a, L, K, S, CAUSAL: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
+    """The key tiles of the query tile ``[a, a + BQ)`` (clipped to ``L``) in one dimension:
+    ``(lo, n, full_lo, full_hi, full)``. Its key tiles start at ``lo + u * BK`` for ``u < n``;
+    every query of the tile attends the keys ``[full_lo, full_hi)``; ``full`` says no query
+    of the tile lies past ``L``."""
+    lo, hi, full_lo, full_hi = key_span(a, L, K, S, CAUSAL, BQ)
     return lo, tl.cdiv(hi - lo, BK), full_lo, full_hi, a + BQ <= L
 
 
@@ -100,12 +109,18 @@ def box_tile(t, lo0, lo1, lo2, n1, n2, B0: tl.constexpr, B1: tl.constexpr, B2: t
 
 
 @triton.jit
-def tile_index(pid, NT1, NT2, D0, D1, D2):
-    """Decomposes a flat tile-slot id into per-dimension ``(group, tile)`` pairs."""
+def tile_slot(pid, NT1, NT2, L0, L1, L2, D0, D1, D2,
+              B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr):
+    """The tile of flat slot id ``pid`` (``NT*`` slots per dimension, ``dilation * tiles per
+    group``) of ``B0 x B1 x B2`` tokens: per dimension its dilation group, that group's
+    length and the tile's origin in group coordinates, ``(g0, g1, g2, Lg0, Lg1, Lg2, a0, a1,
+    a2)``."""
     slot2 = pid % NT2
     slot1 = (pid // NT2) % NT1
     slot0 = pid // (NT2 * NT1)
-    return slot0 % D0, slot0 // D0, slot1 % D1, slot1 // D1, slot2 % D2, slot2 // D2
+    g0, g1, g2 = slot0 % D0, slot1 % D1, slot2 % D2
+    return (g0, g1, g2, group_len(L0, g0, D0), group_len(L1, g1, D1), group_len(L2, g2, D2),
+            (slot0 // D0) * B0, (slot1 // D1) * B1, (slot2 // D2) * B2)
 
 
 @triton.jit
@@ -119,6 +134,22 @@ def tile_coords(start0, start1, start2, B0: tl.constexpr, B1: tl.constexpr, B2: 
 def window_lengths(i, ws, L, K, CAUSAL: tl.constexpr):
     """Per-query window length (``end' - start'``)."""
     return win_end(i, ws, K, CAUSAL) - ws
+
+
+@triton.jit
+def query_windows(i0, i1, i2, L0, L1, L2, K0, K1, K2, S0, S1, S2,
+                  C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr):
+    """The windows of a tile's queries for ``window_mask``: ``(valid, start0, length0, start1,
+    length1, start2, length2)``; a query past its group (``valid`` false) gets an empty
+    window."""
+    valid = (i0 < L0) & (i1 < L1) & (i2 < L2)
+    ws0 = win_start(i0, L0, K0, S0, C0)
+    wl0 = window_lengths(i0, ws0, L0, K0, C0)
+    ws1 = win_start(i1, L1, K1, S1, C1)
+    wl1 = window_lengths(i1, ws1, L1, K1, C1)
+    ws2 = win_start(i2, L2, K2, S2, C2)
+    wl2 = tl.where(valid, window_lengths(i2, ws2, L2, K2, C2), 0)
+    return valid, ws0, wl0, ws1, wl1, ws2, wl2
 
 
 @triton.jit

@@ -23,7 +23,7 @@ from functools import lru_cache
 
 
 from ..._window import window_1d
-from .configs import TileConfig
+from .configs import TileConfig, drpb_shifts
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,19 @@ def _key_tiles_1d(length, kernel, stride, dilation, causal, bq, bk) -> tuple[int
     return _walk_1d(length, kernel, stride, dilation, causal, bk, visit)
 
 
+def _drpb_tiles_1d(length, kernel, stride, dilation, causal, bq, bk) -> tuple[int, int, int]:
+    """One dimension, the dRPB kernel: per query tile, the key tiles at the fixed offsets
+    (``configs.drpb_shifts``) that meet its window box: ``(tiles, key tiles, 0)`` (every
+    pair is masked there)."""
+    origin, count = drpb_shifts(kernel, bq, bk)
+
+    def visit(start, end, lg, a):
+        lo, hi = start[a], min(end[min(a + bq, lg) - 1], lg)
+        return sum(1 for u in range(count)
+                   if a + origin + u * bk < hi and a + origin + (u + 1) * bk > lo), 0
+    return _walk_1d(length, kernel, stride, dilation, causal, bq, visit)
+
+
 def _useful_1d(length, kernel, stride, dilation, causal) -> int:
     _, count, _ = window_1d(length, kernel, stride, dilation, causal)
     return int(count.sum())
@@ -106,20 +119,22 @@ def _useful_1d(length, kernel, stride, dilation, causal) -> int:
 
 def tile_work(spatial, kernel, dilation, stride, causal, cfg: TileConfig, kind: str = "fwd",
               batch_heads: int = 1) -> TileWork:
-    """Work of kernel ``kind`` (``"fwd"``, ``"dq"`` or ``"dkdv"``) for one problem.
+    """Work of kernel ``kind`` (``"fwd"``, ``"dq"``, ``"dkdv"`` or ``"drpb"``) for one problem.
 
     Per-dimension arguments are sequences of the input's rank (1 to 3); ``cfg`` holds 3-D
     tiles as the kernels use them (leading dimensions of size 1 for lower ranks).
     ``batch_heads`` multiplies every count (batch * query heads); for ``"dkdv"`` with GQA the
-    launch has ``programs / (heads per kv head)`` programs, each looping over its heads.
+    launch has ``programs / (heads per kv head)`` programs, each looping over its heads; for
+    ``"drpb"``, ``programs`` counts work items (query tiles), which its programs share.
     """
-    if kind not in ("fwd", "dq", "dkdv"):
-        raise ValueError(f"kind must be 'fwd', 'dq' or 'dkdv', got {kind!r}")
+    per_dim = {"fwd": _query_tiles_1d, "dq": _query_tiles_1d, "dkdv": _key_tiles_1d,
+               "drpb": _drpb_tiles_1d}.get(kind)
+    if per_dim is None:
+        raise ValueError(f"kind must be 'fwd', 'dq', 'dkdv' or 'drpb', got {kind!r}")
     pad = 3 - len(spatial)
     dims = zip((1,) * pad + tuple(spatial), (1,) * pad + tuple(kernel),
                (1,) * pad + tuple(stride), (1,) * pad + tuple(dilation),
                (False,) * pad + tuple(bool(c) for c in causal), cfg.q_tile, cfg.k_tile)
-    per_dim = _key_tiles_1d if kind == "dkdv" else _query_tiles_1d
     tiles = visits = inside = useful = 1
     for L, K, S, D, C, bq, bk in dims:
         t, v, i = per_dim(L, K, S, D, C, bq, bk)
