@@ -50,7 +50,7 @@ def brute_force(spatial, kernel, dilation, stride, causal, cfg, kind):
                 red = [a for a in range(6) if a != ax]
                 hit = torch.nonzero(sub.any(dim=tuple(red))).flatten()
                 span.append((int(hit.min()), int(hit.max()) + 1) if len(hit) else (0, 0))
-            if kind == "drpb":  # key tiles at fixed offsets from the query tile, those meeting the span
+            if kind == "drpb":  # key tiles at fixed offsets from the query tile, meeting the span
                 starts = []
                 for i, (lo, hi) in enumerate(span):
                     origin, count = drpb_shifts(K[i], bq[i], bk[i])

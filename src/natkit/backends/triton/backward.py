@@ -1,4 +1,4 @@
-"""Backward kernels: delta preprocess, dQ (+ fused dRPB), dRPB, dK/dV, and dK/dV of the extra tokens.
+"""Backward kernels: delta preprocess, dQ (+ fused dRPB), dRPB, dK/dV, dK/dV of extra tokens.
 
 Scheme (as in FlashAttention-2 / Triton's fused-attention tutorial): probabilities are
 recomputed from the saved log-sum-exp; ``delta = rowsum(dO * O) - dlse`` folds the
@@ -203,9 +203,10 @@ def na_bwd_drpb_kernel(
         lo0, hi0, _, _ = key_span(a0, Lg0, K0, S0, C0, BQ0)
         lo1, hi1, _, _ = key_span(a1, Lg1, K1, S1, C1, BQ1)
         lo2, hi2, _, _ = key_span(a2, Lg2, K2, S2, C2, BQ2)
-        # skip items whose attended keys miss this key tile (or whose queries all lie past the group)
-        if ((a0 < Lg0) & (a1 < Lg1) & (a2 < Lg2) & (a0 + o0 < hi0) & (a0 + o0 + BK0 > lo0)
-                & (a1 + o1 < hi1) & (a1 + o1 + BK1 > lo1) & (a2 + o2 < hi2) & (a2 + o2 + BK2 > lo2)):
+        # skip items whose keys miss this key tile (or whose queries all lie past the group)
+        if ((a0 < Lg0) & (a1 < Lg1) & (a2 < Lg2)
+                & (a0 + o0 < hi0) & (a0 + o0 + BK0 > lo0) & (a1 + o1 < hi1)
+                & (a1 + o1 + BK1 > lo1) & (a2 + o2 < hi2) & (a2 + o2 + BK2 > lo2)):
             i0 = a0 + u0
             i1 = a1 + u1
             i2 = a2 + u2

@@ -241,7 +241,7 @@ def drpb_shifts(kernel: int, q_tile: int, k_tile: int) -> tuple[int, int]:
     box (which starts ``K // 2`` before it) starts at a tile edge: fewest tiles touched."""
     base = kernel // 2
     below = -(-(kernel - 1 - base) // k_tile)  # tiles before the interior alignment
-    reach = q_tile + kernel - 1 + base  # one past the last offset (q_tile - 1 + K - 1), from the base
+    reach = q_tile + kernel - 1 + base  # past the last offset (q_tile - 1 + K - 1), from base
     return -base - below * k_tile, below + -(-reach // k_tile)
 
 
