@@ -251,10 +251,11 @@ def drpb_scheme(key: tuple, device_type: str, time_fused: Callable[[], float],
     docstring). ``time_*()`` runs the dQ pass of a scheme, its configs tuned, and returns
     milliseconds; they are called only when tuning."""
     forced = _OVERRIDE.get("drpb")
-    if forced is not None:
-        _LAST_SCHEME[0] = "fused" if forced == "fused" else "separate"
-        return _LAST_SCHEME[0]
-    if key not in _SCHEMES:
+    if forced is not None:  # a scheme name, or a dRPB tile (which implies "separate")
+        scheme = "fused" if forced == "fused" else "separate"
+    elif key in _SCHEMES:
+        scheme = _SCHEMES[key]
+    else:
         scheme = "fused"
         if autotune_enabled(device_type):
             try:
@@ -265,8 +266,8 @@ def drpb_scheme(key: tuple, device_type: str, time_fused: Callable[[], float],
             except Exception as err:  # e.g. no config of the dRPB kernel fits: keep the atomics
                 logger.debug("natkit triton: drpb %s: timing failed (%s), fused", key, err)
         _SCHEMES[key] = scheme
-    _LAST_SCHEME[0] = _SCHEMES[key]
-    return _LAST_SCHEME[0]
+    _LAST_SCHEME[0] = scheme
+    return scheme
 
 
 def last_drpb_scheme() -> Optional[str]:
