@@ -513,6 +513,60 @@ def test_forward_intermediates_match_forward():
         assert torch.allclose(f, norm(g.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["dinat_tiny", "dinat_s_tiny", "nat_isotropic_small"])
+def test_prune_intermediate_layers_keeps_the_requested_features(name):
+    """timm's API: drop what comes after the last requested output; the kept outputs are
+    unchanged, and the pruned model still runs forward_features / forward."""
+    model = create_model(name, **tiny_kwargs(name)).eval()
+    x = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        full = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        levels = len(model.feature_info)
+        assert model.prune_intermediate_layers([0, -levels + 1]) == [0, 1]
+        pruned = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(pruned, full))
+        assert len(model.feature_info) == 2
+        feats = model.forward_features(x)
+        assert torch.equal(model.forward_head(feats, pre_logits=True), model(x))
+    assert model.num_classes == 0 and isinstance(model.head, torch.nn.Identity)
+    width = model.feature_info[1]["num_chs"]
+    assert model.num_features == model.head_hidden_size == width == model(x).shape[-1]
+    if name in ISOTROPIC:   # every block has the norm's width: it stays, as in timm's ViT
+        assert isinstance(model.norm, torch.nn.LayerNorm)
+        assert torch.equal(feats, model.norm(full[1].permute(0, 2, 3, 1)))
+    else:                   # the norm is sized for the last level: it goes with it
+        assert isinstance(model.norm, torch.nn.Identity)
+        assert torch.equal(feats.permute(0, 3, 1, 2), full[1])
+        assert len(model.stages) == 2 and model.stages[-1].downsample is None
+        assert model.depths == model.depths[:2] and len(model.dims) == 2
+    # nothing to cut: the norm and head stay unless asked for
+    model = create_model(name, **tiny_kwargs(name))
+    assert model.prune_intermediate_layers(indices=1, prune_head=False) == [levels - 1]
+    assert isinstance(model.norm, torch.nn.LayerNorm) and model.num_classes > 0
+    model.prune_intermediate_layers(indices=1, prune_norm=True)
+    assert isinstance(model.norm, torch.nn.Identity) and model.num_classes == 0
+    with pytest.raises(ValueError, match="indices"):
+        model.prune_intermediate_layers(indices=[levels])
+
+
+def test_prune_intermediate_layers_of_a_backbone():
+    model = create_model("dinat_tiny", features_only=True, out_indices=(1, 3),
+                         **tiny_kwargs("dinat_tiny")).eval()
+    x = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        before = model(x)
+        model.prune_intermediate_layers(2)     # the last two levels: nothing to cut
+        assert model.out_indices == [1, 3]
+        model.prune_intermediate_layers([1])
+        after = model(x)
+    assert model.out_indices == [1] and not hasattr(model, "norm3")
+    assert sorted({k.split(".")[0] for k in model.state_dict()}) == \
+        ["levels", "norm1", "patch_embed"]
+    assert model.feature_info.channels() == [16] and torch.equal(after[0], before[0])
+    with pytest.raises(ValueError, match="every output"):
+        model.prune_intermediate_layers([0])
+
+
 def test_inputs_smaller_than_the_dilated_kernel_work():
     model = create_model("nat_micro").eval()
     assert model(torch.randn(3, 1, 8, 8)).shape == (3, 10)      # 2x2 then 1x1 tokens, k=3

@@ -90,6 +90,27 @@ def check_images(x, in_chans: int, weight: torch.Tensor) -> None:
                         f"them, or run under torch.autocast)")
 
 
+def take_indices(num: int, indices, name: str = "indices") -> list[int]:
+    """timm's ``indices`` convention: None = all, int n = the last n, sequence = those
+    (negative ones count from the end)."""
+    if indices is None:
+        return list(range(num))
+    if is_int(indices):
+        if not 0 < indices <= num:
+            raise ValueError(f"{name}={indices} must be in [1, {num}] (the last n outputs)")
+        return list(range(num - indices, num))
+    if not isinstance(indices, (list, tuple, range)):
+        raise TypeError(f"{name} must be None, an int or a list of ints, got {indices!r}")
+    taken = []
+    for i in indices:
+        if not is_int(i) or not -num <= i < num:
+            raise ValueError(f"{name} must hold ints in [-{num}, {num}), got {indices!r}")
+        taken.append(i % num)
+    if not taken:
+        raise ValueError(f"{name} must not be empty, got {indices!r}")
+    return sorted(set(taken))
+
+
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: zeroes whole samples of a residual branch with probability ``p``."""
     if p == 0.0 or not training:
@@ -168,6 +189,35 @@ class ClassifierMixin:
             f = self.norm(f)
         return f.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else f
 
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drops the blocks after the last feature output of ``indices`` (timm's API, e.g.
+        for ``FeatureGetterNet``); returns ``indices`` as non-negative output indices.
+
+        The final norm and the head go with ``prune_norm`` / ``prune_head``, and also when
+        the features now end at another width (hierarchical models: both are sized for the
+        last level), as timm does; ``forward_features`` then ends at the last kept output.
+        A backbone keeps its ``out_indices`` that remain (at least one must)."""
+        take = take_indices(len(self.feature_info), indices)
+        keep = take[-1] + 1
+        outs = [i for i in self.out_indices if i < keep]
+        if self.features_only and not outs:
+            raise ValueError(f"indices={indices!r} would prune every output of this backbone "
+                             f"(out_indices={self.out_indices})")
+        num_features = self._cut_blocks(keep)
+        for i in self.out_indices[len(outs):]:
+            delattr(self, f"norm{i}")
+        self.out_indices = outs
+        if not self.features_only:
+            if prune_norm or num_features is not None:
+                self.norm = nn.Identity()
+            if num_features is not None:
+                self.num_features = self.head_hidden_size = num_features
+            if prune_head or num_features is not None:
+                self.reset_classifier(0)
+        self.feature_info = FeatureInfo(self.feature_info[:keep], outs or range(keep))
+        return take
+
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -178,7 +228,7 @@ class ClassifierMixin:
         if global_pool not in (None, "avg"):
             raise ValueError(f"global_pool must be 'avg' or None, got {global_pool!r}")
         self.num_classes = check_int("num_classes", num_classes, minimum=0)
-        device = self.norm.weight.device
+        device = self.patch_embed.norm.weight.device
         self.head = (nn.Linear(self.num_features, num_classes, device=device) if num_classes
                      else nn.Identity())
         self.head.apply(init_weights)

@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from ._layers import (MATCH_PREVIOUS, ClassifierMixin, FeatureInfo, NATLayer, PatchEmbed,
                       check_int, check_ints, check_model_args, init_weights,
-                      no_weight_decay_names, run_blocks)
-from .nat import build, take_indices
+                      no_weight_decay_names, run_blocks, take_indices)
+from .nat import build
 from ._registry import register_model
 
 __all__ = ["NATIsotropic", "nat_isotropic_small", "nat_isotropic_base",
@@ -107,6 +107,11 @@ class NATIsotropic(ClassifierMixin, nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+
+    def _cut_blocks(self, keep: int) -> None:
+        """``prune_intermediate_layers``: keeps the first ``keep`` blocks. Every block has
+        the final norm's width, so the norm and the head can stay (as in timm's ViT)."""
+        self.layers, self.depth = self.layers[:keep], keep
 
     def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW",

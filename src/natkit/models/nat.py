@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ._layers import (MATCH_PREVIOUS, ClassifierMixin, ConvDownsampler, ConvTokenizer,
                       FeatureInfo, Stage, check_int, check_ints, check_model_args, init_weights,
-                      is_int, level_dilations, no_weight_decay_names)
+                      is_int, level_dilations, no_weight_decay_names, take_indices)
 from ._registry import default_cfg, register_model
 
 __all__ = ["NAT", "nat_micro", "nat_mini", "nat_tiny", "nat_small", "nat_base"]
@@ -30,27 +30,6 @@ __all__ = ["NAT", "nat_micro", "nat_mini", "nat_tiny", "nat_small", "nat_base"]
 def _per_level(name: str, value, levels: int) -> list[int]:
     """``value`` (one positive int, or one per level) as a list of ``levels`` ints."""
     return check_ints(name, [value] * levels if is_int(value) else value, levels)
-
-
-def take_indices(num: int, indices, name: str = "indices") -> list[int]:
-    """timm's ``indices`` convention: None = all, int n = the last n, sequence = those
-    (negative ones count from the end)."""
-    if indices is None:
-        return list(range(num))
-    if is_int(indices):
-        if not 0 < indices <= num:
-            raise ValueError(f"{name}={indices} must be in [1, {num}] (the last n outputs)")
-        return list(range(num - indices, num))
-    if not isinstance(indices, (list, tuple, range)):
-        raise TypeError(f"{name} must be None, an int or a list of ints, got {indices!r}")
-    taken = []
-    for i in indices:
-        if not is_int(i) or not -num <= i < num:
-            raise ValueError(f"{name} must hold ints in [-{num}, {num}), got {indices!r}")
-        taken.append(i % num)
-    if not taken:
-        raise ValueError(f"{name} must not be empty, got {indices!r}")
-    return sorted(set(taken))
 
 
 class NAT(ClassifierMixin, nn.Module):
@@ -176,6 +155,17 @@ class NAT(ClassifierMixin, nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
             stage.grad_checkpointing = enable
+
+    def _cut_blocks(self, keep: int) -> Optional[int]:
+        """``prune_intermediate_layers``: keeps the first ``keep`` levels, the last of them
+        without its downsampler; returns the new feature width (None: nothing cut)."""
+        if keep == len(self.stages):
+            return None
+        setattr(self, self._stages_attr, self.stages[:keep])
+        self.stages[-1].downsample = None
+        for name in ("depths", "num_heads", "kernel_size", "dilations", "dims"):
+            setattr(self, name, getattr(self, name)[:keep])
+        return self.dims[-1]
 
     def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW",
