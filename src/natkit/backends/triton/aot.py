@@ -34,7 +34,8 @@ from .forward import na_fwd_kernel
 
 KERNELS = {"fwd": na_fwd_kernel, "dq": na_bwd_dq_kernel, "dkdv": na_bwd_dkdv_kernel,
            "drpb": na_bwd_drpb_kernel}
-_POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+_POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
+            torch.int32: "*i32"}
 # per-SM limits of sm_90
 REGISTERS, MAX_WARPS, MAX_SHARED = 65536, 64, 227 * 1024
 

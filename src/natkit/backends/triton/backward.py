@@ -14,7 +14,8 @@ gradient of the returned log-sum-exp in (``d lse / d s = P``).
   from the query tile every query tile (and batch element) maps its pairs to the same
   indices. The kernel recomputes ``dS`` (two products) for each such tile pair, sums it
   in registers and adds once per pair of the tile at the end: atomics drop from one per
-  attended pair to one per program and tile element.
+  attended pair to one per program and tile element. A shift's programs walk only the
+  query tiles that reach its key tile (host-built lists, ``work.drpb_slots_1d``).
 - ``na_bwd_dkdv_kernel``, grid ``(key-tile slots, batch * kv_heads)``: the inverse
   neighborhood (``window.query_box``) of every query head of the GQA group; deterministic,
   no atomics. ``dK = scale * dS^T Q``, ``dV = P^T dO``.
@@ -25,8 +26,8 @@ gradient of the returned log-sum-exp in (``d lse / d s = P``).
 import triton
 import triton.language as tl
 
-from .window import (apply_mask, bias_tile, box_tile, key_box, key_span, query_box, query_windows,
-                     rpb_center, rpb_flat, tile_coords, tile_slot, win_end, win_start)
+from .window import (apply_mask, bias_tile, box_tile, key_box, query_box, query_windows,
+                     rpb_center, rpb_flat, slot_tile, tile_coords, tile_slot, win_end, win_start)
 
 
 @triton.jit
@@ -167,76 +168,84 @@ def na_bwd_drpb_kernel(
         svb, sv0, sv1, sv2, svh, svd,
         sdob, sdo0, sdo1, sdo2, sdoh, sdod,
         L0, L1, L2, K0, K1, K2, S0, S1, S2, D0, D1, D2,
-        NT1, NT2, TILES, ITEMS, O0, O1, O2, NS1, NS2, SPLITS, H, G, qk_scale, NCOPY,
+        SLOTS, NSMAX, ROW, BATCH, O0, O1, O2, NS1, NS2, SPLITS, H, G, qk_scale, NCOPY,
         C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, ND: tl.constexpr,
         BQ0: tl.constexpr, BQ1: tl.constexpr, BQ2: tl.constexpr,
         BK0: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Program ``(shift * SPLITS + split, head)``: the key tile at one fixed offset from the
-    query tile (``O* + shift * BK*``), over the work items ``split, split + SPLITS, ...``
-    (an item is a batch element and a query-tile slot). Every item's pairs then have the
-    same bias indices, so ``dS`` sums in registers and reaches ``DRPB`` with one atomic add
-    per pair of the tile, at the end."""
+    query tile (``O* + shift * BK*``), over the work items ``split, split + SPLITS, ...`` of
+    that shift: a batch element and a query tile that meets the key tile. ``SLOTS[d, s]``
+    (rows of ``ROW`` int32) holds, for shift ``s`` of dimension ``d``, the count and then
+    the tile slots that meet it (``work.drpb_slots_1d``), so no program visits an item only
+    to skip it. Every item's pairs have the same bias indices, so ``dS`` sums in registers
+    and reaches ``DRPB`` with one atomic add per pair of the tile, at the end."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // G
     shift = pid // SPLITS
-    o0 = O0 + (shift // (NS1 * NS2)) * BK0
-    o1 = O1 + ((shift // NS2) % NS1) * BK1
-    o2 = O2 + (shift % NS2) * BK2
+    s0 = shift // (NS1 * NS2)
+    s1 = (shift // NS2) % NS1
+    s2 = shift % NS2
+    o0 = O0 + s0 * BK0
+    o1 = O1 + s1 * BK1
+    o2 = O2 + s2 * BK2
+    row0 = SLOTS + s0 * ROW
+    row1 = SLOTS + (NSMAX + s1) * ROW
+    row2 = SLOTS + (2 * NSMAX + s2) * ROW
+    n1 = tl.load(row1)
+    n2 = tl.load(row2)
+    per_b = tl.load(row0) * n1 * n2
     u0, u1, u2 = tile_coords(0, 0, 0, BQ0, BQ1, BQ2)  # query offsets in the tile
     v0, v1, v2 = tile_coords(o0, o1, o2, BK0, BK1, BK2)  # key offsets from the query tile
     table = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
     center = rpb_center(K0, K1, K2)
-    bias, bidx = bias_tile(RPB + h * table + center, rpb_flat(u0, u1, u2, K1, K2),
-                           rpb_flat(v0, v1, v2, K1, K2), center, table, False)
-    # pairs whose offset lies in the table in every dimension (the others are never attended)
-    in_table = ((tl.abs(v0[None, :] - u0[:, None]) < K0) & (tl.abs(v1[None, :] - u1[:, None]) < K1)
-                & (tl.abs(v2[None, :] - u2[:, None]) < K2))
+    bias, _ = bias_tile(RPB + h * table + center, rpb_flat(u0, u1, u2, K1, K2),
+                        rpb_flat(v0, v1, v2, K1, K2), center, table, False)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < HEAD_DIM
     acc = tl.zeros([BQ0 * BQ1 * BQ2, BK0 * BK1 * BK2], tl.float32)
-    for item in range(pid % SPLITS, ITEMS, SPLITS):
-        b = (item // TILES).to(tl.int64)
-        g0, g1, g2, Lg0, Lg1, Lg2, a0, a1, a2 = tile_slot(
-            item % TILES, NT1, NT2, L0, L1, L2, D0, D1, D2, BQ0, BQ1, BQ2)
-        lo0, hi0, _, _ = key_span(a0, Lg0, K0, S0, C0, BQ0)
-        lo1, hi1, _, _ = key_span(a1, Lg1, K1, S1, C1, BQ1)
-        lo2, hi2, _, _ = key_span(a2, Lg2, K2, S2, C2, BQ2)
-        # skip items whose keys miss this key tile (or whose queries all lie past the group)
-        if ((a0 < Lg0) & (a1 < Lg1) & (a2 < Lg2)
-                & (a0 + o0 < hi0) & (a0 + o0 + BK0 > lo0) & (a1 + o1 < hi1)
-                & (a1 + o1 + BK1 > lo1) & (a2 + o2 < hi2) & (a2 + o2 + BK2 > lo2)):
-            i0 = a0 + u0
-            i1 = a1 + u1
-            i2 = a2 + u2
-            j0 = a0 + v0
-            j1 = a1 + v1
-            j2 = a2 + v2
-            qvalid, ws0, wl0, ws1, wl1, ws2, wl2 = query_windows(
-                i0, i1, i2, Lg0, Lg1, Lg2, K0, K1, K2, S0, S1, S2, C0, C1, C2)
-            kvalid = ((j0 >= 0) & (j0 < Lg0) & (j1 >= 0) & (j1 < Lg1) & (j2 >= 0) & (j2 < Lg2))
-            r0 = i0 * D0 + g0
-            r1 = i1 * D1 + g1
-            r2 = i2 * D2 + g2
-            s0 = j0 * D0 + g0
-            s1 = j1 * D1 + g1
-            s2 = j2 * D2 + g2
-            qm = qvalid[:, None] & dmask[None, :]
-            q = tl.load(Q + b * sqb + h * sqh + (r0 * sq0 + r1 * sq1 + r2 * sq2)[:, None]
-                        + dd[None, :] * sqd, mask=qm, other=0.0)
-            do = tl.load(DO + b * sdob + h * sdoh + (r0 * sdo0 + r1 * sdo1 + r2 * sdo2)[:, None]
-                         + dd[None, :] * sdod, mask=qm, other=0.0)
-            k = tl.load(K + b * skb + hk * skh + (s0 * sk0 + s1 * sk1 + s2 * sk2)[:, None]
-                        + dd[None, :] * skd, mask=kvalid[:, None] & dmask[None, :], other=0.0)
-            vT = tl.load(V + b * svb + hk * svh + (s0 * sv0 + s1 * sv1 + s2 * sv2)[None, :]
-                         + dd[:, None] * svd, mask=kvalid[None, :] & dmask[:, None], other=0.0)
-            lse2, delta = _row_stats(LSE, DELTA, b, r0, r1, r2, L0, L1, L2, H, h, qvalid)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias
-            qk = apply_mask(qk, False, j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, ND, False)
-            p = tl.math.exp2(qk - lse2[:, None])
-            dp = tl.dot(do, vT, input_precision=PRECISION)
-            acc += p * (dp - delta[:, None])
+    for item in range(pid % SPLITS, BATCH * per_b, SPLITS):
+        b = (item // per_b).to(tl.int64)
+        t = item % per_b
+        g0, Lg0, a0 = slot_tile(tl.load(row0 + 1 + t // (n1 * n2)), L0, D0, BQ0)
+        g1, Lg1, a1 = slot_tile(tl.load(row1 + 1 + (t // n2) % n1), L1, D1, BQ1)
+        g2, Lg2, a2 = slot_tile(tl.load(row2 + 1 + t % n2), L2, D2, BQ2)
+        i0 = a0 + u0
+        i1 = a1 + u1
+        i2 = a2 + u2
+        j0 = a0 + v0
+        j1 = a1 + v1
+        j2 = a2 + v2
+        qvalid, ws0, wl0, ws1, wl1, ws2, wl2 = query_windows(
+            i0, i1, i2, Lg0, Lg1, Lg2, K0, K1, K2, S0, S1, S2, C0, C1, C2)
+        kvalid = ((j0 >= 0) & (j0 < Lg0) & (j1 >= 0) & (j1 < Lg1) & (j2 >= 0) & (j2 < Lg2))
+        r0 = i0 * D0 + g0
+        r1 = i1 * D1 + g1
+        r2 = i2 * D2 + g2
+        k0 = j0 * D0 + g0
+        k1 = j1 * D1 + g1
+        k2 = j2 * D2 + g2
+        qm = qvalid[:, None] & dmask[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + (r0 * sq0 + r1 * sq1 + r2 * sq2)[:, None]
+                    + dd[None, :] * sqd, mask=qm, other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + (r0 * sdo0 + r1 * sdo1 + r2 * sdo2)[:, None]
+                     + dd[None, :] * sdod, mask=qm, other=0.0)
+        k = tl.load(K + b * skb + hk * skh + (k0 * sk0 + k1 * sk1 + k2 * sk2)[:, None]
+                    + dd[None, :] * skd, mask=kvalid[:, None] & dmask[None, :], other=0.0)
+        vT = tl.load(V + b * svb + hk * svh + (k0 * sv0 + k1 * sv1 + k2 * sv2)[None, :]
+                     + dd[:, None] * svd, mask=kvalid[None, :] & dmask[:, None], other=0.0)
+        lse2, delta = _row_stats(LSE, DELTA, b, r0, r1, r2, L0, L1, L2, H, h, qvalid)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias
+        qk = apply_mask(qk, False, j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, ND, False)
+        p = tl.math.exp2(qk - lse2[:, None])
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        acc += p * (dp - delta[:, None])
+    # the pairs' table indices, and whether their offset lies in the table in every dimension
+    # (the others are never attended); computed after the loop, so they hold no registers in it
+    bidx = rpb_flat(v0, v1, v2, K1, K2)[None, :] - rpb_flat(u0, u1, u2, K1, K2)[:, None]
+    in_table = ((tl.abs(v0[None, :] - u0[:, None]) < K0) & (tl.abs(v1[None, :] - u1[:, None]) < K1)
+                & (tl.abs(v2[None, :] - u2[:, None]) < K2))
     tl.atomic_add(DRPB + ((pid % NCOPY) * H + h) * table + center + bidx, acc,
                   mask=in_table & (acc != 0.0), sem="relaxed")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import List, Optional, Tuple
 
 import torch
@@ -22,7 +23,7 @@ import triton
 from ..._checks import NAParams
 from ..._flops import register_flop_formula
 from .. import second_order
-from . import configs
+from . import configs, work
 from .backward import (delta_kernel, na_bwd_dkdv_extra_kernel, na_bwd_dkdv_kernel,
                        na_bwd_dq_kernel, na_bwd_drpb_kernel)
 from .forward import na_fwd_kernel
@@ -147,14 +148,14 @@ def dq_args(q, k, v, dout, lse, delta, dq, rpb, drpb, ncopy, ek, ev, g: Geometry
 @dataclass(frozen=True)
 class DrpbLayout:
     """The dRPB kernel's launch: per dimension, the key-tile offset of shift 0 from the query
-    tile (``origin``) and the number of shifts (``shifts``); the work items (batch elements x
-    query-tile slots) split ``splits`` ways per shift and head; ``ncopy`` private copies of
-    the gradient table (program ``pid`` adds into copy ``pid % ncopy``)."""
+    tile (``origin``), the number of shifts (``shifts``) and, per shift, the query-tile
+    slots that meet it (``slots``, ``work.drpb_slots_1d``); the work items (batch elements x
+    those slots) split ``splits`` ways per shift and head; ``ncopy`` private copies of the
+    gradient table (program ``pid`` adds into copy ``pid % ncopy``)."""
 
     origin: tuple[int, int, int]
     shifts: tuple[int, int, int]
-    tiles: int
-    items: int
+    slots: tuple[tuple[tuple[int, ...], ...], ...]
     splits: int
     ncopy: int
 
@@ -166,27 +167,39 @@ class DrpbLayout:
 
 def drpb_layout(g: Geometry, cfg: configs.TileConfig, batch: int, heads: int,
                 sms: int) -> DrpbLayout:
-    """Shifts from ``configs.drpb_shifts``. Most programs of the outer shifts only skip
-    (only border tiles reach those offsets), so the splits are sized by the shifts an
-    interior query tile meets: about 16 warps per SM of ``sms`` for those."""
+    """Shifts from ``configs.drpb_shifts``. The shifts an interior query tile meets hold
+    almost every item (the outer ones only border tiles), so the splits are sized by those:
+    about 16 warps per SM of ``sms``."""
     origin, shifts = zip(*(configs.drpb_shifts(k, bq, bk)
                            for k, bq, bk in zip(g.K, cfg.q_tile, cfg.k_tile)))
+    slots = tuple(work.drpb_slots_1d(*dim) for dim in zip(g.L, g.K, g.S, g.D, g.C, cfg.q_tile,
+                                                            cfg.k_tile))
     busy = math.prod(-(-(bq + k - 1) // bk) for k, bq, bk in zip(g.K, cfg.q_tile, cfg.k_tile))
-    tiles = math.prod(g.slots(cfg.q_tile))
-    items = batch * tiles
+    items = batch * math.prod(g.slots(cfg.q_tile))
     splits = max(1, min(items, -(-16 * sms // (cfg.num_warps * busy * heads))))
-    return DrpbLayout(tuple(origin), tuple(shifts), tiles, items, splits,
+    return DrpbLayout(tuple(origin), tuple(shifts), slots, splits,
                       min(64, math.prod(shifts) * splits))
+
+
+@lru_cache(maxsize=256)
+def _slot_table(slots: tuple, device: torch.device) -> torch.Tensor:
+    """``DrpbLayout.slots`` as the kernel reads it: ``[3, max shifts, 1 + max count]`` int32,
+    each row a count followed by that many slots."""
+    width = 1 + max(len(s) for dim in slots for s in dim)
+    rows = [[[len(s), *s] + [0] * (width - 1 - len(s)) for s in dim] for dim in slots]
+    nmax = max(len(dim) for dim in slots)
+    table = [dim + [[0] * width] * (nmax - len(dim)) for dim in rows]
+    return torch.tensor(table, dtype=torch.int32, device=device)
 
 
 def drpb_args(q, k, v, dout, lse, delta, rpb, drpb, layout: DrpbLayout, g: Geometry,
               cfg: configs.TileConfig, scale):
     h, hd, hk, nd = q.shape[-2], q.shape[-1], k.shape[-2], g.ndim
-    slots = g.slots(cfg.q_tile)
     grid = (layout.programs, h)
-    args = (q, k, v, dout, lse, delta, rpb, drpb,
-            *_strides(q, nd), *_strides(k, nd), *_strides(v, nd), *_strides(dout, nd),
-            *_common_args(g), slots[1], slots[2], layout.tiles, layout.items, *layout.origin,
+    slots = _slot_table(layout.slots, q.device)
+    args = (q, k, v, dout, lse, delta, rpb, drpb, *_strides(q, nd), *_strides(k, nd),
+            *_strides(v, nd), *_strides(dout, nd), *_common_args(g),
+            slots, slots.shape[1], slots.shape[2], q.shape[0], *layout.origin,
             layout.shifts[1], layout.shifts[2], layout.splits, h, h // hk, scale * LOG2E,
             layout.ncopy, *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, configs.block_d(hd),
             _precision(q.dtype))

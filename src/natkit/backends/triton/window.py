@@ -109,18 +109,24 @@ def box_tile(t, lo0, lo1, lo2, n1, n2, B0: tl.constexpr, B1: tl.constexpr, B2: t
 
 
 @triton.jit
+def slot_tile(slot, L, D, B: tl.constexpr):
+    """One dimension of a tile slot: slot ``slot`` is tile ``slot // D`` (of ``B`` tokens) of
+    dilation group ``g = slot % D``: ``(g, the group's length, the tile's origin in group
+    coordinates)``."""
+    g = slot % D
+    return g, group_len(L, g, D), (slot // D) * B
+
+
+@triton.jit
 def tile_slot(pid, NT1, NT2, L0, L1, L2, D0, D1, D2,
               B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr):
     """The tile of flat slot id ``pid`` (``NT*`` slots per dimension, ``dilation * tiles per
-    group``) of ``B0 x B1 x B2`` tokens: per dimension its dilation group, that group's
-    length and the tile's origin in group coordinates, ``(g0, g1, g2, Lg0, Lg1, Lg2, a0, a1,
-    a2)``."""
-    slot2 = pid % NT2
-    slot1 = (pid // NT2) % NT1
-    slot0 = pid // (NT2 * NT1)
-    g0, g1, g2 = slot0 % D0, slot1 % D1, slot2 % D2
-    return (g0, g1, g2, group_len(L0, g0, D0), group_len(L1, g1, D1), group_len(L2, g2, D2),
-            (slot0 // D0) * B0, (slot1 // D1) * B1, (slot2 // D2) * B2)
+    group``) of ``B0 x B1 x B2`` tokens: ``slot_tile`` of each dimension, ``(g0, g1, g2, Lg0,
+    Lg1, Lg2, a0, a1, a2)``."""
+    g0, Lg0, a0 = slot_tile(pid // (NT2 * NT1), L0, D0, B0)
+    g1, Lg1, a1 = slot_tile((pid // NT2) % NT1, L1, D1, B1)
+    g2, Lg2, a2 = slot_tile(pid % NT2, L2, D2, B2)
+    return g0, g1, g2, Lg0, Lg1, Lg2, a0, a1, a2
 
 
 @triton.jit

@@ -99,17 +99,31 @@ def _key_tiles_1d(length, kernel, stride, dilation, causal, bq, bk) -> tuple[int
     return _walk_1d(length, kernel, stride, dilation, causal, bk, visit)
 
 
-def _drpb_tiles_1d(length, kernel, stride, dilation, causal, bq, bk) -> tuple[int, int, int]:
-    """One dimension, the dRPB kernel: per query tile, the key tiles at the fixed offsets
-    (``configs.drpb_shifts``) that meet its window box: ``(tiles, key tiles, 0)`` (every
-    pair is masked there)."""
+@lru_cache(maxsize=1024)
+def drpb_slots_1d(length, kernel, stride, dilation, causal, bq, bk) -> tuple[tuple[int, ...], ...]:
+    """One dimension of the dRPB kernel's work items: for each key-tile shift ``u``
+    (``configs.drpb_shifts``: key tiles ``origin + u * bk`` tokens from the query tile), the
+    query-tile slots (``tile index * dilation + group``, as ``window.tile_slot`` numbers
+    them) whose window box meets that key tile. An item meets a 3-D shift exactly when its
+    slot meets it in every dimension, so the kernel's items are products of these lists."""
     origin, count = drpb_shifts(kernel, bq, bk)
+    slots = [[] for _ in range(count)]
+    for g, lg in enumerate(_group_lengths(length, dilation)):
+        start, end = _windows(lg, kernel, stride, causal)
+        for a in range(0, lg, bq):
+            lo, hi = start[a], min(end[min(a + bq, lg) - 1], lg)
+            for u in range(count):
+                if a + origin + u * bk < hi and a + origin + (u + 1) * bk > lo:
+                    slots[u].append(a // bq * dilation + g)
+    return tuple(tuple(sorted(s)) for s in slots)
 
-    def visit(start, end, lg, a):
-        lo, hi = start[a], min(end[min(a + bq, lg) - 1], lg)
-        return sum(1 for u in range(count)
-                   if a + origin + u * bk < hi and a + origin + (u + 1) * bk > lo), 0
-    return _walk_1d(length, kernel, stride, dilation, causal, bq, visit)
+
+def _drpb_tiles_1d(length, kernel, stride, dilation, causal, bq, bk) -> tuple[int, int, int]:
+    """One dimension, the dRPB kernel: ``(tiles, key tiles, 0)``, the key tiles being, per
+    query tile, the shifts it meets (every pair is masked there)."""
+    tiles = sum(-(-lg // bq) for lg in _group_lengths(length, dilation))
+    slots = drpb_slots_1d(length, kernel, stride, dilation, causal, bq, bk)
+    return tiles, sum(len(s) for s in slots), 0
 
 
 def _useful_1d(length, kernel, stride, dilation, causal) -> int:
@@ -150,4 +164,4 @@ def describe(work: TileWork) -> str:
             f"{100 * work.masked_fraction:.0f}% of them masked")
 
 
-__all__ = ["TileWork", "describe", "tile_work"]
+__all__ = ["TileWork", "describe", "drpb_slots_1d", "tile_work"]
