@@ -158,13 +158,15 @@ def test_every_2d_candidate(head_dim, rpb):
                 check(c, seed=i)
 
 
-@pytest.mark.parametrize("name,sms", [("2d_rpb_dilation", 2), ("3d_rpb", 0),
-                                      ("2d_extra_rpb_mqa", 2), ("1d_rpb_stride", 2),
-                                      ("2d_rpb_stride_gqa", 0)])
-def test_separate_drpb_scheme(name, sms, monkeypatch):
+@pytest.mark.parametrize("name,sms,partial", [("2d_rpb_dilation", 2, False), ("3d_rpb", 0, True),
+                                              ("2d_extra_rpb_mqa", 2, True),
+                                              ("1d_rpb_stride", 2, False),
+                                              ("2d_rpb_stride_gqa", 0, False)])
+def test_separate_drpb_scheme(name, sms, partial, monkeypatch, deterministic):
     """The dRPB kernel (``configs.drpb_scheme`` "separate") on every rpb feature. ``sms``
     sizes the launch: with 2, several programs share a shift's work items (each adds its
-    own sum); with 0, one program per shift."""
+    own sum); with 0, one program per shift. ``partial``: in deterministic mode, where the
+    programs store their sums for ``op.fold_partials`` instead of adding them."""
     c = dict(FEATURES, **{
         "1d_rpb_stride": cfg((22,), 5, dilation=2, stride=2, rpb=True, batch=3),
         "2d_rpb_stride_gqa": cfg((9, 10), (3, 5), stride=(1, 2), rpb=True, heads=4, kv_heads=2),
@@ -174,6 +176,7 @@ def test_separate_drpb_scheme(name, sms, monkeypatch):
                     c.dilation, c.stride, c.is_causal)
     tile = configs.candidates(g.ndim, configs.block_d(c.head_dim), g.group_lengths, "drpb")[0]
     assert (op.drpb_layout(g, tile, c.batch, c.heads, sms).splits > 1) == (sms > 0)
+    deterministic(partial)
     with configs.override(drpb="separate"):
         check(c)
     assert configs.last_drpb_scheme() == "separate"
@@ -195,36 +198,62 @@ def test_can_run_reasons(monkeypatch):
 
 
 @pytest.fixture
-def deterministic():
+def deterministic(monkeypatch):
     """``torch.use_deterministic_algorithms`` for one test: yields its setter."""
     before = (torch.are_deterministic_algorithms_enabled(),
               torch.is_deterministic_algorithms_warn_only_enabled())
+    # cuBLAS (the reference's matmuls) refuses deterministic mode without this
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     yield torch.use_deterministic_algorithms
     torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
-def test_deterministic_mode_avoids_the_atomic_rpb_gradient(deterministic):
-    """The dRPB atomics are the kernels' only run-order dependence: in deterministic mode a
-    call that needs the rpb gradient goes to the portable backend (deterministic there);
-    with ``warn_only`` it runs and warns, as PyTorch's own nondeterministic ops do."""
+def test_deterministic_mode(deterministic, monkeypatch):
+    """Under ``torch.use_deterministic_algorithms(True)`` the triton backend still runs:
+    the rpb gradient comes from the dRPB kernel's partial tiles, summed in a fixed order
+    (no atomics, the kernels' only run-order dependence), configs are the defaults (no
+    autotuning, no tuned cache entry), and gradients repeat bit for bit."""
     from natkit.backends import choose_backend
+    folds = []
+    fold = op.fold_partials
+    monkeypatch.setattr(op, "fold_partials", lambda *a: folds.append(1) or fold(*a))
+    monkeypatch.setattr(op, "_sms", lambda device: 2)   # several splits per shift to sum
+    c = cfg((9, 11), 3, dilation=(2, 1), rpb=True, batch=2, heads=2, kv_heads=1)
     q = torch.randn(1, 9, 2, 16, device=DEVICE, requires_grad=True)
     rpb = torch.randn(2, 5, device=DEVICE, requires_grad=True)
     p = check_inputs(1, q, q, q, 3, 1, 1, False, rpb, None, None, None)
-    assert choose_backend(None, p, q, rpb, True).name == "triton"
     deterministic(True)
-    assert "deterministic" in triton_backend.can_run(p, q, rpb, True)
-    assert choose_backend(None, p, q, rpb, True).name != "triton"
-    assert triton_backend.can_run(p, q, rpb, False) is None               # no gradients
-    assert triton_backend.can_run(p, q, rpb.detach(), True) is None       # no rpb gradient
-    assert triton_backend.can_run(p, q, None, True) is None
-    with pytest.raises(ValueError, match="backend='triton' cannot run this call: "
-                                         "torch.use_deterministic_algorithms"):
-        natkit.na1d(q, q, q, 3, rpb=rpb, backend="triton")
-    deterministic(True, warn_only=True)
     assert triton_backend.can_run(p, q, rpb, True) is None
-    with pytest.warns(UserWarning, match="rpb gradient is summed with atomics"):
-        natkit.na1d(q, q, q, 3, rpb=rpb, backend="triton")
+    assert choose_backend(None, p, q, rpb, True).name == "triton"
+    assert not configs.autotune_enabled("cuda")
+    check(c)
+    assert configs.last_drpb_scheme() == "separate" and len(folds) == 1
+    # a tuned cache entry is neither used nor replaced
+    tuned = TileConfig((1, 2, 16), (1, 2, 16), 1, 1)
+    monkeypatch.setattr(configs, "_CACHE", {})
+    key = ("k",)
+    configs._CACHE[("fwd",) + key] = tuned
+    cands = configs.candidates(2, 16, (1, 9, 11), "fwd")
+    assert configs.choose("fwd", key, 2, 16, (1, 9, 11), "cuda", None) == cands[0] != tuned
+    assert configs._CACHE == {("fwd",) + key: tuned}
+    # bitwise repeatable gradients
+    torch.manual_seed(0)
+    inputs = make_inputs(c, torch.float32, DEVICE)
+    runs = []
+    for _ in range(2):
+        out, lse = run(c, inputs, "triton")
+        runs.append(torch.autograd.grad((out.sum() + lse.sum()), [inputs["rpb"], inputs["query"]]))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    # the atomics, forced: an error, or with warn_only a warning (PyTorch's convention)
+    with configs.override(drpb="fused"):
+        out, lse = run(c, inputs, "triton")
+        with pytest.raises(RuntimeError, match="drpb='fused'.*use_deterministic_algorithms"):
+            out.sum().backward()
+        deterministic(True, warn_only=True)
+        out, lse = run(c, inputs, "triton")
+        with pytest.warns(UserWarning, match=r"drpb='fused'\) sums the rpb gradient with atomics"):
+            out.sum().backward()
+    assert configs.last_drpb_scheme() == "fused"
 
 
 def test_config_override_validation():

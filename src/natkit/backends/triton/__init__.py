@@ -12,7 +12,6 @@ Importing this module requires ``triton`` (the registry treats an ImportError as
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
@@ -55,14 +54,6 @@ if interpreting():
 from .op import na_fwd_op  # noqa: E402
 
 
-def _atomic_rpb_grad_in_deterministic_mode(rpb, requires_grad: bool) -> bool:
-    """Deterministic algorithms are on and the call will need the rpb gradient, which the
-    kernels sum with fp32 atomics (their only run-order dependence: every other gradient
-    has one writer per element)."""
-    return (rpb is not None and rpb.requires_grad and requires_grad
-            and torch.are_deterministic_algorithms_enabled())
-
-
 def can_run(p, query, rpb, requires_grad) -> str | None:
     """``None`` when the triton backend can run this call, else the reason."""
     if query.dtype == torch.float64:
@@ -71,12 +62,6 @@ def can_run(p, query, rpb, requires_grad) -> str | None:
         return "a float64 rpb is not supported by the triton kernels"
     if p.head_dim > MAX_HEAD_DIM:
         return f"head_dim {p.head_dim} exceeds the triton kernels' maximum {MAX_HEAD_DIM}"
-    if (_atomic_rpb_grad_in_deterministic_mode(rpb, requires_grad)
-            and not torch.is_deterministic_algorithms_warn_only_enabled()):
-        # the portable backend's bias gradient (index_select's backward) is deterministic
-        # in this mode
-        return ("torch.use_deterministic_algorithms(True) is set and the triton kernels sum the "
-                "rpb gradient with atomics (run order varies)")
     if query.device.type == "cuda":
         return None
     if interpreting() and query.dtype == torch.bfloat16:
@@ -90,13 +75,6 @@ def can_run(p, query, rpb, requires_grad) -> str | None:
 def na_triton(query, key, value, p, rpb=None, additional_keys=None, additional_values=None):
     """Returns ``(out, lse)`` through the ``natkit::triton_na_fwd`` custom op (differentiable)."""
     if rpb is not None:
-        if (_atomic_rpb_grad_in_deterministic_mode(rpb, torch.is_grad_enabled())
-                and torch.is_deterministic_algorithms_warn_only_enabled()
-                and not torch.compiler.is_compiling()):
-            warnings.warn("natkit triton backend: the rpb gradient is summed with atomics and "
-                          "is not deterministic (torch.use_deterministic_algorithms(True, "
-                          "warn_only=True) is set; without warn_only natkit runs the portable "
-                          "backend instead)", UserWarning, stacklevel=2)
         rpb = rpb.contiguous()  # the kernels index the bias table densely (q/k/v pass strides)
     return na_fwd_op(query, key, value, rpb, additional_keys, additional_values,
                      list(p.kernel_size), list(p.dilation), list(p.stride),

@@ -57,6 +57,7 @@ class Problem:
     extra: int = 0
     dtype: torch.dtype = torch.bfloat16
     drpb_scheme: str = "fused"  # with rpb: whether the dQ kernel adds the rpb gradient
+    deterministic: bool = False  # the dRPB kernel stores partial tiles instead of atomics
 
 
 # representative problems per rank (what the static test and report compile)
@@ -123,8 +124,10 @@ def launch_args(kind: str, cfg: configs.TileConfig, p: Problem) -> tuple:
         if rpb is None:
             raise ValueError("the dRPB kernel needs a problem with rpb=True")
         layout = op.drpb_layout(g, cfg, p.batch, p.heads, SMS)
-        drpb = t(layout.ncopy, p.heads, table, dtype=torch.float32)
-        return op.drpb_args(q, k, v, dout, lse, delta, rpb, drpb, layout, g, cfg, scale)[1]
+        drpb = (t(layout.programs * p.heads, cfg.block_m * cfg.block_n, dtype=torch.float32)
+                if p.deterministic else t(layout.ncopy, p.heads, table, dtype=torch.float32))
+        return op.drpb_args(q, k, v, dout, lse, delta, rpb, drpb, layout, g, cfg, scale,
+                            p.deterministic)[1]
     raise ValueError(f"kind must be one of {tuple(KERNELS)}, got {kind!r}")
 
 
@@ -292,17 +295,20 @@ def mma_bound_ms(kind: str, cfg: configs.TileConfig, block_d: int, tile_visits: 
 
 def default_report(ndim: int, head_dim: int) -> list[dict]:
     """Resources of every kernel's default config (without and with RPB; the dRPB kernel only
-    with) for the rank's representative problem at ``head_dim``. Rows with RPB also give the
+    with, and in both its variants: atomics, and the partial tiles of deterministic mode)
+    for the rank's representative problem at ``head_dim``. Rows with RPB also give the
     loop of the same config compiled without it (``*_without_rpb``): what the bias itself
     costs."""
     out = []
     for kind in configs.KINDS:
-        for rpb in (False, True) if kind != "drpb" else (True,):
-            p = replace(REPRESENTATIVE[ndim], head_dim=head_dim, rpb=rpb)
+        for rpb, det in ((False, False), (True, False)) if kind != "drpb" else ((True, False),
+                                                                             (True, True)):
+            p = replace(REPRESENTATIVE[ndim], head_dim=head_dim, rpb=rpb, deterministic=det)
             group_lengths = (1,) * (3 - ndim) + tuple(p.spatial)
             cfg = configs.candidates(ndim, configs.block_d(head_dim), group_lengths, kind, rpb)[0]
             res = resources(kind, cfg, p)
-            row = dict(kind=kind, rpb=rpb, config=repr(cfg), registers=res.registers,
+            row = dict(kind=kind, rpb=rpb, deterministic=det, config=repr(cfg),
+                       registers=res.registers,
                        spill_bytes=res.spill_bytes, pipelined=res.pipelined,
                        shared=res.shared, ctas_per_sm=res.ctas_per_sm,
                        loop_instructions=res.loop_instructions,

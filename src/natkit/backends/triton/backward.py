@@ -168,34 +168,34 @@ def na_bwd_drpb_kernel(
         svb, sv0, sv1, sv2, svh, svd,
         sdob, sdo0, sdo1, sdo2, sdoh, sdod,
         L0, L1, L2, K0, K1, K2, S0, S1, S2, D0, D1, D2,
-        SLOTS, NSMAX, ROW, BATCH, O0, O1, O2, NS1, NS2, SPLITS, H, G, qk_scale, NCOPY,
+        SLOTS, NSMAX, ROW, BATCH, NS1, NS2, SPLITS, H, G, qk_scale, NCOPY,
         C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, ND: tl.constexpr,
         BQ0: tl.constexpr, BQ1: tl.constexpr, BQ2: tl.constexpr,
         BK0: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        PARTIAL: tl.constexpr):
     """Program ``(shift * SPLITS + split, head)``: the key tile at one fixed offset from the
-    query tile (``O* + shift * BK*``), over the work items ``split, split + SPLITS, ...`` of
-    that shift: a batch element and a query tile that meets the key tile. ``SLOTS[d, s]``
-    (rows of ``ROW`` int32) holds, for shift ``s`` of dimension ``d``, the count and then
-    the tile slots that meet it (``work.drpb_slots_1d``), so no program visits an item only
-    to skip it. Every item's pairs have the same bias indices, so ``dS`` sums in registers
-    and reaches ``DRPB`` with one atomic add per pair of the tile, at the end."""
+    query tile, over the work items ``split, split + SPLITS, ...`` of that shift: a batch
+    element and a query tile that meets the key tile. ``SLOTS[d, s]`` (rows of ``ROW``
+    int32) describes shift ``s`` of dimension ``d``: its offset, its count of tile slots,
+    then those slots (``work.drpb_slots_1d``; only shifts that some tile meets have a row),
+    so no program visits an item only to skip it. Every item's pairs have the same bias
+    indices, so ``dS`` sums in registers; at the end the program adds its tile into
+    ``DRPB`` (atomics, copy ``pid % NCOPY``), or with ``PARTIAL`` stores it to its own
+    ``[BLOCK_M * BLOCK_N]`` row of ``DRPB`` for a deterministic sum on the host."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // G
     shift = pid // SPLITS
-    s0 = shift // (NS1 * NS2)
-    s1 = (shift // NS2) % NS1
-    s2 = shift % NS2
-    o0 = O0 + s0 * BK0
-    o1 = O1 + s1 * BK1
-    o2 = O2 + s2 * BK2
-    row0 = SLOTS + s0 * ROW
-    row1 = SLOTS + (NSMAX + s1) * ROW
-    row2 = SLOTS + (2 * NSMAX + s2) * ROW
-    n1 = tl.load(row1)
-    n2 = tl.load(row2)
-    per_b = tl.load(row0) * n1 * n2
+    row0 = SLOTS + (shift // (NS1 * NS2)) * ROW
+    row1 = SLOTS + (NSMAX + (shift // NS2) % NS1) * ROW
+    row2 = SLOTS + (2 * NSMAX + shift % NS2) * ROW
+    o0 = tl.load(row0)
+    o1 = tl.load(row1)
+    o2 = tl.load(row2)
+    n1 = tl.load(row1 + 1)
+    n2 = tl.load(row2 + 1)
+    per_b = tl.load(row0 + 1) * n1 * n2
     u0, u1, u2 = tile_coords(0, 0, 0, BQ0, BQ1, BQ2)  # query offsets in the tile
     v0, v1, v2 = tile_coords(o0, o1, o2, BK0, BK1, BK2)  # key offsets from the query tile
     table = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
@@ -208,9 +208,9 @@ def na_bwd_drpb_kernel(
     for item in range(pid % SPLITS, BATCH * per_b, SPLITS):
         b = (item // per_b).to(tl.int64)
         t = item % per_b
-        g0, Lg0, a0 = slot_tile(tl.load(row0 + 1 + t // (n1 * n2)), L0, D0, BQ0)
-        g1, Lg1, a1 = slot_tile(tl.load(row1 + 1 + (t // n2) % n1), L1, D1, BQ1)
-        g2, Lg2, a2 = slot_tile(tl.load(row2 + 1 + t % n2), L2, D2, BQ2)
+        g0, Lg0, a0 = slot_tile(tl.load(row0 + 2 + t // (n1 * n2)), L0, D0, BQ0)
+        g1, Lg1, a1 = slot_tile(tl.load(row1 + 2 + (t // n2) % n1), L1, D1, BQ1)
+        g2, Lg2, a2 = slot_tile(tl.load(row2 + 2 + t % n2), L2, D2, BQ2)
         i0 = a0 + u0
         i1 = a1 + u1
         i2 = a2 + u2
@@ -241,13 +241,19 @@ def na_bwd_drpb_kernel(
         p = tl.math.exp2(qk - lse2[:, None])
         dp = tl.dot(do, vT, input_precision=PRECISION)
         acc += p * (dp - delta[:, None])
-    # the pairs' table indices, and whether their offset lies in the table in every dimension
-    # (the others are never attended); computed after the loop, so they hold no registers in it
-    bidx = rpb_flat(v0, v1, v2, K1, K2)[None, :] - rpb_flat(u0, u1, u2, K1, K2)[:, None]
+    # whether the pairs' offsets lie in the table in every dimension (the others are never
+    # attended), and their table indices; computed after the loop to hold no registers in it
     in_table = ((tl.abs(v0[None, :] - u0[:, None]) < K0) & (tl.abs(v1[None, :] - u1[:, None]) < K1)
                 & (tl.abs(v2[None, :] - u2[:, None]) < K2))
-    tl.atomic_add(DRPB + ((pid % NCOPY) * H + h) * table + center + bidx, acc,
-                  mask=in_table & (acc != 0.0), sem="relaxed")
+    if PARTIAL:
+        pair = (tl.arange(0, BQ0 * BQ1 * BQ2)[:, None] * (BK0 * BK1 * BK2)
+                + tl.arange(0, BK0 * BK1 * BK2)[None, :])
+        tl.store(DRPB + (pid * H + h).to(tl.int64) * (BQ0 * BQ1 * BQ2 * BK0 * BK1 * BK2) + pair,
+                 tl.where(in_table, acc, 0.0))
+    else:
+        bidx = rpb_flat(v0, v1, v2, K1, K2)[None, :] - rpb_flat(u0, u1, u2, K1, K2)[:, None]
+        tl.atomic_add(DRPB + ((pid % NCOPY) * H + h) * table + center + bidx, acc,
+                      mask=in_table & (acc != 0.0), sem="relaxed")
 
 
 @triton.jit

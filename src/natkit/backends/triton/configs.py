@@ -5,7 +5,8 @@ the kernels; 1-D/2-D inputs have leading size-1 dimensions). Each kernel kind (`
 ``"dq"``, ``"dkdv"``, ``"drpb"``) picks its config by, in order: a caller override
 (``override`` context manager / ``set_override``), the autotune cache (keyed by a bucketed
 problem shape), autotuning on CUDA (unless ``NATKIT_TRITON_AUTOTUNE=0``), the heuristic
-default.
+default. Under ``torch.use_deterministic_algorithms(True)`` only the override and the
+default count, so the configs (and the rounding) do not depend on timings.
 
 The rpb gradient has two schemes (``drpb_scheme``): ``"fused"``, atomic adds of every
 attended pair's ``dS`` inside the dQ kernel, and ``"separate"``, the dRPB kernel, which sums
@@ -13,6 +14,8 @@ attended pair's ``dS`` inside the dQ kernel, and ``"separate"``, the dRPB kernel
 at the end, at the price of recomputing the scores. Autotuning times both; without it the
 dQ kernel's atomics run (``"fused"``). ``override(drpb=...)`` forces one: ``"fused"``,
 ``"separate"``, or a ``TileConfig`` for the dRPB kernel (which implies ``"separate"``).
+Deterministic mode takes ``"separate"`` with partial sums stored per program and summed
+in a fixed order (``op.fold_partials``) instead of atomics.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ import contextlib
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Union
+
+import torch
 
 logger = logging.getLogger("natkit")
 
@@ -202,7 +208,11 @@ def override(**configs: Optional[TileConfig]):
 
 
 def autotune_enabled(device_type: str) -> bool:
-    return device_type == "cuda" and os.environ.get("NATKIT_TRITON_AUTOTUNE", "1") != "0"
+    """On CUDA unless ``NATKIT_TRITON_AUTOTUNE=0``; never under
+    ``torch.use_deterministic_algorithms`` (timings vary between runs, and with them the
+    configs and the rounding; PyTorch's inductor stops autotuning there too)."""
+    return (device_type == "cuda" and os.environ.get("NATKIT_TRITON_AUTOTUNE", "1") != "0"
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 def choose(kind: str, key: tuple, ndim: int, block_d: int, group_lengths,
@@ -213,7 +223,9 @@ def choose(kind: str, key: tuple, ndim: int, block_d: int, group_lengths,
         _LAST[kind] = sanitize(_OVERRIDE[kind], group_lengths)
         return _LAST[kind]
     full_key = (kind,) + key
-    if full_key in _CACHE:
+    # deterministic mode: the default, neither a tuned entry nor an entry for later calls
+    cache = not torch.are_deterministic_algorithms_enabled()
+    if cache and full_key in _CACHE:
         _LAST[kind] = _CACHE[full_key]
         return _LAST[kind]
     cands = candidates(ndim, block_d, group_lengths, kind, has_rpb)
@@ -228,7 +240,8 @@ def choose(kind: str, key: tuple, ndim: int, block_d: int, group_lengths,
         if timings:
             best = min(timings, key=lambda x: x[0])[1]
             logger.debug("natkit triton: tuned %s %s -> %s", kind, key, best)
-    _CACHE[full_key] = best
+    if cache:
+        _CACHE[full_key] = best
     _LAST[kind] = best
     return best
 
@@ -246,13 +259,25 @@ def drpb_shifts(kernel: int, q_tile: int, k_tile: int) -> tuple[int, int]:
 
 
 def drpb_scheme(key: tuple, device_type: str, time_fused: Callable[[], float],
-                time_separate: Callable[[], float]) -> str:
+                time_separate: Callable[[], float], deterministic: bool = False) -> str:
     """How one backward call sums the rpb gradient: ``"fused"`` or ``"separate"`` (module
     docstring). ``time_*()`` runs the dQ pass of a scheme, its configs tuned, and returns
-    milliseconds; they are called only when tuning."""
+    milliseconds; they are called only when tuning. ``deterministic``
+    (``torch.use_deterministic_algorithms``) takes ``"separate"``, whose kernel then stores
+    partial sums instead of adding them with atomics; forcing ``"fused"`` there raises, or
+    warns with ``warn_only=True``, as PyTorch's own nondeterministic operations do."""
     forced = _OVERRIDE.get("drpb")
+    if deterministic and forced == "fused":
+        msg = ("natkit triton: override(drpb='fused') sums the rpb gradient with atomics, whose "
+               "rounding depends on run order, but torch.use_deterministic_algorithms(True) "
+               "is set")
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(msg)
+        warnings.warn(msg, UserWarning, stacklevel=2)
     if forced is not None:  # a scheme name, or a dRPB tile (which implies "separate")
         scheme = "fused" if forced == "fused" else "separate"
+    elif deterministic:
+        scheme = "separate"
     elif key in _SCHEMES:
         scheme = _SCHEMES[key]
     else:

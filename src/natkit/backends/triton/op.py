@@ -147,62 +147,106 @@ def dq_args(q, k, v, dout, lse, delta, dq, rpb, drpb, ncopy, ek, ev, g: Geometry
 
 @dataclass(frozen=True)
 class DrpbLayout:
-    """The dRPB kernel's launch: per dimension, the key-tile offset of shift 0 from the query
-    tile (``origin``), the number of shifts (``shifts``) and, per shift, the query-tile
-    slots that meet it (``slots``, ``work.drpb_slots_1d``); the work items (batch elements x
-    those slots) split ``splits`` ways per shift and head; ``ncopy`` private copies of the
-    gradient table (program ``pid`` adds into copy ``pid % ncopy``)."""
+    """The dRPB kernel's launch. Per dimension, the shifts that some query tile meets: each
+    one's key-tile offset from the query tile (``offsets``) and the query-tile slots that
+    meet it (``slots``, ``work.drpb_slots_1d``); a 3-D shift is one of each, and its work
+    items are the batch elements x the products of its slots. They split ``splits`` ways per
+    shift and head; the atomic variant adds into ``ncopy`` private copies of the gradient
+    table (program ``pid`` into copy ``pid % ncopy``)."""
 
-    origin: tuple[int, int, int]
-    shifts: tuple[int, int, int]
+    offsets: tuple[tuple[int, ...], ...]
     slots: tuple[tuple[tuple[int, ...], ...], ...]
     splits: int
     ncopy: int
 
     @property
+    def shifts(self) -> int:
+        return math.prod(len(o) for o in self.offsets)
+
+    @property
     def programs(self) -> int:
         """Programs per head."""
-        return math.prod(self.shifts) * self.splits
+        return self.shifts * self.splits
 
 
 def drpb_layout(g: Geometry, cfg: configs.TileConfig, batch: int, heads: int,
                 sms: int) -> DrpbLayout:
-    """Shifts from ``configs.drpb_shifts``. The shifts an interior query tile meets hold
-    almost every item (the outer ones only border tiles), so the splits are sized by those:
-    about 16 warps per SM of ``sms``."""
-    origin, shifts = zip(*(configs.drpb_shifts(k, bq, bk)
-                           for k, bq, bk in zip(g.K, cfg.q_tile, cfg.k_tile)))
-    slots = tuple(work.drpb_slots_1d(*dim) for dim in zip(g.L, g.K, g.S, g.D, g.C, cfg.q_tile,
-                                                            cfg.k_tile))
+    """Shifts from ``configs.drpb_shifts``, those no tile meets dropped. The shifts an
+    interior query tile meets hold almost every item (the others only border tiles), so
+    the splits are sized by those: about 16 warps per SM of ``sms``."""
+    offsets, slots = [], []
+    for dim in zip(g.L, g.K, g.S, g.D, g.C, cfg.q_tile, cfg.k_tile):
+        origin, _ = configs.drpb_shifts(dim[1], dim[5], dim[6])
+        met = [(origin + u * dim[6], s) for u, s in enumerate(work.drpb_slots_1d(*dim)) if s]
+        offsets.append(tuple(o for o, _ in met))
+        slots.append(tuple(s for _, s in met))
     busy = math.prod(-(-(bq + k - 1) // bk) for k, bq, bk in zip(g.K, cfg.q_tile, cfg.k_tile))
     items = batch * math.prod(g.slots(cfg.q_tile))
     splits = max(1, min(items, -(-16 * sms // (cfg.num_warps * busy * heads))))
-    return DrpbLayout(tuple(origin), tuple(shifts), slots, splits,
-                      min(64, math.prod(shifts) * splits))
+    shifts = math.prod(len(o) for o in offsets)
+    return DrpbLayout(tuple(offsets), tuple(slots), splits, min(64, shifts * splits))
 
 
 @lru_cache(maxsize=256)
-def _slot_table(slots: tuple, device: torch.device) -> torch.Tensor:
-    """``DrpbLayout.slots`` as the kernel reads it: ``[3, max shifts, 1 + max count]`` int32,
-    each row a count followed by that many slots."""
-    width = 1 + max(len(s) for dim in slots for s in dim)
-    rows = [[[len(s), *s] + [0] * (width - 1 - len(s)) for s in dim] for dim in slots]
-    nmax = max(len(dim) for dim in slots)
-    table = [dim + [[0] * width] * (nmax - len(dim)) for dim in rows]
-    return torch.tensor(table, dtype=torch.int32, device=device)
+def _slot_table(layout: DrpbLayout, device: torch.device) -> torch.Tensor:
+    """``layout``'s shifts as the kernel reads them: ``[3, max shifts, 2 + max count]``
+    int32, per dimension and shift its offset, its count of slots, those slots."""
+    width = 2 + max(len(s) for dim in layout.slots for s in dim)
+    nmax = max(len(o) for o in layout.offsets)
+    table = torch.zeros(3, nmax, width, dtype=torch.int32)
+    for d, (offsets, slots) in enumerate(zip(layout.offsets, layout.slots)):
+        for i, (o, s) in enumerate(zip(offsets, slots)):
+            table[d, i, :2 + len(s)] = torch.tensor([o, len(s), *s])
+    return table.to(device)
+
+
+@lru_cache(maxsize=256)
+def _partial_index(layout: DrpbLayout, cfg: configs.TileConfig, kernel: tuple,
+                   device: torch.device) -> torch.Tensor:
+    """For the dRPB kernel's partial tiles (shift-major, then query and key token of the
+    tile): each pair's index into the flat bias table, or the table size for pairs whose
+    offset lies outside it (a slot that is dropped)."""
+    def coords(tile):
+        r = torch.arange(math.prod(tile))
+        return torch.stack([r // (tile[1] * tile[2]), (r // tile[2]) % tile[1], r % tile[2]], 1)
+    u, v = coords(cfg.q_tile), coords(cfg.k_tile)
+    grid = torch.cartesian_prod(*(torch.tensor(o) for o in layout.offsets)).view(-1, 3)
+    rel = grid[:, None, None, :] + v[None, None, :, :] - u[None, :, None, :]  # [S, BM, BN, 3]
+    k0, k1, k2 = kernel
+    inside = (rel.abs() < torch.tensor(kernel)).all(-1)
+    idx = (((rel[..., 0] + k0 - 1) * (2 * k1 - 1) + rel[..., 1] + k1 - 1) * (2 * k2 - 1)
+           + rel[..., 2] + k2 - 1)
+    table = (2 * k0 - 1) * (2 * k1 - 1) * (2 * k2 - 1)
+    return torch.where(inside, idx, table).flatten().to(device)
+
+
+def fold_partials(partial: torch.Tensor, layout: DrpbLayout, cfg: configs.TileConfig,
+                  kernel: tuple, heads: int) -> torch.Tensor:
+    """The rpb gradient ``[heads, table]`` from the dRPB kernel's partial tiles
+    (``[programs * heads, tile pairs]``): a sum over each shift's splits, then an
+    ``index_add`` into the table, both deterministic (``index_add`` on CUDA under
+    ``torch.use_deterministic_algorithms``)."""
+    tile = partial.view(layout.shifts, layout.splits, heads, -1).sum(1)
+    flat = tile.permute(1, 0, 2).reshape(heads, -1)
+    table = math.prod(2 * k - 1 for k in kernel)
+    out = flat.new_zeros(heads, table + 1)
+    out.index_add_(1, _partial_index(layout, cfg, tuple(kernel), partial.device), flat)
+    return out[:, :table]
 
 
 def drpb_args(q, k, v, dout, lse, delta, rpb, drpb, layout: DrpbLayout, g: Geometry,
-              cfg: configs.TileConfig, scale):
+              cfg: configs.TileConfig, scale, partial: bool = False):
+    """``drpb``: ``[ncopy, heads, table]`` fp32, zeroed (atomics), or with ``partial``
+    ``[programs * heads, tile pairs]`` fp32 (``fold_partials``)."""
     h, hd, hk, nd = q.shape[-2], q.shape[-1], k.shape[-2], g.ndim
     grid = (layout.programs, h)
-    slots = _slot_table(layout.slots, q.device)
+    slots = _slot_table(layout, q.device)
     args = (q, k, v, dout, lse, delta, rpb, drpb, *_strides(q, nd), *_strides(k, nd),
             *_strides(v, nd), *_strides(dout, nd), *_common_args(g),
-            slots, slots.shape[1], slots.shape[2], q.shape[0], *layout.origin,
-            layout.shifts[1], layout.shifts[2], layout.splits, h, h // hk, scale * LOG2E,
+            slots, slots.shape[1], slots.shape[2], q.shape[0], len(layout.offsets[1]),
+            len(layout.offsets[2]), layout.splits, h, h // hk, scale * LOG2E,
             layout.ncopy, *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, configs.block_d(hd),
-            _precision(q.dtype))
+            _precision(q.dtype), partial)
     return grid, args, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -248,6 +292,9 @@ def backward(dout, dlse, q, k, v, out, lse, rpb, ek, ev, g: Geometry, scale: flo
     block_d = configs.block_d(hd)
     n_extra = 0 if ek is None else ek.shape[1]
     prec = _precision(q.dtype)
+    # torch.use_deterministic_algorithms: no autotuning (configs), the rpb gradient summed
+    # without atomics; every other kernel has one writer per output element
+    deterministic = torch.are_deterministic_algorithms_enabled()
 
     dout = dout.contiguous()
     rows = out.numel() // hd
@@ -282,6 +329,14 @@ def backward(dout, dlse, q, k, v, out, lse, rpb, ek, ev, g: Geometry, scale: flo
 
     def launch_drpb(cfg: configs.TileConfig):
         layout = drpb_layout(g, cfg, b, h, _sms(q.device))
+        if deterministic:  # every program stores its tile; summed in a fixed order after
+            partial = _empty((layout.programs * h, cfg.block_m * cfg.block_n), torch.float32,
+                             q.device)
+            grid, args, options = drpb_args(q, k, v, dout, lse, delta, rpb, partial, layout,
+                                            g, cfg, scale, partial=True)
+            na_bwd_drpb_kernel[grid](*args, **options)
+            drpb_buf[0] = fold_partials(partial, layout, cfg, g.K, h)[None]
+            return
         grid, args, options = drpb_args(q, k, v, dout, lse, delta, rpb,
                                         zeroed_drpb(layout.ncopy), layout, g, cfg, scale)
         na_bwd_drpb_kernel[grid](*args, **options)
@@ -304,7 +359,7 @@ def backward(dout, dlse, q, k, v, out, lse, rpb, ek, ev, g: Geometry, scale: flo
     scheme = None
     if rpb is not None:
         scheme = configs.drpb_scheme(key, q.device.type, lambda: time_scheme("fused"),
-                                     lambda: time_scheme("separate"))
+                                     lambda: time_scheme("separate"), deterministic)
     dq_pass(scheme)
     tuned("dkdv", key, launch_dkdv)
 
