@@ -10,6 +10,7 @@ compiling kernel variants, so the sweep is split into ``NATKIT_TRITON_SHARDS`` t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
@@ -18,8 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import natkit
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from sweep import Config  # noqa: E402
+from sweep import Config, make_inputs  # noqa: E402
 from test_triton import _triton_env, cfg, check  # noqa: E402,F401  (fixture re-exported)
 
 from natkit.backends.triton import configs  # noqa: E402
@@ -54,6 +57,19 @@ SWEEP = int(os.environ.get("NATKIT_TRITON_SWEEP", "320"))
 SHARDS = int(os.environ.get("NATKIT_TRITON_SHARDS", "8"))
 
 
+@contextlib.contextmanager
+def deterministic(on: bool):
+    """``torch.use_deterministic_algorithms(on)`` inside the block."""
+    before = torch.are_deterministic_algorithms_enabled()
+    if on:  # cuBLAS (the reference's matmuls) refuses deterministic mode without it
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def sweep(seed: int, count: int, dtype, shard: int):
     """Configs ``i`` with ``i % SHARDS == shard`` of one seeded random sequence."""
     rng = random.Random(seed)
@@ -61,8 +77,10 @@ def sweep(seed: int, count: int, dtype, shard: int):
         c = gpu_config(rng)
         if i % SHARDS != shard:
             continue
-        try:  # with rpb, odd configs take the "separate" rpb-gradient scheme (configs.py)
-            with configs.override(drpb="separate" if c.rpb and i % 2 else None):
+        try:  # with rpb, odd configs take the "separate" rpb-gradient scheme (configs.py),
+            # every other one of them in deterministic mode (partial tiles, no atomics)
+            with configs.override(drpb="separate" if c.rpb and i % 2 else None), \
+                    deterministic(c.rpb and i % 4 == 3):
                 check(c, dtype, seed=i)
         except AssertionError as err:
             raise AssertionError(f"config {i}: {c}: {err}") from None
@@ -86,3 +104,23 @@ def test_gpu_autotuned_and_large_head_dim(monkeypatch):
     monkeypatch.setenv("NATKIT_TRITON_AUTOTUNE", "0")
     check(cfg((12, 13), 5, head_dim=256))
     check(cfg((300,), 33, head_dim=128, causal=True))
+
+
+def test_gpu_deterministic_mode_repeats_bit_for_bit():
+    """Every gradient, the rpb gradient included, repeats exactly in deterministic mode, on
+    a NAT-Tiny stage-1-like shape where the atomics have millions of adds to reorder."""
+    c = cfg((56, 56), 7, rpb=True, batch=8, heads=2, kv_heads=2, head_dim=32)
+    torch.manual_seed(0)
+    inputs = make_inputs(c, torch.bfloat16, "cuda")
+    names = [n for n, t in inputs.items() if t is not None]
+    runs = []
+    with deterministic(True):
+        for _ in range(3):
+            res = natkit.na2d(inputs["query"], inputs["key"], inputs["value"], 7,
+                              rpb=inputs["rpb"], backend="triton")
+            runs.append(torch.autograd.grad(res.float().square().sum(),
+                                            [inputs[n] for n in names]))
+    assert configs.last_drpb_scheme() == "separate"
+    for again in runs[1:]:
+        for name, a, b in zip(names, runs[0], again):
+            assert torch.equal(a, b), name
