@@ -446,6 +446,26 @@ def test_decompression_bomb_images_fail_clearly(run2, ten_classes, tmp_path, cap
          "decompression bomb")
 
 
+def test_deterministic_training(run2, tmp_path, monkeypatch):
+    """``--deterministic`` trains in PyTorch's deterministic mode (on CPU: the same run as
+    without it), is remembered by the run, and the mode is restored afterwards."""
+    calls = []
+    real = torch.use_deterministic_algorithms
+    monkeypatch.setattr(torch, "use_deterministic_algorithms",
+                        lambda mode, **kw: calls.append(mode) or real(mode, **kw))
+    out = str(tmp_path / "det")
+    assert main(["train", "--epochs", "2", "--output", out, "--no-progress",
+                 "--deterministic"]) == 0
+    assert calls == [True, False] and not torch.are_deterministic_algorithms_enabled()
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["deterministic"] is True
+
+    def results(run):  # every metric but the timings
+        return [{k: v for k, v in m.items() if k not in ("img_per_s", "epoch_s")}
+                for m in _metrics(run)]
+    assert results(out) == results(run2)
+
+
 def test_huge_warmup_is_all_warmup(tmp_path):
     root = tmp_path / "two"
     for split, n in (("train", 4), ("val", 2)):

@@ -8,7 +8,8 @@ Every epoch rank 0 writes ``OUTPUT/last.pt`` (full training state) and, when the
 validation top-1 improves, ``OUTPUT/best.pt`` (weights only), both atomically, and appends
 one JSON line to ``OUTPUT/metrics.jsonl``. ``--resume OUTPUT/last.pt`` continues a run:
 the random states are restored, so the resumed epochs replay exactly what an
-uninterrupted run does (bit for bit on CPU; up to kernel nondeterminism on GPU).
+uninterrupted run does (bit for bit on CPU; on GPU with ``--deterministic``, else up to
+kernel nondeterminism).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ DEFAULTS = dict(data="digits", model="nat_micro", epochs=40, batch_size=64, lr=5
                 min_lr=1e-5, warmup_epochs=1, weight_decay=0.05, label_smoothing=0.1,
                 clip_grad=5.0, drop_path=None, amp="auto", ema=False, ema_decay=0.999,
                 mixup=0.0, cutmix=0.0, img_size=None, workers=None, hflip=0.5, seed=0,
-                device="auto", output=None, progress=True, compile=False)
+                device="auto", output=None, progress=True, compile=False, deterministic=False)
 
 
 def add_parser(sub) -> None:
@@ -81,6 +82,11 @@ def add_parser(sub) -> None:
     a("--resume", help="continue from this last.pt (or the run folder holding it)")
     a("--no-progress", dest="progress", action="store_false", default=None,
       help="no progress bars")
+    a("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.use_deterministic_algorithms(True): GPU runs repeat bit for bit too "
+           "(natkit's Triton kernels take their deterministic path: default configs, the "
+           "rpb gradient without atomics); slower. CPU runs are deterministic anyway "
+           "(default: off; on --resume: the checkpoint's)")
     a("--compile", action="store_true", default=None,
       help="torch.compile the training step's model (inductor: the first steps compile it; "
            "validation runs eagerly); checkpoints are the same as without it")
@@ -205,10 +211,22 @@ def _kill_step() -> int:
 
 def run(args: argparse.Namespace) -> int:
     d = distributed.setup(args.device)
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         return _train(args, d)
-    finally:
+    finally:  # the process may go on (tests, notebooks): leave the mode as it was
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         distributed.cleanup()
+
+
+def set_deterministic(on: bool) -> None:
+    """``--deterministic``: PyTorch's deterministic algorithms, and the cuBLAS workspace
+    setting they require on CUDA (read when cuBLAS starts: before the first matmul)."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(on)
 
 
 def _train(args, d: distributed.Dist) -> int:
@@ -223,6 +241,7 @@ def _train(args, d: distributed.Dist) -> int:
     if cfg["data"] != "digits":  # checkpoints remember where their data is
         cfg["data"] = os.path.abspath(cfg["data"])
     device = d.device
+    set_deterministic(cfg["deterministic"])
     data = make_data(cfg["data"], cfg["img_size"], cfg["workers"], cfg["hflip"])
     if saved is not None:
         if saved["classes"] != data.classes:
