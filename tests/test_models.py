@@ -877,6 +877,11 @@ def test_timm_registration_glue(tmp_path, monkeypatch):
     assert torch.equal(loaded.head.weight, model.head.weight)
     with pytest.raises(ValueError, match="hosts no weights"):
         registry["nat_micro"](pretrained=True)
+    # timm's features_only options: natkit's backbone mode is its "getter"
+    backbone = registry["nat_micro"](features_only=True, feature_cls="getter", out_indices=(1,))
+    assert backbone.out_indices == [1] and backbone.features_only
+    with pytest.raises(ValueError, match="feature_cls='hook' is not supported"):
+        registry["nat_micro"](features_only=True, feature_cls="hook")
 
 
 def test_timm_stays_optional(monkeypatch):

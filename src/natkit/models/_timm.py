@@ -28,6 +28,11 @@ def _entrypoint(name: str):
                 raise ValueError(f"{name}: natkit hosts no weights; pass "
                                  f"pretrained_cfg_overlay=dict(file=PATH) or checkpoint_path")
         device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        feature_cls = kwargs.pop("feature_cls", None)
+        if feature_cls not in (None, "getter"):  # natkit's backbone mode is timm's "getter"
+            raise ValueError(f"{name}: feature_cls={feature_cls!r} is not supported; natkit "
+                             f"backbones (features_only=True) return forward_intermediates' "
+                             f"features, as timm's 'getter' does")
         model = create_model(name, pretrained=path, **kwargs)
         if device is not None or dtype is not None:
             model = model.to(device=device, dtype=dtype)
