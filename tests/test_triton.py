@@ -338,6 +338,27 @@ def test_strided_rpb():
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
 
 
+def test_frozen_rpb_skips_its_gradient(monkeypatch):
+    """A bias that needs no gradient costs the backward nothing extra: no rpb-gradient scheme
+    is chosen (no atomics, no dRPB kernel), and the other gradients are exact, also compiled."""
+    def no_scheme(*args):
+        raise AssertionError("the rpb gradient was computed for a frozen bias")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 9, 10, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 9, 9, device=DEVICE)
+    want = torch.autograd.grad(natkit.na2d(q, k, v, 5, rpb=rpb, backend="reference").square()
+                               .sum(), (q, k, v))
+    monkeypatch.setattr(configs, "drpb_scheme", no_scheme)
+
+    def fn(q, k, v, rpb):
+        return natkit.na2d(q, k, v, 5, rpb=rpb, backend="triton")
+    torch._dynamo.reset()
+    for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+        got = torch.autograd.grad(f(q, k, v, rpb).square().sum(), (q, k, v))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     backend = "inductor" if CUDA else "aot_eager"

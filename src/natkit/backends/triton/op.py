@@ -285,7 +285,10 @@ def forward(q, k, v, rpb, ek, ev, g: Geometry, scale: float):
     return out, lse
 
 
-def backward(dout, dlse, q, k, v, out, lse, rpb, ek, ev, g: Geometry, scale: float):
+def backward(dout, dlse, q, k, v, out, lse, rpb, ek, ev, g: Geometry, scale: float,
+             rpb_grad: bool = True):
+    """Every gradient; the rpb gradient only with ``rpb_grad`` (else a zero-element
+    placeholder: a frozen bias skips its atomics or the dRPB kernel)."""
     b, h, hd = q.shape[0], q.shape[-2], q.shape[-1]
     hk = k.shape[-2]
     nd = g.ndim
@@ -357,13 +360,13 @@ def backward(dout, dlse, q, k, v, out, lse, rpb, ek, ev, g: Geometry, scale: flo
         return _bench(lambda: dq_pass(scheme))
 
     scheme = None
-    if rpb is not None:
+    if rpb is not None and rpb_grad:
         scheme = configs.drpb_scheme(key, q.device.type, lambda: time_scheme("fused"),
                                      lambda: time_scheme("separate"), deterministic)
     dq_pass(scheme)
     tuned("dkdv", key, launch_dkdv)
 
-    drpb = (drpb_buf[0].sum(0).view(rpb.shape).to(rpb.dtype) if rpb is not None
+    drpb = (drpb_buf[0].sum(0).view(rpb.shape).to(rpb.dtype) if scheme is not None
             else q.new_empty(0))
     if ek is not None:
         dek = _empty(ek.shape, ek.dtype, ek.device)
@@ -407,20 +410,20 @@ def na_bwd_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], query: torch.Ten
               rpb: Optional[torch.Tensor], additional_keys: Optional[torch.Tensor],
               additional_values: Optional[torch.Tensor], kernel_size: List[int],
               dilation: List[int], stride: List[int], is_causal: List[bool],
-              scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                     torch.Tensor, torch.Tensor]:
+              scale: float, rpb_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                     torch.Tensor, torch.Tensor, torch.Tensor]:
     g = geometry(query, kernel_size, dilation, stride, is_causal)
     return backward(dout, dlse, query, key, value, out, lse, rpb, additional_keys,
-                    additional_values, g, scale)
+                    additional_values, g, scale, rpb_grad)
 
 
 @na_bwd_op.register_fake
 def _(dout, dlse, query, key, value, out, lse, rpb, additional_keys, additional_values,
-      kernel_size, dilation, stride, is_causal, scale):
+      kernel_size, dilation, stride, is_causal, scale, rpb_grad):
     def like(t):
         return t.new_empty(t.shape) if t is not None else query.new_empty(0)
-    return (like(query), like(key), like(value), like(rpb), like(additional_keys),
-            like(additional_values))
+    return (like(query), like(key), like(value), like(rpb if rpb_grad else None),
+            like(additional_keys), like(additional_values))
 
 
 def _setup_context(ctx, inputs, output):
@@ -439,9 +442,10 @@ def _backward(ctx, dout, dlse):
                 None, None, None, None, None)
     if dout is None:
         dout = torch.zeros_like(out)
+    rpb_grad = rpb is not None and ctx.needs_input_grad[3]
     dq, dk, dv, drpb, dek, dev = na_bwd_op(dout, dlse, query, key, value, out, lse, rpb, ek,
-                                           ev, *ctx.params)
-    return (dq, dk, dv, drpb if rpb is not None else None, dek if ek is not None else None,
+                                           ev, *ctx.params, rpb_grad)
+    return (dq, dk, dv, drpb if rpb_grad else None, dek if ek is not None else None,
             dev if ev is not None else None, None, None, None, None, None)
 
 
@@ -466,7 +470,7 @@ def _fwd_flop_params(query, key, value, rpb, ek, ev, *geometry):
 
 
 def _bwd_flop_params(dout, dlse, query, key, value, out, lse, rpb, ek, ev, *geometry):
-    return _params(query, key, rpb, ek, *geometry)
+    return _params(query, key, rpb, ek, *geometry[:-1])  # the last: rpb_grad
 
 
 register_flop_formula(torch.ops.natkit.triton_na_fwd, _fwd_flop_params, False)
