@@ -201,6 +201,29 @@ def test_torch_compile_fullgraph_with_gradients():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
+def test_frozen_rpb_skips_its_gradient(monkeypatch):
+    """A bias that needs no gradient is not accumulated in the backward kernel (its output
+    is empty), and the other gradients match the reference, also compiled."""
+    gen = torch.Generator().manual_seed(5)
+    leaves = [torch.randn(2, 9, 10, 4, 8, generator=gen).requires_grad_() for _ in range(3)]
+    rpb = torch.randn(4, 5, 5, generator=gen)
+    want = torch.autograd.grad(natkit.na2d(*leaves, 3, rpb=rpb, backend="reference").square()
+                               .sum(), leaves)
+    drpb_sizes = []
+    op = cpu_backend._backward_op
+    monkeypatch.setattr(cpu_backend, "_backward_op",
+                        lambda *a: (lambda g: drpb_sizes.append(g[3].numel()) or g)(op(*a)))
+
+    def fn(q, k, v, rpb):
+        return natkit.na2d(q, k, v, 3, rpb=rpb, backend="cpu")
+    torch._dynamo.reset()
+    for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+        got = torch.autograd.grad(f(*leaves, rpb).square().sum(), leaves)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert drpb_sizes == [0, 0]
+
+
 def test_thread_count_independence():
     """Each (batch, kv_head) task runs on one thread and nothing is reduced across
     threads in a schedule-dependent order, so 1 and 2 threads give identical bits."""

@@ -165,31 +165,35 @@ def _(query, key, value, rpb, extra_k, extra_v, cfg, scale):
 def _backward_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  rpb: Optional[torch.Tensor], extra_k: Optional[torch.Tensor],
                  extra_v: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
-                 grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], cfg: list[int],
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                        torch.Tensor, torch.Tensor]:
-    """float32 ``(dq, dk, dv, drpb, dek, dev)``; an absent input's gradient is an empty
-    tensor. (A fixed tuple of tensors, not a list: PyTorch's generic batching fallback,
-    which ``autograd.grad(is_grads_batched=True)`` needs, handles only tensor returns.)"""
+                 grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], rpb_grad: bool,
+                 cfg: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor,
+                                                        torch.Tensor, torch.Tensor,
+                                                        torch.Tensor, torch.Tensor]:
+    """float32 ``(dq, dk, dv, drpb, dek, dev)``; an absent input's gradient, and ``drpb``
+    without ``rpb_grad`` (a frozen bias skips its accumulation), is an empty tensor. (A
+    fixed tuple of tensors, not a list: PyTorch's generic batching fallback, which
+    ``autograd.grad(is_grads_batched=True)`` needs, handles only tensor returns.)"""
     p = _decode(cfg, scale)
     mod, (q, k, v, table, ek, ev, tables, kd, scale_, nblk, geo) = _prepare(
         query, key, value, rpb, extra_k, extra_v, p)
     g = grad_out.to(torch.float32).contiguous().view(out.shape)
     gl = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
     dq, dk, dv, drpb, dek, dev = mod.na_backward(q, k, v, table, ek, ev, tables, kd, scale_,
-                                                 out, lse, g, gl, nblk, geo)
+                                                 out, lse, g, gl, nblk, geo, rpb_grad)
     return (dq, dk, dv, *(q.new_empty(0) if g is None else g.sum(0) for g in (drpb, dek, dev)))
 
 
 @_backward_op.register_fake
-def _(query, key, value, rpb, extra_k, extra_v, out, lse, grad_out, grad_lse, cfg, scale):
+def _(query, key, value, rpb, extra_k, extra_v, out, lse, grad_out, grad_lse, rpb_grad, cfg,
+      scale):
     p = _decode(cfg, scale)
     def empty(*shape):
         return query.new_empty(shape, dtype=torch.float32)
     kv = (p.batch, p.num_tokens, p.kv_heads, p.head_dim)
     extra = (0,) if extra_k is None else tuple(extra_k.shape)
     return (empty(p.batch, p.num_tokens, p.heads, p.head_dim), empty(*kv), empty(*kv),
-            empty(0) if rpb is None else empty(p.heads, rpb[0].numel()), empty(*extra),
+            empty(p.heads, rpb[0].numel()) if rpb is not None and rpb_grad else empty(0),
+            empty(*extra),
             empty(*extra))
 
 
@@ -208,9 +212,10 @@ def _backward(ctx, grad_out, grad_lse):
                                        grad_lse), None, None)
     if grad_out is None:
         grad_out = torch.zeros_like(out)
+    rpb_grad = rpb is not None and ctx.needs_input_grad[3]
     grads = _backward_op(query, key, value, rpb, extra_k, extra_v, out, lse, grad_out,
-                         grad_lse, ctx.cfg, ctx.scale)
-    inputs = (query, key, value, rpb, extra_k, extra_v)
+                         grad_lse, rpb_grad, ctx.cfg, ctx.scale)
+    inputs = (query, key, value, rpb if rpb_grad else None, extra_k, extra_v)
     return (*(None if t is None else g.view(t.shape).to(t.dtype)
               for g, t in zip(grads, inputs)), None, None)
 

@@ -620,20 +620,21 @@ std::vector<torch::Tensor> na_forward(torch::Tensor q, torch::Tensor k, torch::T
   return {out, lse};
 }
 
-// grads: dq, dk, dv, drpb [B, H, Rt] (summed over batch by the caller), dek, dev
+// grads: dq, dk, dv, drpb [B, H, Rt] (summed over batch by the caller; only with rpb_grad),
+// dek, dev
 std::vector<std::optional<torch::Tensor>> na_backward(
     torch::Tensor q, torch::Tensor k, torch::Tensor v, std::optional<torch::Tensor> rpb_o,
     std::optional<torch::Tensor> ek_o, std::optional<torch::Tensor> ev_o,
     std::vector<torch::Tensor> tables, std::vector<int64_t> kd, double scale, torch::Tensor out,
     torch::Tensor lse, torch::Tensor dout, std::optional<torch::Tensor> dlse_o, int64_t nblk,
-    std::vector<int64_t> geo) {
+    std::vector<int64_t> geo, bool rpb_grad) {
   torch::Tensor rpb = opt(rpb_o), ek = opt(ek_o), ev = opt(ev_o), dlse = opt(dlse_o);
   const int64_t E = ek.defined() ? ek.size(1) : 0;
   Prob p = make_prob(geo, tables, kd, rpb, E);
   auto dq = torch::empty({p.B, p.N, p.H, p.D}, q.options());
   auto dk = torch::empty({p.B, p.N, p.Hk, p.D}, q.options()), dv = torch::empty_like(dk);
   torch::Tensor drpb, dek, dev;
-  if (p.rpb) drpb = torch::zeros({p.B * nblk, p.H, p.Rt}, q.options());
+  if (p.rpb && rpb_grad) drpb = torch::zeros({p.B * nblk, p.H, p.Rt}, q.options());
   if (E) { dek = torch::empty({nblk, p.B, E, p.Hk, p.D}, q.options()); dev = torch::empty_like(dek); }
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float *opp = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
@@ -642,7 +643,7 @@ std::vector<std::optional<torch::Tensor>> na_backward(
   const float* ekp = E ? ek.data_ptr<float>() : nullptr;
   const float* evp = E ? ev.data_ptr<float>() : nullptr;
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
-  float* drp = p.rpb ? drpb.data_ptr<float>() : nullptr;
+  float* drp = drpb.defined() ? drpb.data_ptr<float>() : nullptr;
   float* dekp = E ? dek.data_ptr<float>() : nullptr;
   float* devp = E ? dev.data_ptr<float>() : nullptr;
   const float qmul = (float)scale * LOG2E;
@@ -711,7 +712,7 @@ std::vector<std::optional<torch::Tensor>> na_backward(
           std::fill(acc, acc + (size_t)p.D * VL, 0.f);
           for_key_rows(Z, Y, X, z, y, [&](int rowoff, int rbias) {
             const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + rbias : nullptr;
-            c.drpb_row = p.rpb ? drp + (((size_t)b * nblk + blk) * p.H + h) * p.Rt + rbias : nullptr;
+            c.drpb_row = drp ? drp + (((size_t)b * nblk + blk) * p.H + h) * p.Rt + rbias : nullptr;
             for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
               run_chunk(ln, rowoff, X.dil, t0, std::min(CH, ln.tmax - t0),
                         [&]<int NJ, int MODE>(const Src& src, const vi* ok) {
