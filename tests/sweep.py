@@ -31,14 +31,18 @@ class Config:
                     is_causal=self.is_causal)
 
 
-def random_config(rng: random.Random, nd: int | None = None, max_tokens: int = 400) -> Config:
+def random_config(rng: random.Random, nd: int | None = None, max_tokens: int = 400,
+                  wide: bool = False) -> Config:
     """A random valid configuration: odd/even kernels, dilation, stride, causal, RPB, extra KV,
-    GQA, sizes that are not multiples of anything in particular."""
+    GQA, sizes that are not multiples of anything in particular. ``wide`` (the CPU kernel's
+    sweep) also draws long last dimensions that straddle SIMD widths, 1-D kernels up to 9,
+    head dims 13 and 32, up to 3 query heads per kv head and up to 9 extra tokens."""
     nd = nd or rng.choice((1, 2, 3))
     while True:
-        kernel = tuple(rng.randint(2, 7 if nd == 1 else 5) for _ in range(nd))
+        kernel = tuple(rng.randint(2, (9 if wide else 7) if nd == 1 else 5) for _ in range(nd))
         dil = tuple(rng.choice((1, 1, 2, 3)) for _ in range(nd))
-        spatial = tuple(k * d + rng.randint(0, 6) for k, d in zip(kernel, dil))
+        spatial = tuple(k * d + rng.randint(0, 23 if wide and i == nd - 1 else 6)
+                        for i, (k, d) in enumerate(zip(kernel, dil)))
         if torch.Size(spatial).numel() <= max_tokens:
             break
     stride = tuple(rng.randint(1, k) if rng.random() < 0.5 else 1 for k in kernel)
@@ -46,16 +50,18 @@ def random_config(rng: random.Random, nd: int | None = None, max_tokens: int = 4
     rpb = all(k % 2 for k in kernel) and not any(causal) and rng.random() < 0.5
     kv_heads = rng.choice((1, 2))
     return Config(spatial, kernel, dil, stride, causal, batch=rng.choice((1, 2)),
-                  heads=kv_heads * rng.choice((1, 2)), kv_heads=kv_heads,
-                  head_dim=rng.choice((4, 8, 12)), rpb=rpb,
-                  num_extra=rng.choice((0, 0, 1, 3)))
+                  heads=kv_heads * rng.choice((1, 2, 3) if wide else (1, 2)), kv_heads=kv_heads,
+                  head_dim=rng.choice((4, 8, 13, 32) if wide else (4, 8, 12)), rpb=rpb,
+                  num_extra=rng.choice((0, 0, 1, 3, 9) if wide else (0, 0, 1, 3)))
 
 
-def make_inputs(cfg: Config, dtype=torch.float64, device="cpu", requires_grad=True) -> dict:
-    """Random leaf tensors for ``cfg``: query, key, value, rpb, additional_keys/values."""
+def make_inputs(cfg: Config, dtype=torch.float64, device="cpu", requires_grad=True,
+                generator: torch.Generator | None = None) -> dict:
+    """Random leaf tensors for ``cfg``: query, key, value, rpb, additional_keys/values (drawn
+    from ``generator``, a CPU generator, if given)."""
     def t(*shape, scale=1.0):
-        x = (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
-        return x.requires_grad_(requires_grad)
+        x = torch.randn(*shape, dtype=torch.float64, generator=generator) * scale
+        return x.to(device=device, dtype=dtype).requires_grad_(requires_grad)
     b, h, hk, d = cfg.batch, cfg.heads, cfg.kv_heads, cfg.head_dim
     out = dict(query=t(b, *cfg.spatial, h, d), key=t(b, *cfg.spatial, hk, d),
                value=t(b, *cfg.spatial, hk, d), rpb=None, additional_keys=None,

@@ -6,7 +6,6 @@ The first test to run compiles the kernel (about 25 s on a 2-core machine; cache
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import subprocess
@@ -19,7 +18,7 @@ import natkit
 from natkit._checks import check_inputs
 from natkit.backends import choose_backend
 from natkit.backends.reference import na_reference
-from sweep import assert_fa_close, grads
+from sweep import Config, assert_fa_close, grads, make_inputs, params, random_config
 
 import natkit.backends.cpu as cpu_backend
 from natkit.backends.cpu import _build
@@ -31,61 +30,15 @@ if _build.build_error() is not None:  # pragma: no cover - CI has a compiler
                 pytrace=False)
 
 
-def random_config(rng: random.Random, nd=None, max_tokens=400):
-    """A random valid call: 1-3 dims, odd/even kernels, dilation, stride, causal, RPB,
-    extra KV, GQA; sizes are deliberately not multiples of the SIMD width."""
-    nd = nd or rng.choice((1, 2, 3))
-    while True:
-        kernel = tuple(rng.randint(2, 9 if nd == 1 else 5) for _ in range(nd))
-        dil = tuple(rng.choice((1, 1, 2, 3)) for _ in range(nd))
-        spatial = tuple(k * d + rng.randint(0, 23 if i == nd - 1 else 6)
-                        for i, (k, d) in enumerate(zip(kernel, dil)))
-        if math.prod(spatial) <= max_tokens:
-            break
-    stride = tuple(rng.randint(1, k) if rng.random() < 0.4 else 1 for k in kernel)
-    causal = tuple(rng.random() < 0.3 for _ in range(nd))
-    rpb = all(k % 2 for k in kernel) and not any(causal) and rng.random() < 0.5
-    kv_heads = rng.choice((1, 2))
-    return dict(spatial=spatial, kernel_size=kernel, dilation=dil, stride=stride,
-                is_causal=causal, rpb=rpb, batch=rng.choice((1, 2)),
-                heads=kv_heads * rng.choice((1, 2, 3)), kv_heads=kv_heads,
-                head_dim=rng.choice((4, 8, 13, 32)), num_extra=rng.choice((0, 0, 1, 3, 9)))
-
-
-def make_inputs(cfg, gen: torch.Generator):
-    """float64 leaves: query, key, value, rpb, additional_keys, additional_values."""
-    b, h, hk, d = cfg["batch"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
-
-    def t(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).requires_grad_()
-    out = dict(query=t(b, *cfg["spatial"], h, d), key=t(b, *cfg["spatial"], hk, d),
-               value=t(b, *cfg["spatial"], hk, d), rpb=None, additional_keys=None,
-               additional_values=None)
-    if cfg["rpb"]:
-        out["rpb"] = t(h, *(2 * k - 1 for k in cfg["kernel_size"]), scale=0.5)
-    if cfg["num_extra"]:
-        out["additional_keys"] = t(b, cfg["num_extra"], hk, d)
-        out["additional_values"] = t(b, cfg["num_extra"], hk, d)
-    return out
-
-
 def cast(inputs, dtype):
     return {n: None if v is None else v.detach().to(dtype).requires_grad_()
             for n, v in inputs.items()}
 
 
-def params(cfg, inputs):
-    return check_inputs(len(cfg["spatial"]), inputs["query"], inputs["key"], inputs["value"],
-                        cfg["kernel_size"], cfg["dilation"], cfg["stride"], cfg["is_causal"],
-                        inputs["rpb"], None, inputs["additional_keys"],
-                        inputs["additional_values"])
-
-
-def run_cpu(cfg, inputs):
+def run_cpu(cfg: Config, inputs):
     return natkit.neighborhood_attention(
-        inputs["query"], inputs["key"], inputs["value"], kernel_size=cfg["kernel_size"],
-        dilation=cfg["dilation"], stride=cfg["stride"], is_causal=cfg["is_causal"],
-        rpb=inputs["rpb"], additional_keys=inputs["additional_keys"],
+        inputs["query"], inputs["key"], inputs["value"], **cfg.kwargs(), rpb=inputs["rpb"],
+        additional_keys=inputs["additional_keys"],
         additional_values=inputs["additional_values"], return_lse=True, backend="cpu")
 
 
@@ -97,7 +50,7 @@ def run_ref(cfg, inputs, upcast=True):
 
 def check_against_reference(cfg, dtype, seed, rel_floor):
     gen = torch.Generator().manual_seed(seed)
-    inputs = cast(make_inputs(cfg, gen), dtype)
+    inputs = cast(make_inputs(cfg, generator=gen), dtype)
     exact = cast(inputs, torch.float64)  # the same (rounded) inputs: FlashAttention's rule
     out, lse = run_cpu(cfg, inputs)
     assert out.dtype == dtype and out.shape == inputs["query"].shape
@@ -121,7 +74,7 @@ def check_against_reference(cfg, dtype, seed, rel_floor):
 
 @pytest.mark.parametrize("seed", range(SWEEP))
 def test_matches_reference_float32(seed):
-    cfg = random_config(random.Random(seed))
+    cfg = random_config(random.Random(seed), wide=True)
     check_against_reference(cfg, torch.float32, seed, rel_floor=2e-5)
 
 
@@ -130,7 +83,7 @@ def test_matches_reference_float32(seed):
 def test_half_precision_inputs(seed, dtype):
     """Half inputs are computed in float32: error at most twice the reference's own
     half-precision error plus a small floor."""
-    cfg = random_config(random.Random(5000 + seed))
+    cfg = random_config(random.Random(5000 + seed), wide=True)
     check_against_reference(cfg, dtype, seed, rel_floor=1e-4)
 
 
@@ -139,8 +92,8 @@ def test_matches_reference_split_into_blocks(seed, monkeypatch):
     """Small (batch, kv_head) counts split each grid into row blocks (1-D: tile blocks);
     forced here on small inputs."""
     monkeypatch.setattr(cpu_backend, "MIN_BLOCK_TOKENS", 1)
-    cfg = random_config(random.Random(9000 + seed))
-    p = params(cfg, make_inputs(cfg, torch.Generator().manual_seed(0)))
+    cfg = random_config(random.Random(9000 + seed), wide=True)
+    p = params(cfg, make_inputs(cfg, generator=torch.Generator().manual_seed(0)))
     assert cpu_backend._blocks(p, _build.load().lanes()) > 1 or p.num_tokens < 2 * 16
     check_against_reference(cfg, torch.float32, seed, rel_floor=2e-5)
 
@@ -149,11 +102,12 @@ def test_matches_reference_split_into_blocks(seed, monkeypatch):
 def test_large_tiles_and_long_rows(nd):
     """Rows much longer than the SIMD width (contiguous tiles in the interior), big kernel;
     big enough to be split into blocks with the default settings."""
-    cfg = dict(spatial=((2100,), (19, 140), (5, 6, 81))[nd - 1],
-               kernel_size=((33,), (7, 9), (3, 5, 7))[nd - 1], dilation=((2,), (2, 1), (1, 1, 3))[nd - 1],
-               stride=(1,) * nd, is_causal=(False,) * nd, rpb=True, batch=1, heads=2,
-               kv_heads=1, head_dim=32, num_extra=2)
-    p = params(cfg, make_inputs(cfg, torch.Generator().manual_seed(0)))
+    cfg = Config(spatial=((2100,), (19, 140), (5, 6, 81))[nd - 1],
+                 kernel_size=((33,), (7, 9), (3, 5, 7))[nd - 1],
+                 dilation=((2,), (2, 1), (1, 1, 3))[nd - 1], stride=(1,) * nd,
+                 is_causal=(False,) * nd, rpb=True, batch=1, heads=2, kv_heads=1, head_dim=32,
+                 num_extra=2)
+    p = params(cfg, make_inputs(cfg, generator=torch.Generator().manual_seed(0)))
     assert cpu_backend._blocks(p, _build.load().lanes()) > 1
     check_against_reference(cfg, torch.float32, 7, rel_floor=2e-5)
 
@@ -227,11 +181,11 @@ def test_frozen_rpb_skips_its_gradient(monkeypatch):
 def test_thread_count_independence():
     """Each (batch, kv_head) task runs on one thread and nothing is reduced across
     threads in a schedule-dependent order, so 1 and 2 threads give identical bits."""
-    cfg = dict(spatial=(33, 67), kernel_size=(5, 7), dilation=(1, 2), stride=(1, 2),
-               is_causal=(False, False), rpb=True, batch=2, heads=4, kv_heads=2, head_dim=16,
-               num_extra=2)  # 4 (batch, kv_head) pairs -> split into blocks
+    cfg = Config(spatial=(33, 67), kernel_size=(5, 7), dilation=(1, 2), stride=(1, 2),
+                 is_causal=(False, False), rpb=True, batch=2, heads=4, kv_heads=2, head_dim=16,
+                 num_extra=2)  # 4 (batch, kv_head) pairs -> split into blocks
     gen = torch.Generator().manual_seed(0)
-    exact = make_inputs(cfg, gen)
+    exact = make_inputs(cfg, generator=gen)
     g_out = torch.randn(exact["query"].shape, generator=gen)
     results = []
     before = torch.get_num_threads()
@@ -268,9 +222,9 @@ def test_forward_allocates_no_score_tensor():
 def test_flop_counter_counts_the_attended_pairs(seed):
     """torch.utils.flop_counter counts the fused ops' forward and backward as SDPA's
     convention does over the attended pairs (not 0, as for an unknown custom op)."""
-    from sweep import counted_flops, random_config as sweep_config
+    from sweep import counted_flops
     forward, backward, want_forward, want_backward = counted_flops(
-        sweep_config(random.Random(6000 + seed)), "cpu")
+        random_config(random.Random(6000 + seed)), "cpu")
     assert (forward, backward) == (want_forward, want_backward)
 
 
