@@ -12,8 +12,10 @@ Prints a table last and writes every number to a CSV.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
+import os
 import sys
 
 import torch
@@ -25,6 +27,18 @@ from natkit.bench.flex import FlexNA
 from natkit.bench.timing import peak_memory_mb, time_ms
 from natkit.backends.triton import configs
 from natkit.backends.triton.work import tile_work
+
+@contextlib.contextmanager
+def deterministic():
+    """``torch.use_deterministic_algorithms(True)`` inside the block (natkit's Triton backend
+    then runs its default configs and sums the rpb gradient without atomics)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
 
 # name, batch, spatial, heads, dim, kernel, passes, rpb variants
 SHAPES = [
@@ -182,6 +196,10 @@ def main():
                         with configs.override(drpb=scheme):
                             bench(name, rpb, pas, f"natkit_{scheme}", nat, inputs, f,
                                   note=lambda: tile_note(spatial, kernel, b, h, pas, rpb))
+                if pas == "fwd+bwd" and not large:  # torch.use_deterministic_algorithms
+                    with deterministic():
+                        bench(name, rpb, pas, "natkit_deterministic", nat, inputs, f,
+                              note=lambda: tile_note(spatial, kernel, b, h, pas, rpb))
                 if not large:
                     bias = relative_bias_table(table.detach(), kernel).requires_grad_() if rpb else None
                     win_in = (q, k, v, bias) if rpb else (q, k, v)
@@ -220,7 +238,10 @@ def main():
                 full = min(fulls) if fulls else None
                 impls = ["natkit"] + ([f"natkit_{s}" for s in configs.DRPB_SCHEMES]
                                       if rpb and pas == "fwd+bwd" else [])
-                for impl in impls:  # the autotuned run, then each rpb-gradient scheme forced
+                if pas == "fwd+bwd" and get(name, rpb, pas, "natkit_deterministic"):
+                    impls.append("natkit_deterministic")
+                for impl in impls:  # the autotuned run, each rpb-gradient scheme forced, and
+                    # deterministic mode (default configs, the rpb gradient without atomics)
                     nat = get(name, rpb, pas, impl)
                     label = name if impl == "natkit" else f"{name} ({impl[7:]})"
                     summary.append(dict(
