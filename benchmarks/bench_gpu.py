@@ -12,33 +12,20 @@ Prints a table last and writes every number to a CSV.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import math
-import os
 import sys
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import natkit
+from natkit._determinism import deterministic
 from natkit.bench.baselines import full_attention, relative_bias_table, window_attention
 from natkit.bench.flex import FlexNA
 from natkit.bench.timing import peak_memory_mb, time_ms
 from natkit.backends.triton import configs
 from natkit.backends.triton.work import tile_work
-
-@contextlib.contextmanager
-def deterministic():
-    """``torch.use_deterministic_algorithms(True)`` inside the block (natkit's Triton backend
-    then runs its default configs and sums the rpb gradient without atomics)."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(False)
-
 
 # name, batch, spatial, heads, dim, kernel, passes, rpb variants
 SHAPES = [

@@ -10,7 +10,6 @@ compiling kernel variants, so the sweep is split into ``NATKIT_TRITON_SHARDS`` t
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import sys
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 import natkit
+from natkit._determinism import deterministic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from sweep import Config, make_inputs  # noqa: E402
@@ -55,19 +55,6 @@ def gpu_config(rng: random.Random) -> Config:
 
 SWEEP = int(os.environ.get("NATKIT_TRITON_SWEEP", "320"))
 SHARDS = int(os.environ.get("NATKIT_TRITON_SHARDS", "8"))
-
-
-@contextlib.contextmanager
-def deterministic(on: bool):
-    """``torch.use_deterministic_algorithms(on)`` inside the block."""
-    before = torch.are_deterministic_algorithms_enabled()
-    if on:  # cuBLAS (the reference's matmuls) refuses deterministic mode without it
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(on)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 def sweep(seed: int, count: int, dtype, shard: int):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._determinism import restored, set_deterministic
 from . import checkpoint as ckpt_io
 from . import distributed
 from .common import (CLIError, autocast_dtype, build_model, check_number, check_writable,
@@ -211,22 +212,12 @@ def _kill_step() -> int:
 
 def run(args: argparse.Namespace) -> int:
     d = distributed.setup(args.device)
-    before = (torch.are_deterministic_algorithms_enabled(),
-              torch.is_deterministic_algorithms_warn_only_enabled())
     try:
-        return _train(args, d)
-    finally:  # the process may go on (tests, notebooks): leave the mode as it was
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        # --deterministic: the process may go on (tests, notebooks), so the mode is restored
+        with restored():
+            return _train(args, d)
+    finally:
         distributed.cleanup()
-
-
-def set_deterministic(on: bool) -> None:
-    """``--deterministic``: PyTorch's deterministic algorithms, and the cuBLAS workspace
-    setting they require on CUDA (read when cuBLAS starts: before the first matmul)."""
-    if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(on)
 
 
 def _train(args, d: distributed.Dist) -> int:
