@@ -176,8 +176,7 @@ def drpb_layout(g: Geometry, cfg: configs.TileConfig, batch: int, heads: int,
     the splits are sized by those: about 16 warps per SM of ``sms``."""
     offsets, slots = [], []
     for dim in zip(g.L, g.K, g.S, g.D, g.C, cfg.q_tile, cfg.k_tile):
-        origin, _ = configs.drpb_shifts(dim[1], dim[5], dim[6])
-        met = [(origin + u * dim[6], s) for u, s in enumerate(work.drpb_slots_1d(*dim)) if s]
+        met = [(o, s) for o, s in work.drpb_slots_1d(*dim) if s]
         offsets.append(tuple(o for o, _ in met))
         slots.append(tuple(s for _, s in met))
     busy = math.prod(-(-(bq + k - 1) // bk) for k, bq, bk in zip(g.K, cfg.q_tile, cfg.k_tile))

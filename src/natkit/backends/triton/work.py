@@ -100,30 +100,32 @@ def _key_tiles_1d(length, kernel, stride, dilation, causal, bq, bk) -> tuple[int
 
 
 @lru_cache(maxsize=1024)
-def drpb_slots_1d(length, kernel, stride, dilation, causal, bq, bk) -> tuple[tuple[int, ...], ...]:
-    """One dimension of the dRPB kernel's work items: for each key-tile shift ``u``
-    (``configs.drpb_shifts``: key tiles ``origin + u * bk`` tokens from the query tile), the
-    query-tile slots (``tile index * dilation + group``, as ``window.tile_slot`` numbers
-    them) whose window box meets that key tile. An item meets a 3-D shift exactly when its
-    slot meets it in every dimension, so the kernel's items are products of these lists."""
+def drpb_slots_1d(length, kernel, stride, dilation, causal, bq, bk) -> tuple:
+    """One dimension of the dRPB kernel's work items: for each key-tile shift
+    (``configs.drpb_shifts``: key tiles ``origin + u * bk`` tokens from the query tile),
+    ``(offset, slots)``: its offset from the query tile and the query-tile slots
+    (``tile index * dilation + group``, as ``window.tile_slot`` numbers them) whose window
+    box meets that key tile. An item meets a 3-D shift exactly when its slot meets it in
+    every dimension, so the kernel's items are products of these lists."""
     origin, count = drpb_shifts(kernel, bq, bk)
-    slots = [[] for _ in range(count)]
+    offsets = [origin + u * bk for u in range(count)]
+    slots = [[] for _ in offsets]
     for g, lg in enumerate(_group_lengths(length, dilation)):
         start, end = _windows(lg, kernel, stride, causal)
         for a in range(0, lg, bq):
             lo, hi = start[a], min(end[min(a + bq, lg) - 1], lg)
-            for u in range(count):
-                if a + origin + u * bk < hi and a + origin + (u + 1) * bk > lo:
+            for u, o in enumerate(offsets):
+                if a + o < hi and a + o + bk > lo:
                     slots[u].append(a // bq * dilation + g)
-    return tuple(tuple(sorted(s)) for s in slots)
+    return tuple((o, tuple(sorted(s))) for o, s in zip(offsets, slots))
 
 
 def _drpb_tiles_1d(length, kernel, stride, dilation, causal, bq, bk) -> tuple[int, int, int]:
     """One dimension, the dRPB kernel: ``(tiles, key tiles, 0)``, the key tiles being, per
     query tile, the shifts it meets (every pair is masked there)."""
     tiles = sum(-(-lg // bq) for lg in _group_lengths(length, dilation))
-    slots = drpb_slots_1d(length, kernel, stride, dilation, causal, bq, bk)
-    return tiles, sum(len(s) for s in slots), 0
+    shifts = drpb_slots_1d(length, kernel, stride, dilation, causal, bq, bk)
+    return tiles, sum(len(s) for _, s in shifts), 0
 
 
 def _useful_1d(length, kernel, stride, dilation, causal) -> int:
