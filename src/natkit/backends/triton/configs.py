@@ -121,11 +121,11 @@ _TABLE: dict[tuple[str, bool, int], str] = {
     ("dkdv", True, 128): "4x4/2x8 w4 s2, 2x8/8x8 w4 s2, 4x4/4x8 w4 s2",
     ("dkdv", False, 256): "4x4/2x8 w4 s1",
     ("dkdv", True, 256): "4x4/2x8 w4 s1",
-    # the dRPB kernel's loads sit under the per-item branch (items whose keys miss the
-    # program's key tile skip everything), so there is no pipelining to ask for: one stage.
+    # the dRPB kernel: one stage, chosen when its loads sat under a per-item skip branch
+    # (there was nothing to pipeline; the branch is gone since, two stages are untried).
     # Head dim 32 defaults to the lowest static bound at NAT-Tiny stages 1 and 3 (2x8/2x16:
-    # 0.057 / 0.016 ms vs 0.080 / 0.027 for 4x8/4x8), larger ones to 4x8/4x8 (2-D 128² k13:
-    # 0.135 ms vs 0.213-0.217 for the others)
+    # 0.058 / 0.016 ms vs 0.078 / 0.026 for 4x8/4x8), larger ones to 4x8/4x8 (2-D 128² k13:
+    # 0.135 ms vs 0.213-0.217 for the others, measured with the branch)
     ("drpb", True, 32): "2x8/2x16 w1 s1, 4x8/4x8 w2 s1, 8x8/8x8 w4 s1",
     ("drpb", True, 64): "4x8/4x8 w4 s1, 8x8/8x8 w4 s1, 2x8/2x16 w2 s1",
     ("drpb", True, 128): "4x8/4x8 w4 s1, 4x8/2x8 w4 s1, 2x8/2x16 w4 s1",
