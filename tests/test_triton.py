@@ -14,6 +14,7 @@ import torch
 
 import natkit
 from natkit._checks import check_inputs
+from natkit._determinism import restored
 from natkit.backends.reference import na_reference
 from sweep import Config, assert_fa_close, grads, make_inputs, params
 
@@ -200,12 +201,10 @@ def test_can_run_reasons(monkeypatch):
 @pytest.fixture
 def deterministic(monkeypatch):
     """``torch.use_deterministic_algorithms`` for one test: yields its setter."""
-    before = (torch.are_deterministic_algorithms_enabled(),
-              torch.is_deterministic_algorithms_warn_only_enabled())
     # cuBLAS (the reference's matmuls) refuses deterministic mode without this
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    yield torch.use_deterministic_algorithms
-    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    with restored():
+        yield torch.use_deterministic_algorithms
 
 
 def test_deterministic_mode(deterministic, monkeypatch):
