@@ -6,7 +6,13 @@ TFLOP/s (attended pairs only: 4·B·H·N·K·D forward, 3.5x that for forward+ba
 ratios against the baselines, the FLOP bound on the large shapes, and peak extra memory.
 Prints a table last and writes every number to a CSV.
 
-    PYTHONPATH=src python benchmarks/bench_gpu.py --csv bench_gpu.csv [--quick]
+    PYTHONPATH=src python benchmarks/bench_gpu.py --csv bench_gpu.csv [--only s1,s3]
+
+``--smoke`` runs every code path of the script on tiny shapes with one timed repetition:
+on a GPU, or on the CPU with the Triton kernels in Triton's interpreter
+(``TRITON_INTERPRET=1 NATKIT_TRITON_ON_CPU=1 ... --smoke --dtype float16``; full attention
+then uses SDPA's math kernel). The test suite runs it that way, so that the script works
+the first time a GPU is lent.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import sys
 
 import torch
@@ -24,6 +31,7 @@ from natkit._determinism import deterministic
 from natkit.bench.baselines import full_attention, relative_bias_table, window_attention
 from natkit.bench.flex import FlexNA
 from natkit.bench.timing import peak_memory_mb, time_ms
+import natkit.backends.triton as triton_backend
 from natkit.backends.triton import configs
 from natkit.backends.triton.work import tile_work
 
@@ -37,6 +45,19 @@ SHAPES = [
     ("2D FLUX k80", 1, (256, 256), 24, 128, (80, 80), ("fwd",), (False,)),
     ("3D video", 1, (30, 48, 80), 24, 128, (18, 24, 24), ("fwd",), (False,)),
 ]
+
+# --smoke: the same kinds of rows (batched with both rpb variants and both passes; b == 1
+# "large" shapes of every rank) at sizes Triton's interpreter runs in seconds
+SMOKE_SHAPES = [
+    ("smoke 2D", 2, (9, 10), 1, 16, (3, 3), ("fwd", "fwd+bwd"), (False, True)),
+    ("smoke 1D", 1, (24,), 2, 16, (5,), ("fwd", "fwd+bwd"), (False,)),
+    ("smoke 3D", 1, (4, 5, 6), 1, 16, (3, 2, 3), ("fwd",), (False,)),
+]
+
+
+def empty_cache():
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def fwd_flops(b, spatial, h, d, kernel):
@@ -60,8 +81,12 @@ def make(fn_fwd, inputs, bwd: bool):
     return run
 
 
+SDPA_KERNELS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "math": SDPBackend.MATH}
+
+
 def full_sdpa(kind):
-    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[kind]
+    backend = SDPA_KERNELS[kind]
 
     def fn(q, k, v):
         with sdpa_kernel(backend):
@@ -69,15 +94,25 @@ def full_sdpa(kind):
     return fn
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--csv", default="bench_gpu.csv")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--only", default="", help="comma-separated substrings of shape names")
     ap.add_argument("--no-flex", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes, one repetition (on the CPU: Triton's interpreter)")
+    args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    dev = "cuda"
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu" and not (args.smoke and triton_backend.interpreting()
+                             and os.environ.get("NATKIT_TRITON_ON_CPU") == "1"
+                             and dtype != torch.bfloat16):
+        ap.error("no CUDA device: only --smoke runs on the CPU, in Triton's interpreter "
+                 "(TRITON_INTERPRET=1 NATKIT_TRITON_ON_CPU=1, --dtype float16 or float32)")
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    full_kinds = ("cudnn", "flash") if dev == "cuda" else ("math",)
+    reps = dict(warmup=0, reps=1) if args.smoke else {}
     rows = []
 
     fields = ["shape", "rpb", "pass_", "impl", "ms", "tflops", "peak_mb", "note"]
@@ -120,18 +155,18 @@ def main():
     def bench(shape, rpb, pas, impl, fn, inputs, flops, memory=True, note=None):
         try:
             run = make(fn, inputs, pas == "fwd+bwd")
-            ms = time_ms(run, dev)
+            ms = time_ms(run, dev, **reps)
             mem = peak_memory_mb(run, dev) if memory else None
             record(shape, rpb, pas, impl, ms, flops, mem, note() if note else "")
             return ms
         except Exception as err:  # noqa: BLE001 - a baseline failing (OOM) is a result
             msg = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
             record(shape, rpb, pas, impl, None, None, None, msg)
-            torch.cuda.empty_cache()
+            empty_cache()
             return None
 
     only = [s for s in args.only.split(",") if s]
-    for name, b, spatial, h, d, kernel, passes, rpbs in SHAPES:
+    for name, b, spatial, h, d, kernel, passes, rpbs in shapes:
         if only and not any(o in name for o in only):
             continue
         print(f"== {name}: B={b} spatial={spatial} heads={h} dim={d} kernel={kernel}", flush=True)
@@ -159,7 +194,8 @@ def main():
             flex = None
             if not args.no_flex:
                 try:
-                    flex = FlexNA(spatial, kernel, rpb=table.detach() if rpb else None, device=dev)
+                    flex = FlexNA(spatial, kernel, rpb=table.detach() if rpb else None,
+                                  device=dev)
                     qt, kt, vt = (flex.to_tiled(t.detach()).requires_grad_() for t in (q, k, v))
                     with torch.no_grad():
                         fo = flex.from_tiled(flex(qt, kt, vt))
@@ -170,7 +206,7 @@ def main():
                     record(name, rpb, "check", "flex", None, None, None,
                            f"{type(err).__name__}: {str(err).splitlines()[0][:80]}")
                     flex = None
-                    torch.cuda.empty_cache()
+                    empty_cache()
             del out
             for pas in passes:
                 f = flops * (3.5 if pas == "fwd+bwd" else 1.0)
@@ -196,13 +232,13 @@ def main():
                 if flex is not None:
                     bench(name, rpb, pas, "flex_na", flex, (qt, kt, vt), f)
                 if not rpb:
-                    for kind in ("cudnn", "flash"):
+                    for kind in full_kinds:
                         full_f = 4 * b * h * n * n * d * (3.5 if pas == "fwd+bwd" else 1.0)
                         bench(name, rpb, pas, f"full_{kind}", full_sdpa(kind), (q, k, v), full_f)
             del flex
-            torch.cuda.empty_cache()
+            empty_cache()
         del q, k, v
-        torch.cuda.empty_cache()
+        empty_cache()
 
     # derived: ratios and FLOP bound
     def get(shape, rpb, pas, impl):
@@ -212,7 +248,7 @@ def main():
         return None
 
     summary = []
-    for name, b, spatial, h, d, kernel, passes, rpbs in SHAPES:
+    for name, b, spatial, h, d, kernel, passes, rpbs in shapes:
         if only and not any(o in name for o in only):
             continue
         kfrac = math.prod(kernel) / math.prod(spatial)
@@ -220,8 +256,8 @@ def main():
             for pas in passes:
                 swin = get(name, rpb, pas, "swin_wsa")
                 flex = get(name, rpb, pas, "flex_na")
-                fulls = [x for x in (get(name, False, pas, "full_cudnn"),
-                                     get(name, False, pas, "full_flash")) if x]
+                fulls = [x for x in (get(name, False, pas, f"full_{kind}") for kind in full_kinds)
+                         if x]
                 full = min(fulls) if fulls else None
                 impls = ["natkit"] + ([f"natkit_{s}" for s in configs.DRPB_SCHEMES]
                                       if rpb and pas == "fwd+bwd" else [])
@@ -246,13 +282,15 @@ def main():
         w.writerows(summary)
 
     fmt = lambda x, f="{:.2f}": "–" if x is None else f.format(x)  # noqa: E731
-    print(f"\n{torch.cuda.get_device_name()}, {args.dtype}, torch {torch.__version__}")
+    times = lambda x: fmt(x, "{:.2f}x")  # noqa: E731
+    where = torch.cuda.get_device_name() if dev == "cuda" else "CPU (Triton interpreter)"
+    print(f"\n{where}, {args.dtype}, torch {torch.__version__}")
     print("| shape | rpb | pass | natkit ms | natkit / Swin | Flex / natkit | full / natkit | FLOP bound | % of bound |")
     print("|---|---|---|---|---|---|---|---|---|")
     for s in summary:
         print(f"| {s['shape']} | {'yes' if s['rpb'] else 'no'} | {s['pass_']} | "
-              f"{fmt(s['natkit_ms'], '{:.3f}')} | {fmt(s['vs_swin'])} | {fmt(s['flex_speedup'])}x | "
-              f"{fmt(s['full_speedup'])}x | {fmt(s['bound_speedup'], '{:.1f}')}x | "
+              f"{fmt(s['natkit_ms'], '{:.3f}')} | {fmt(s['vs_swin'])} | {times(s['flex_speedup'])} | "
+              f"{times(s['full_speedup'])} | {fmt(s['bound_speedup'], '{:.1f}x')} | "
               f"{fmt(None if s['pct_bound'] is None else 100 * s['pct_bound'], '{:.0f}%')} |")
 
 
