@@ -1,5 +1,7 @@
 """Every bad input is a TypeError/ValueError that names the argument and the value."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -99,6 +101,33 @@ def test_numpy_integers_are_accepted_as_ints():
     torch.testing.assert_close(out, natkit.na2d(Q, K, V, kernel_size=3, dilation=(2, 1)))
     m = natkit.NeighborhoodAttention2D(np.int64(32), np.int64(4), (np.int64(3), 5))
     assert m.kernel_size == (3, 5) and all(type(k) is int for k in m.kernel_size)
+
+
+def test_numpy_scales_are_checked_in_float64():
+    """A numpy float16/float32 scale is compared with the limit in float64: inf is rejected
+    (in its own width the limit overflowed to inf and let it through), valid values pass
+    without numpy's overflow warning and give the Python float's result."""
+    for scale in (np.float16(np.inf), np.float32(-np.inf), np.float32(np.nan)):
+        for dtype in (torch.float32, torch.float64):
+            q = Q.to(dtype)
+            with pytest.raises(ValueError, match=f"scale must be finite.*got {float(scale)}"):
+                natkit.na2d(q, q, q, 3, scale=scale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for scale in (np.float16(0.5), np.float32(0.3), np.float64(-2.0)):
+            torch.testing.assert_close(natkit.na2d(Q, K, V, 3, scale=scale),
+                                       natkit.na2d(Q, K, V, 3, scale=float(scale)))
+
+
+def test_module_padding_path_checks_the_scale():
+    """Inputs smaller than the kernel run with q pre-scaled: the scale is checked there too,
+    as the op checks it on inputs large enough."""
+    m = natkit.NeighborhoodAttention2D(16, 2, 3, qk_scale=1e39).eval()
+    for shape in ((1, 4, 4, 16), (1, 2, 2, 16)):
+        with pytest.raises(ValueError, match=r"scale must be finite and at most 3.403e\+38 .*"
+                                             r"torch.float32 inputs, got 1e\+39"):
+            m(torch.randn(shape))
+    assert m.double()(torch.randn(1, 2, 2, 16, dtype=torch.float64)).isfinite().all()
 
 
 def test_generic_entry_rejects_bad_rank():

@@ -164,18 +164,7 @@ def check_inputs(nd: int, query, key, value, kernel_size: IntOrTuple, dilation: 
         if rpb.device != query.device:
             raise ValueError(f"rpb is on {rpb.device} but query is on {query.device}")
 
-    if scale is None:
-        scale = head_dim ** -0.5
-    elif not is_real(scale):
-        raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
-    else:
-        # half and single precision inputs compute in float32: the scale must fit there
-        limit = torch.finfo(torch.float64 if query.dtype == torch.float64 else torch.float32).max
-        # comparisons only (False for NaN, exact for ints beyond float range): they also hold
-        # for the symbolic float torch.compile passes when a scale varies between calls
-        if not -limit <= scale <= limit:
-            raise ValueError(f"scale must be finite and at most {limit:.4g} in magnitude for "
-                             f"{query.dtype} inputs, got {scale!r}")
+    scale = head_dim ** -0.5 if scale is None else check_scale(scale, query.dtype)
 
     num_extra = 0
     if (additional_keys is None) != (additional_values is None):
@@ -201,3 +190,27 @@ def check_inputs(nd: int, query, key, value, kernel_size: IntOrTuple, dilation: 
                     is_causal=causal, scale=float(scale), batch=batch, heads=heads,
                     kv_heads=kv_heads, head_dim=head_dim, num_extra=num_extra,
                     has_rpb=rpb is not None)
+
+
+def check_scale(scale, dtype: torch.dtype):
+    """``scale`` as a Python (or, under torch.compile, symbolic) float, checked to be finite
+    in the precision the kernels compute logits in for ``dtype`` inputs."""
+    if not is_real(scale):
+        raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
+    if not isinstance(scale, (int, float, torch.SymInt, torch.SymFloat)):
+        try:  # numpy and other scalars: compare in float64, not in the scalar's own width
+            scale = float(scale)  # (a numpy float16 would overflow the float32 limit to inf)
+        except OverflowError:
+            raise ValueError(f"scale must be finite, got {scale!r}") from None
+    # half and single precision inputs compute in float32: the scale must fit there
+    limit = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max
+    # comparisons only (False for NaN, exact for ints beyond float range): they also hold
+    # for the symbolic float torch.compile passes when a scale varies between calls
+    if not -limit <= scale <= limit:
+        try:  # through float(): torch.compile cannot format a symbolic value directly
+            shown = float(scale)
+        except OverflowError:  # an int beyond float range
+            shown = scale
+        raise ValueError(f"scale must be finite and at most {limit:.4g} in magnitude for "
+                         f"{dtype} inputs, got {shown!r}")
+    return scale

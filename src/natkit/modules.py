@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import _tuple, check_inputs, is_int, is_real
+from ._checks import _tuple, check_inputs, check_scale, is_int, is_real
 from .backends import require_portable
 from .backends.portable import na_portable
 from .functional import neighborhood_attention
@@ -102,8 +102,8 @@ class _NeighborhoodAttention(nn.Module):
         pads = tuple(max(kk * d - s, 0) for kk, d, s in zip(self.kernel_size, self.dilation,
                                                              spatial))
         scale = self.scale
-        if any(pads):
-            q, k, v = _masked_padding(q * scale, k, v, pads)
+        if any(pads):  # checked here: the op sees only the pre-scaled q
+            q, k, v = _masked_padding(q * check_scale(scale, q.dtype), k, v, pads)
             scale = 1.0
         args = dict(kernel_size=self.kernel_size, dilation=self.dilation, stride=self.stride,
                     is_causal=self.is_causal, rpb=self.rpb, scale=scale)
