@@ -2,6 +2,7 @@
 
 import dataclasses
 import random
+import threading
 import time
 
 import pytest
@@ -381,6 +382,10 @@ def test_torch_compile_fullgraph_with_a_scale_that_varies(backend):
         out.sum().backward()
     with pytest.raises(Exception, match="scale must be finite"):  # dynamo wraps the ValueError
         compiled(q, float("nan"))
+    # a symbolic scale out of range: the message names it (formatting the symbolic value
+    # directly made dynamo fail with "BUILD_STRING type error" and lose the ValueError)
+    with pytest.raises(Exception, match=r"ValueError\('scale must be finite .* got 1e\+39'\)"):
+        compiled(q, 1e39)
 
 
 @pytest.mark.parametrize("backend", [None, "torch"])
@@ -447,6 +452,34 @@ def test_use_backend_steers_calls_that_name_none(monkeypatch):
     with pytest.raises(TypeError, match="backend must be a str or None, got 3"):
         with natkit.use_backend(3):
             pass
+
+
+def test_use_backend_blocks_on_threads_may_end_in_any_order():
+    """Thread A opens a block, thread B another, A ends first: B's stays in force until it
+    ends, and then the automatic choice is back (not A's backend, as a saved-previous-value
+    restore would leave)."""
+    from natkit import backends as registry
+    steps = [threading.Event() for _ in range(4)]
+    seen = {}
+
+    def run(name, enter_after, entered, exit_after, exited):
+        steps[enter_after].wait(10)
+        with natkit.use_backend(name):
+            steps[entered].set()
+            steps[exit_after].wait(10)
+        seen[name] = registry._forced
+        steps[exited].set()
+
+    steps[3].set()  # A starts at once
+    a = threading.Thread(target=run, args=("torch", 3, 0, 1, 2))
+    b = threading.Thread(target=run, args=("reference", 0, 1, 2, 3))
+    a.start(), b.start()
+    a.join(10), b.join(10)
+    assert seen == {"torch": "reference", "reference": None}
+    assert registry._forced is None and registry._open == []
+    with natkit.use_backend("torch"), natkit.use_backend("torch"):  # same name twice
+        pass
+    assert registry._forced is None and registry._open == []
 
 
 def test_use_backend_under_torch_compile():

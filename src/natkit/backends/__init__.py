@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import logging
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -125,8 +126,11 @@ def available_backends() -> list[str]:
     return names + ["reference"]
 
 
-# Set by ``use_backend``: the backend of calls that name none (None: the fastest).
+# Set by ``use_backend``: the backend of calls that name none (None: the fastest), the
+# name of the latest block still open (in ``_open``, as ``[name]`` tokens in entry order).
 _forced: Optional[str] = None
+_open: list[list] = []
+_open_lock = threading.Lock()
 
 
 def _check_name(name) -> None:
@@ -142,15 +146,21 @@ def use_backend(name: Optional[str]):
     """Within the ``with`` block, every call that passes no ``backend`` (modules and models
     included) runs on ``name``, as if it passed it: a call that backend cannot run raises
     the reason. ``None`` restores the automatic choice. Process-wide, like PyTorch's
-    backend flags; blocks nest."""
+    backend flags; blocks nest, and blocks open on several threads may end in any order:
+    the latest block still open decides."""
     global _forced
     if name is not None:
         _check_name(name)
-    previous, _forced = _forced, name
+    token = [name]  # identity, not value: two open blocks may name the same backend
+    with _open_lock:
+        _open.append(token)
+        _forced = name
     try:
         yield
     finally:
-        _forced = previous
+        with _open_lock:
+            _open[:] = [t for t in _open if t is not token]
+            _forced = _open[-1][0] if _open else None
 
 
 def require_portable(reason: str) -> None:
