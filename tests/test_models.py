@@ -12,6 +12,7 @@ import math
 import re
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -174,6 +175,10 @@ def test_create_model_errors():
         create_model("nat_tinyy")
     with pytest.raises(TypeError, match="pretrained"):
         create_model("nat_micro", pretrained=True)
+    assert create_model("nat_micro", pretrained=False).num_classes == 10  # timm's "no weights"
+    with pytest.raises(ValueError, match=r"global_pool must be 'avg' or '' \(no pooling\), "
+                                         r"got 'max'"):
+        create_model("nat_micro", global_pool="max")
     with pytest.raises(ValueError, match="dilations"):
         create_model("dinat_mini", dilations=[[1], [1], [1], [1]])
     with pytest.raises(ValueError, match="out_indices"):
@@ -499,6 +504,11 @@ def test_forward_intermediates_match_forward():
     assert torch.equal(nhwc[0].permute(0, 3, 1, 2), feats[0])
     normed = model.forward_intermediates(x, indices=[-1], norm=True, intermediates_only=True)
     assert torch.allclose(normed[0], final.permute(0, 3, 1, 2))
+    # stopping early: the last level run, unnormalized (the final norm is the last level's)
+    early, feats1 = model.forward_intermediates(x, indices=[1], stop_early=True)
+    assert torch.equal(feats1[0], feats[1]) and torch.equal(early.permute(0, 3, 1, 2), feats[1])
+    final3, _ = model.forward_intermediates(x, indices=[3], stop_early=True)
+    assert torch.equal(final3, final)
     # pooled features and logits
     pooled = model.forward_head(final, pre_logits=True)
     assert torch.allclose(pooled, final.mean((1, 2)))
@@ -694,6 +704,20 @@ def test_reset_classifier_and_head_free_model():
     with pytest.raises(ValueError, match="num_classes"):
         model.reset_classifier(-1)
     assert create_model("nat_micro", num_classes=0)(torch.randn(1, 1, 32, 32)).shape == (1, 64)
+    # timm's global_pool: "" keeps every position (unpooled features, per-position logits)
+    x = torch.randn(2, 1, 32, 32)
+    model.reset_classifier(0, "")
+    features = model(x)
+    assert features.shape == (2, 4, 4, 64) and model.global_pool == ""
+    model.reset_classifier(4)  # None keeps the pooling
+    assert model(x).shape == (2, 4, 4, 4)
+    model.reset_classifier(4, "avg")
+    assert torch.allclose(model.forward_head(features, pre_logits=True), features.mean((1, 2)))
+    with pytest.raises(ValueError, match="global_pool must be 'avg' or ''"):
+        model.reset_classifier(0, "token")
+    for name in ("nat_micro", "nat_isotropic_small"):
+        m = create_model(name, **{**tiny_kwargs(name), "num_classes": 0, "global_pool": ""})
+        assert m(torch.randn(1, m.in_chans, 32, 32)).dim() == 4
 
 
 def test_pretrained_cfg():
@@ -701,6 +725,7 @@ def test_pretrained_cfg():
     assert meta_model("dinat_large_384").pretrained_cfg["input_size"] == (3, 384, 384)
     micro = meta_model("nat_micro")
     assert micro.pretrained_cfg["input_size"] == (1, 32, 32) and micro.num_classes == 10
+    assert micro.default_cfg is micro.pretrained_cfg  # timm's older name
 
 
 # -- checkpoints --------------------------------------------------------------------------
@@ -770,6 +795,39 @@ def test_rpb_of_another_kernel_size_is_interpolated_with_a_warning(tmp_path):
     torch.testing.assert_close(rpb, torch.full_like(rpb, 0.25))
     assert torch.equal(dst.levels[1].blocks[1].mlp.fc2.weight,
                        sd["levels.1.blocks.1.mlp.fc2.weight"])
+
+
+def test_failed_load_gives_no_adaptation_warning(tmp_path):
+    """The rpb interpolation is announced only once the checkpoint is known to load."""
+    torch.save(create_model("nat_micro").state_dict(), tmp_path / "micro.pth")  # kernel 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CheckpointMismatchError):
+            create_model("nat_micro", kernel_size=5, depths=(2, 3), pretrained=tmp_path / "micro.pth")
+
+
+@pytest.mark.parametrize("name", ["nat_micro", "dinat_s_tiny"])
+def test_rgb_stem_is_adapted_to_other_input_channels(tmp_path, name):
+    """timm's rule: summed for 1 channel, repeated and scaled by 3/in_chans otherwise; a
+    gray image then gets the RGB model's output (1 channel, or a multiple of 3)."""
+    small = tiny_kwargs(name)
+    src = create_model(name, **{**small, "in_chans": 3}).eval()
+    torch.save(src.state_dict(), tmp_path / "rgb.pth")
+    gray = torch.randn(2, 1, 32, 32)
+    expected = src(gray.expand(2, 3, 32, 32))
+    for in_chans in (1, 6, 5):
+        with pytest.warns(UserWarning, match=rf"adapted {src.pretrained_cfg['first_conv']}"
+                                             rf"\.weight from 3 input channels to the "
+                                             rf"model's {in_chans}"):
+            dst = create_model(name, **{**small, "in_chans": in_chans},
+                               pretrained=tmp_path / "rgb.pth").eval()
+        stem = dst.state_dict()[src.pretrained_cfg["first_conv"] + ".weight"]
+        rgb = src.state_dict()[src.pretrained_cfg["first_conv"] + ".weight"]
+        if in_chans == 5:
+            torch.testing.assert_close(stem, torch.cat([rgb, rgb[:, :2]], 1) * 3 / 5)
+        else:
+            torch.testing.assert_close(dst(gray.expand(2, in_chans, 32, 32)), expected,
+                                       atol=1e-5, rtol=1e-5)
 
 
 def test_new_num_classes_keeps_a_fresh_head(tmp_path):

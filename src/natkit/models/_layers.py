@@ -70,6 +70,13 @@ def check_model_args(mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate, layer
         raise TypeError(f"features_only must be a bool, got {features_only!r}")
 
 
+def check_global_pool(global_pool) -> str:
+    """timm's ``global_pool``: ``"avg"`` (average over positions) or ``""`` (none)."""
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+    return global_pool
+
+
 def check_images(x, in_chans: int, weight: torch.Tensor) -> None:
     """Checks a model's input: a dense floating-point ``[batch, in_chans, H, W]`` tensor
     with ``H, W >= 1``, on the device and of the dtype of ``weight`` (any float dtype
@@ -169,9 +176,20 @@ class ClassifierMixin:
         return self.pos_drop(self.patch_embed(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Average-pools NHWC features; returns the pooled features if ``pre_logits``."""
-        x = x.mean(dim=(1, 2))
+        """Average-pools NHWC features (``global_pool="avg"``; ``""`` keeps every position,
+        the classifier then maps each); returns the features if ``pre_logits``."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
         return x if pre_logits else self.head(x)
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name of ``pretrained_cfg``."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: dict) -> None:
+        self.pretrained_cfg = cfg
 
     @staticmethod
     def _check_output_fmt(output_fmt: str) -> None:
@@ -222,11 +240,12 @@ class ClassifierMixin:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replaces the head by a fresh one with ``num_classes`` outputs (0 = none)."""
+        """Replaces the head by a fresh one with ``num_classes`` outputs (0 = none) and,
+        unless ``global_pool`` is None, sets the pooling (``"avg"`` or ``""``)."""
         if self.features_only:
             raise ValueError("reset_classifier: a features_only model has no classifier")
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"global_pool must be 'avg' or None, got {global_pool!r}")
+        if global_pool is not None:
+            self.global_pool = check_global_pool(global_pool)
         self.num_classes = check_int("num_classes", num_classes, minimum=0)
         device = self.patch_embed.norm.weight.device
         self.head = (nn.Linear(self.num_features, num_classes, device=device) if num_classes

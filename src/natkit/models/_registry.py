@@ -33,7 +33,7 @@ def list_models(pattern: Optional[str] = None) -> list[str]:
     return names if pattern is None else [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 
 
-def create_model(name: str, pretrained: Union[str, os.PathLike, None] = None,
+def create_model(name: str, pretrained: Union[str, os.PathLike, None, bool] = None,
                  **kwargs) -> nn.Module:
     """Builds a registered model.
 
@@ -59,10 +59,12 @@ def create_model(name: str, pretrained: Union[str, os.PathLike, None] = None,
         close = difflib.get_close_matches(name, list(_ENTRYPOINTS), n=3)
         hint = f"; did you mean {close}?" if close else ""
         raise ValueError(f"unknown model name {name!r}{hint} (see natkit.models.list_models())")
+    if pretrained is False:  # timm's spelling of "no weights"
+        pretrained = None
     if pretrained is not None and (isinstance(pretrained, bool)
                                    or not isinstance(pretrained, (str, os.PathLike))):
-        raise TypeError(f"pretrained must be a checkpoint path or None (natkit hosts no "
-                        f"weights), got {pretrained!r}")
+        raise TypeError(f"pretrained must be a checkpoint path, None or False (natkit hosts "
+                        f"no weights), got {pretrained!r}")
     model = _ENTRYPOINTS[name](**kwargs)
     if pretrained is not None:
         from .convert import load_checkpoint

@@ -262,6 +262,23 @@ def interpolate_rpb(rpb: torch.Tensor, size) -> torch.Tensor:
 
 # -- loading ------------------------------------------------------------------------------
 
+def _other_in_chans(weight: torch.Tensor, own: torch.Tensor) -> bool:
+    """An RGB checkpoint's first convolution and a model's for another channel count."""
+    return (weight.dim() == own.dim() == 4 and weight.shape[1] == 3 and own.shape[1] != 3
+            and weight.shape[0] == own.shape[0] and weight.shape[2:] == own.shape[2:])
+
+
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """An RGB convolution weight ``[out, 3, kh, kw]`` for ``in_chans`` inputs, as timm adapts
+    pretrained stems: summed over RGB for 1 channel; otherwise RGB repeated across the
+    channels and scaled by ``3 / in_chans`` (a gray image then gets the RGB model's response
+    when ``in_chans`` is 1 or a multiple of 3)."""
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-in_chans // 3)
+    return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (3 / in_chans)
+
+
 def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping],
                     new_head: bool = False, *, name: str = "checkpoint") -> list[str]:
     """Loads a checkpoint into ``model`` strictly, after the adaptations below.
@@ -269,6 +286,8 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
     - the file is read with ``read_state_dict`` (wrappers and prefixes removed) and a
       ``transformers`` layout is converted (``from_hf_state_dict``);
     - ``rpb`` tables of another kernel size are interpolated bicubically, with a warning;
+    - an RGB stem (``pretrained_cfg["first_conv"]``) loads into a model with another
+      ``in_chans`` by timm's rule (``adapt_input_conv``), with a warning;
     - backbone-mode models (``features_only``) ignore the checkpoint's classifier and
       final norm, and keep fresh output norms ``norm{i}`` the checkpoint lacks;
     - with ``new_head``, a classifier of another size is left freshly initialized (with
@@ -308,6 +327,7 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
             sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
             fresh += head
 
+    adapted = []  # warnings, given once the checkpoint is known to load
     resized = []
     for key, value in list(sd.items()):
         if (key.endswith("rpb") and key in own and value.dim() == own[key].dim() >= 2
@@ -316,9 +336,13 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
             resized.append(key)
     if resized:
         shapes = sorted({f"{tuple(sd_shape)}" for sd_shape in (own[k].shape for k in resized)})
-        warnings.warn(f"checkpoint {source}: interpolated {len(resized)} relative positional "
-                      f"bias tables (bicubic) to the model's kernel size, now {shapes}",
-                      stacklevel=3)
+        adapted.append(f"interpolated {len(resized)} relative positional bias tables "
+                       f"(bicubic) to the model's kernel size, now {shapes}")
+    stem = getattr(model, "pretrained_cfg", {}).get("first_conv", "") + ".weight"
+    if stem in sd and stem in own and _other_in_chans(sd[stem], own[stem]):
+        sd[stem] = adapt_input_conv(sd[stem], own[stem].shape[1])
+        adapted.append(f"adapted {stem} from 3 input channels to the model's "
+                       f"{own[stem].shape[1]} (timm's rule: summed, or repeated and scaled)")
 
     missing = [k for k in own if k not in sd and k not in fresh]
     unexpected = [k for k in sd if k not in own]
@@ -327,6 +351,8 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(source, missing, unexpected, mismatched)
     model.load_state_dict(sd, strict=False)
+    for message in adapted:
+        warnings.warn(f"checkpoint {source}: {message}", stacklevel=3)
     if fresh:
         logger.info("natkit: %d model keys kept their initialization: %s", len(fresh),
                     _clip(fresh, 8))

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ._layers import (MATCH_PREVIOUS, ClassifierMixin, FeatureInfo, NATLayer, PatchEmbed,
-                      check_int, check_ints, check_model_args, init_weights,
+                      check_global_pool, check_int, check_ints, check_model_args, init_weights,
                       no_weight_decay_names, run_blocks, take_indices)
 from .nat import build
 from ._registry import register_model
@@ -46,7 +46,8 @@ class NATIsotropic(ClassifierMixin, nn.Module):
                  qkv_bias: bool = True, qk_scale: Optional[float] = None,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.1, layer_scale: Optional[float] = None,
-                 in_chans: int = 3, num_classes: int = 1000, features_only: bool = False,
+                 in_chans: int = 3, num_classes: int = 1000, global_pool: str = "avg",
+                 features_only: bool = False,
                  out_indices: Sequence[int] = (-1,)):
         super().__init__()
         check_model_args(mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate, layer_scale,
@@ -60,6 +61,7 @@ class NATIsotropic(ClassifierMixin, nn.Module):
         self.dilations = dilations
         self.in_chans, self.features_only = in_chans, features_only
         self.num_classes = 0 if features_only else num_classes
+        self.global_pool = check_global_pool(global_pool)
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size)

@@ -20,8 +20,9 @@ import torch
 import torch.nn as nn
 
 from ._layers import (MATCH_PREVIOUS, ClassifierMixin, ConvDownsampler, ConvTokenizer,
-                      FeatureInfo, Stage, check_int, check_ints, check_model_args, init_weights,
-                      is_int, level_dilations, no_weight_decay_names, take_indices)
+                      FeatureInfo, Stage, check_global_pool, check_int, check_ints,
+                      check_model_args, init_weights, is_int, level_dilations,
+                      no_weight_decay_names, take_indices)
 from ._registry import default_cfg, register_model
 
 __all__ = ["NAT", "nat_micro", "nat_mini", "nat_tiny", "nat_small", "nat_base"]
@@ -61,7 +62,8 @@ class NAT(ClassifierMixin, nn.Module):
                  qkv_bias: bool = True, qk_scale: Optional[float] = None,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.2, layer_scale: Optional[float] = None,
-                 in_chans: int = 3, num_classes: int = 1000, features_only: bool = False,
+                 in_chans: int = 3, num_classes: int = 1000, global_pool: str = "avg",
+                 features_only: bool = False,
                  out_indices: Optional[Sequence[int]] = None):
         super().__init__()
         check_model_args(mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate, layer_scale,
@@ -87,6 +89,7 @@ class NAT(ClassifierMixin, nn.Module):
         self.num_features = self.head_hidden_size = self.dims[-1]
         self.in_chans, self.features_only = in_chans, features_only
         self.num_classes = 0 if features_only else num_classes
+        self.global_pool = check_global_pool(global_pool)
 
         self.patch_embed = self._make_stem(in_chans, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
@@ -183,7 +186,10 @@ class NAT(ClassifierMixin, nn.Module):
 
         Returns:
             ``[features...]`` if ``intermediates_only``, else ``(final, [features...])``
-            with ``final`` as ``forward_features`` returns it.
+            with ``final`` as ``forward_features`` returns it; when ``stop_early`` ends
+            before the last level, ``final`` is that level's NHWC output (before its
+            downsampling), without the final norm, which is sized for the last level (as
+            in timm's Swin).
         """
         self._check_output_fmt(output_fmt)
         stages = self.stages
@@ -198,6 +204,8 @@ class NAT(ClassifierMixin, nn.Module):
                 break
         if intermediates_only:
             return feats
+        if i < len(stages) - 1:  # stopped early: the level's output, before downsampling
+            return pre, feats
         return (x if self.features_only else self.norm(x)), feats
 
     def forward_features(self, x: torch.Tensor):
