@@ -356,11 +356,25 @@ def test_official_checkpoint_bad_preprocessing_values(run2, ten_classes, tmp_pat
             "0", "--no-progress"]
     for crop in ("0", "-1", "nan", "5"):  # 5: silently padded the crop with black
         _bad(capsys, base + ["--crop-pct", crop], "--crop-pct must be in (0, 1]")
+    img = str(ten_classes / "val" / "1" / "0.png")
     for size in ("0", "-3"):  # 0: silently used the default size
         _bad(capsys, base + ["--img-size", size], f"--img-size must be >= 1, got {size}")
-        _bad(capsys, ["predict", official, str(ten_classes / "val" / "1" / "0.png"), "--model",
-                      "nat_micro", "--img-size", size], f"--img-size must be >= 1, got {size}")
+        _bad(capsys, ["predict", official, img, "--model", "nat_micro", "--img-size", size],
+             f"--img-size must be >= 1, got {size}")
+    _bad(capsys, ["predict", official, img, "--model", "nat_micro", "--crop-pct", "1.5"],
+         "--crop-pct must be in (0, 1], got 1.5")
+    _bad(capsys, ["predict", os.path.join(run2, "best.pt"), img, "--crop-pct", "0.9"],
+         "--img-size/--crop-pct apply to official checkpoints only")
     assert main(base + ["--crop-pct", "1"]) == 0
+    # predict takes --crop-pct too (the README lists it with --img-size for both commands)
+    out = tmp_path / "p.json"
+    for crop in ("1", "0.5"):
+        assert main(["predict", official, img, "--model", "nat_micro", "--crop-pct", crop,
+                     "--json", str(out)]) == 0
+        crop_probs = json.loads(out.read_text())[0]["top"]
+        if crop == "1":
+            full = crop_probs
+    assert full != crop_probs  # a different crop of the image: other probabilities
 
 
 def test_bad_output_paths_fail_before_the_work(run2, ten_classes, tmp_path, capsys):

@@ -56,6 +56,12 @@ def check_number(value, option: str, low=None, high=None, high_open: bool = Fals
         raise CLIError(f"{option} must be {rng}, got {value}")
 
 
+def check_crop_pct(value) -> None:
+    """``--crop-pct`` of eval and predict: None or a fraction in (0, 1]."""
+    if value is not None and not (math.isfinite(value) and 0 < value <= 1):
+        raise CLIError(f"--crop-pct must be in (0, 1], got {value}")
+
+
 def check_writable(path: str, option: str, folder: bool, inputs=()) -> None:
     """Fails early, before any long work, when the output ``path`` cannot be created: an
     existing entry of the wrong kind, one of the command's ``inputs`` (it would be

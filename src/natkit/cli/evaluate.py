@@ -8,8 +8,8 @@ import time
 import torch
 
 from . import distributed
-from .common import (CLIError, autocast_dtype, check_number, check_writable, evaluate, info,
-                     write_json)
+from .common import (CLIError, autocast_dtype, check_crop_pct, check_number, check_writable,
+                     evaluate, info, write_json)
 from .data import DataError, make_data, scan_folder
 from .loading import load_for_inference, num_outputs, official_preprocess
 
@@ -43,8 +43,7 @@ def run(args: argparse.Namespace) -> int:
     check_number(args.batch_size, "--batch-size", 1)
     check_number(args.workers, "--workers", 0)
     check_number(args.img_size, "--img-size", 1)
-    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
-        raise CLIError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    check_crop_pct(args.crop_pct)
     if args.json_out is not None:
         check_writable(args.json_out, "--json", folder=False, inputs=[args.checkpoint])
     d = distributed.setup(args.device)

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .common import CLIError, check_number, check_writable, info, write_json
+from .common import CLIError, check_crop_pct, check_number, check_writable, info, write_json
 from .data import DataError, eval_transform, image_channels, open_image
 from .distributed import resolve_device
 from .loading import load_for_inference, num_outputs, official_preprocess
@@ -27,6 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--ema", action="store_true", help="use the EMA weights of a last.pt")
     p.add_argument("--img-size", type=int, help="official checkpoints: input size (224)")
+    p.add_argument("--crop-pct", type=float, help="official checkpoints: center-crop "
+                                                  "fraction (0.875)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", dest="json_out", help="also write the predictions to this file")
     p.set_defaults(func=run)
@@ -66,6 +68,7 @@ def read_class_names(path: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     check_number(args.topk, "--topk", 1)
     check_number(args.img_size, "--img-size", 1)
+    check_crop_pct(args.crop_pct)
     if args.json_out is not None:
         check_writable(args.json_out, "--json", folder=False,
                        inputs=[args.checkpoint, *args.images])
@@ -73,10 +76,11 @@ def run(args: argparse.Namespace) -> int:
         if not os.path.isfile(path):
             raise DataError(f"image file {path!r} does not exist or is not a file")
     model, meta = load_for_inference(args.checkpoint, args.model, args.ema)
-    if meta["preprocess"] is not None and args.img_size is not None:
-        raise CLIError("--img-size applies to official checkpoints only (a natkit checkpoint "
-                       "carries its preprocessing)")
-    pre = meta["preprocess"] or official_preprocess(model, args.images[0], args.img_size, None)
+    if meta["preprocess"] is not None and (args.img_size, args.crop_pct) != (None, None):
+        raise CLIError("--img-size/--crop-pct apply to official checkpoints only (a natkit "
+                       "checkpoint carries its preprocessing)")
+    pre = meta["preprocess"] or official_preprocess(model, args.images[0], args.img_size,
+                                                    args.crop_pct)
     names = read_class_names(args.classes) if args.classes else meta["classes"]
     device = resolve_device(args.device)
     model.to(device)
