@@ -318,7 +318,7 @@ def test_bad_option_values_fail_clearly(run2, ten_classes, tmp_path, capsys):
         (["train", "--drop-path", "-1"], "--drop-path must be in [0, 1)"),
         (["train", "--min-lr", "1"], "--min-lr 1.0 is above the peak --lr"),
         (["eval", best, "--workers", "-1"], "--workers must be >= 0"),
-        (["predict", best, img, "--img-size", "64"], "--img-size applies to official"),
+        (["predict", best, img, "--img-size", "64"], "--img-size/--crop-pct apply to official"),
         (["predict", best, str(ten_classes)], "is not a file"),
         (["bench", "--heads", "2", "--out", new], "--heads 2 applies to a custom --shape only"),
         (["bench", "--shape", "1x8", "--batch", "4", "--out", new], "--batch 4 applies to the"),
