@@ -388,6 +388,26 @@ def test_torch_compile_fullgraph_with_a_scale_that_varies(backend):
         compiled(q, 1e39)
 
 
+def test_torch_compile_fullgraph_keeps_the_errors_of_symbolic_sizes():
+    """Kernel sizes, strides and dilations that vary between calls become symbolic ints;
+    a bad one still raises the ValueError naming it (dynamo could not format them)."""
+    torch._dynamo.reset()
+    q = torch.randn(1, 6, 7, 2, 8)
+    for kwarg, good, bad, message in [
+            ("kernel_size", (3, 2), 1, "kernel_size must be >= 2 in every dimension, got 1"),
+            ("stride", (1, 2), 4, "stride must satisfy 1 <= stride <= kernel_size, got stride "
+                                  "4 with kernel_size 3"),
+            ("dilation", (1, 2), 0, r"dilation must be >= 1 in every dimension, got \(0, 1\)")]:
+        def fn(q, x, kwarg=kwarg):
+            args = {"kernel_size": 3, kwarg: (x, 1) if kwarg == "dilation" else x}
+            return natkit.na2d(q, q, q, **args)
+        compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+        for x in good:
+            torch.testing.assert_close(compiled(q, x), fn(q, x))
+        with pytest.raises(Exception, match=rf"ValueError\('{message}'\)"):
+            compiled(q, bad)
+
+
 @pytest.mark.parametrize("backend", [None, "torch"])
 def test_torch_compile_dynamic_shapes(backend):
     """``dynamic=True`` makes every size symbolic. The portable backend's tiling is

@@ -59,6 +59,18 @@ def is_real(x) -> bool:
     return isinstance(x, Real) and not isinstance(x, bool)
 
 
+def show(value) -> str:
+    """``repr(value)`` for error messages, with ints (also in tuples and lists) through
+    ``int()``: torch.compile cannot format the symbolic ints it passes for sizes that vary
+    between calls, and would lose the message."""
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(show(v) for v in value)
+        if isinstance(value, list):
+            return f"[{inner}]"
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    return f"{int(value)}" if is_int(value) else repr(value)
+
+
 def _tuple(name: str, value, nd: int, kind: type) -> tuple:
     """``value`` as a tuple of ``nd`` entries of ``kind`` (an int or a bool)."""
     if isinstance(value, (Integral, bool)):
@@ -132,12 +144,12 @@ def check_inputs(nd: int, query, key, value, kernel_size: IntOrTuple, dilation: 
     causal = _tuple("is_causal", is_causal, nd, bool)
     for dim, (length, k, d, s) in enumerate(zip(spatial, kernel, dil, strd)):
         if k < 2:
-            raise ValueError(f"kernel_size must be >= 2 in every dimension, got {kernel_size!r}")
+            raise ValueError(f"kernel_size must be >= 2 in every dimension, got {show(kernel_size)}")
         if d < 1:
-            raise ValueError(f"dilation must be >= 1 in every dimension, got {dilation!r}")
+            raise ValueError(f"dilation must be >= 1 in every dimension, got {show(dilation)}")
         if not 1 <= s <= k:
             raise ValueError(f"stride must satisfy 1 <= stride <= kernel_size, got stride "
-                             f"{stride!r} with kernel_size {kernel_size!r}")
+                             f"{show(stride)} with kernel_size {show(kernel_size)}")
         if k * d > length:
             raise ValueError(
                 f"kernel_size * dilation ({k} * {d} = {k * d}) exceeds the input size {length} "
