@@ -65,7 +65,8 @@ def test_bench_gpu_smoke_runs_every_row(tmp_path):
     for r in checks:
         err = float(re.fullmatch(r"max\|diff\|=(\S+)", r["note"]).group(1))
         assert err < 5e-3, r
-    timed = {(r["shape"], r["rpb"], r["pass_"], r["impl"]): r for r in rows if r["pass_"] != "check"}
+    timed = {(r["shape"], r["rpb"], r["pass_"], r["impl"]): r
+             for r in rows if r["pass_"] != "check"}
     expected = {("smoke 2D", rpb, pas, impl)
                 for rpb in ("False", "True") for pas in ("fwd", "fwd+bwd")
                 for impl in ("natkit", "swin_wsa")}

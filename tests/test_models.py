@@ -803,7 +803,8 @@ def test_failed_load_gives_no_adaptation_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(CheckpointMismatchError):
-            create_model("nat_micro", kernel_size=5, depths=(2, 3), pretrained=tmp_path / "micro.pth")
+            create_model("nat_micro", kernel_size=5, depths=(2, 3),
+                         pretrained=tmp_path / "micro.pth")
 
 
 @pytest.mark.parametrize("name", ["nat_micro", "dinat_s_tiny"])

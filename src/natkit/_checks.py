@@ -84,7 +84,7 @@ def _tuple(name: str, value, nd: int, kind: type) -> tuple:
         items = items * nd
     if len(items) != nd:
         raise ValueError(f"{name} must have {nd} entries (one per spatial dimension), "
-                         f"got {value!r}")
+                         f"got {show(value)}")
     for item in items:
         ok = isinstance(item, bool) if kind is bool else is_int(item)
         if not ok:
@@ -144,7 +144,8 @@ def check_inputs(nd: int, query, key, value, kernel_size: IntOrTuple, dilation: 
     causal = _tuple("is_causal", is_causal, nd, bool)
     for dim, (length, k, d, s) in enumerate(zip(spatial, kernel, dil, strd)):
         if k < 2:
-            raise ValueError(f"kernel_size must be >= 2 in every dimension, got {show(kernel_size)}")
+            raise ValueError(f"kernel_size must be >= 2 in every dimension, got "
+                             f"{show(kernel_size)}")
         if d < 1:
             raise ValueError(f"dilation must be >= 1 in every dimension, got {show(dilation)}")
         if not 1 <= s <= k:
@@ -166,7 +167,7 @@ def check_inputs(nd: int, query, key, value, kernel_size: IntOrTuple, dilation: 
             raise TypeError(f"rpb must be a dense (strided) tensor, got layout {rpb.layout}")
         if any(k % 2 == 0 for k in kernel):
             raise ValueError(f"rpb requires an odd kernel_size in every dimension, got "
-                             f"{kernel_size!r}")
+                             f"{show(kernel_size)}")
         if any(causal):
             raise ValueError(f"rpb is not supported with causal masking (is_causal={is_causal!r})")
         expected = (heads, *(2 * k - 1 for k in kernel))
