@@ -19,8 +19,7 @@ import torch
 
 from natkit.backends.reference import na_reference
 from natkit.bench.flex import FlexNA
-from natkit.functional import check_inputs
-from sweep import make_inputs, random_config
+from sweep import make_inputs, params, random_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,9 +41,7 @@ def test_flex_na_mask_and_bias_match_the_reference(seed):
     tiled = [flex.to_tiled(t) for t in (q, k, v)]
     assert all(torch.equal(flex.from_tiled(t), orig) for t, orig in zip(tiled, (q, k, v)))
     got = flex.from_tiled(flex(*tiled))  # eager: unfused, fine at this size
-    p = check_inputs(len(c.spatial), q, k, v, c.kernel_size, c.dilation, c.stride,
-                     c.is_causal, rpb, None, None, None)
-    ref, _ = na_reference(q, k, v, p, rpb)
+    ref, _ = na_reference(q, k, v, params(c, x), rpb)
     torch.testing.assert_close(got, ref, atol=1e-10, rtol=0)
 
 

@@ -157,7 +157,6 @@ class DrpbLayout:
     offsets: tuple[tuple[int, ...], ...]
     slots: tuple[tuple[tuple[int, ...], ...], ...]
     splits: int
-    ncopy: int
 
     @property
     def shifts(self) -> int:
@@ -167,6 +166,10 @@ class DrpbLayout:
     def programs(self) -> int:
         """Programs per head."""
         return self.shifts * self.splits
+
+    @property
+    def ncopy(self) -> int:
+        return min(64, self.programs)
 
 
 def drpb_layout(g: Geometry, cfg: configs.TileConfig, batch: int, heads: int,
@@ -182,8 +185,7 @@ def drpb_layout(g: Geometry, cfg: configs.TileConfig, batch: int, heads: int,
     busy = math.prod(-(-(bq + k - 1) // bk) for k, bq, bk in zip(g.K, cfg.q_tile, cfg.k_tile))
     items = batch * math.prod(g.slots(cfg.q_tile))
     splits = max(1, min(items, -(-16 * sms // (cfg.num_warps * busy * heads))))
-    shifts = math.prod(len(o) for o in offsets)
-    return DrpbLayout(tuple(offsets), tuple(slots), splits, min(64, shifts * splits))
+    return DrpbLayout(tuple(offsets), tuple(slots), splits)
 
 
 @lru_cache(maxsize=256)
