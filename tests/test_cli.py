@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+from natkit.cli import checkpoint as ckpt_io
 from natkit.cli import main
 from natkit.cli.data import export_digits
 
@@ -112,6 +113,73 @@ def test_kill_mid_epoch_and_resume_matches_uninterrupted(run2, tmp_path):
     ma, mb = _metrics(run2), _metrics(out)
     assert [r["epoch"] for r in mb] == [1, 2]
     assert mb[1]["val_top1"] == pytest.approx(ma[1]["val_top1"], abs=0.3)
+
+
+def test_resume_moved_run_with_new_settings(run2, tmp_path, monkeypatch):
+    """A resumed run writes where its checkpoint is now (not where it was first written),
+    applies a new --lr/--min-lr/--weight-decay, and places the schedule by completed epochs
+    (another --batch-size, so other steps per epoch): the cosine ends at the new --min-lr.
+    Each epoch writes best.pt and the metrics line before last.pt."""
+    before = {f: _digest(os.path.join(run2, f)) for f in ("last.pt", "metrics.jsonl")}
+    moved = str(tmp_path / "moved")
+    shutil.copytree(run2, moved)
+    with open(os.path.join(moved, "metrics.jsonl"), "a") as f:
+        f.write('{"epoch": 3, "train_lo')  # torn by a kill while writing
+    writes = []
+    real_save = ckpt_io.save_atomic
+
+    def save(state, path):
+        writes.append((os.path.basename(path), len(_metrics(moved))))
+        real_save(state, path)
+    monkeypatch.setattr(ckpt_io, "save_atomic", save)
+    monkeypatch.chdir(tmp_path)  # the run's saved --output is relative to the old cwd
+    assert main(["train", "--resume", moved, "--epochs", "3", "--batch-size", "128",
+                 "--lr", "4e-3", "--min-lr", "1e-4", "--weight-decay", "0.1",
+                 "--no-progress"]) == 0
+    assert {f: _digest(os.path.join(run2, f)) for f in before} == before
+    assert not os.path.exists(tmp_path / os.path.basename(run2))
+    assert writes[-1] == ("last.pt", 3)  # after best.pt (if any) and the epoch-3 line
+    m = _metrics(moved)
+    assert [r["epoch"] for r in m] == [1, 2, 3]
+    assert m[2]["lr"] == pytest.approx(1e-4, rel=1e-6)  # the end of the new cosine
+    ck = torch.load(os.path.join(moved, "last.pt"), weights_only=True)
+    assert ck["epoch"] == 3 and ck["args"]["batch_size"] == 128
+    decay, no_decay = ck["optimizer"]["param_groups"]
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert decay["initial_lr"] == no_decay["initial_lr"] == 4e-3
+    assert ck["scheduler"]["last_epoch"] == 3 * (1438 // 128)
+
+    # into a new --output: it starts with the checkpoint's metrics; another run's is refused
+    other = str(tmp_path / "other")
+    assert main(["train", "--resume", moved, "--epochs", "4", "--output", other,
+                 "--no-progress"]) == 0
+    assert [r["epoch"] for r in _metrics(other)] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in _metrics(moved)] == [1, 2, 3]
+    assert main(["train", "--resume", moved, "--epochs", "4", "--output", run2,
+                 "--no-progress"]) == 2
+    assert {f: _digest(os.path.join(run2, f)) for f in before} == before
+
+
+def test_schedule_is_placed_by_epochs():
+    """``schedule`` gives the step-wise warmup + cosine of the run's settings after
+    ``epochs_done`` epochs, whatever the optimizer state carried."""
+    from natkit.cli.train import schedule, warmup_cosine
+    cfg = dict(lr=1e-3, min_lr=1e-5, weight_decay=0.2, epochs=10, warmup_epochs=1)
+    w = torch.nn.Parameter(torch.zeros(2, 2))
+    b = torch.nn.Parameter(torch.zeros(2))
+    for steps in (7, 30):
+        opt = torch.optim.AdamW([{"params": [w], "weight_decay": 0.5},
+                                 {"params": [b], "weight_decay": 0.0}], lr=9.0)
+        for g in opt.param_groups:
+            g["initial_lr"] = 9.0  # as loaded from another run's optimizer state
+        sched = schedule(opt, cfg, steps, epochs_done=4)
+        factor = warmup_cosine(10 * steps, steps, 1e-2)
+        assert sched.last_epoch == 4 * steps
+        assert [g["lr"] for g in opt.param_groups] == [1e-3 * factor(4 * steps)] * 2
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0]
+        opt.step()
+        sched.step()
+        assert opt.param_groups[0]["lr"] == 1e-3 * factor(4 * steps + 1)
 
 
 def test_torchrun_two_processes_gloo(tmp_path):
@@ -518,3 +586,30 @@ def test_compiled_training_matches_eager(tmp_path):
     ck = torch.load(os.path.join(runs["compiled"], "last.pt"), weights_only=True)
     assert not [k for k in ck["model"] if "_orig_mod" in k]
     assert main(["eval", os.path.join(runs["compiled"], "best.pt"), "--no-progress"]) == 0
+    # resumed, it stays compiled unless told otherwise
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert main(["train", "--resume", runs["compiled"], "--epochs", "3", "--no-compile",
+                 "--no-progress"]) == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    with open(os.path.join(runs["compiled"], "config.json")) as f:
+        assert json.load(f)["compile"] is False
+
+
+def test_ema_run_best_checkpoint_and_no_ema_resume(tmp_path, capsys):
+    """best.pt of an --ema run holds the EMA weights: asking for --ema says so; --no-ema
+    turns the EMA off on resume."""
+    root = tmp_path / "two"
+    for split, n in (("train", 4), ("val", 2)):
+        for c in ("a", "b"):
+            for i in range(n):
+                _png(str(root / split / c / f"{i}.png"), mode="RGB", seed=i + 7)
+    out = str(tmp_path / "ema")
+    assert main(["train", "--data", str(root), "--epochs", "1", "--batch-size", "4",
+                 "--workers", "0", "--ema", "--output", out, "--no-progress"]) == 0
+    capsys.readouterr()
+    _bad(capsys, ["eval", os.path.join(out, "best.pt"), "--ema", "--no-progress"],
+         "holds the EMA weights already")
+    assert main(["eval", os.path.join(out, "last.pt"), "--ema", "--no-progress"]) == 0
+    assert main(["train", "--resume", out, "--epochs", "2", "--no-ema", "--no-progress"]) == 0
+    assert "ema_val_top1" not in _metrics(out)[1]
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["ema"] is None

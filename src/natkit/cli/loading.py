@@ -25,6 +25,9 @@ def load_for_inference(path: str, model_name: Optional[str], use_ema: bool = Fal
         weights = ckpt["model"]
         if use_ema:
             if ckpt.get("ema") is None:
+                if "ema_val_top1" in (ckpt.get("metrics") or {}):
+                    raise CLIError(f"checkpoint {path!r} holds the EMA weights already (the "
+                                   f"best.pt of an --ema run); drop --ema")
                 raise CLIError(f"checkpoint {path!r} has no EMA weights (drop --ema)")
             weights = ckpt["ema"]
         ckpt_io.load_state(model, weights, path)

@@ -9,7 +9,10 @@ validation top-1 improves, ``OUTPUT/best.pt`` (weights only), both atomically, a
 one JSON line to ``OUTPUT/metrics.jsonl``. ``--resume OUTPUT/last.pt`` continues a run:
 the random states are restored, so the resumed epochs replay exactly what an
 uninterrupted run does (bit for bit on CPU; on GPU with ``--deterministic``, else up to
-kernel nondeterminism).
+kernel nondeterminism). The learning-rate schedule is rebuilt from the settings of the
+resumed run, placed by completed epochs: another world size or batch size keeps its
+place, and a larger ``--epochs`` stretches the cosine over the new total (the rate rises
+again: not the same as a run planned that long from the start).
 """
 
 from __future__ import annotations
@@ -67,19 +70,21 @@ def add_parser(sub) -> None:
     a("--drop-path", type=float, help="stochastic depth rate (default: the model's)")
     a("--amp", choices=["auto", "bf16", "fp16", "none"],
       help="mixed precision: auto = bf16 (or fp16) on GPU, off on CPU (default: auto)")
-    a("--ema", action="store_true", default=None, help="keep an EMA of the weights")
+    a("--ema", action=argparse.BooleanOptionalAction, default=None,
+      help="keep an EMA of the weights (default: off; on --resume: the checkpoint's)")
     a("--ema-decay", type=float, help=f"(default: {d['ema_decay']})")
     a("--mixup", type=float, help="mixup alpha, 0 = off (default: 0)")
     a("--cutmix", type=float, help="cutmix alpha, 0 = off (default: 0)")
     a("--img-size", type=int, help="input size (default: from the data)")
     a("--hflip", type=float, help="horizontal-flip probability for ImageFolder data "
                                   f"(default: {d['hflip']})")
-    a("--workers", type=int, help="data-loading processes per rank (default: 0 for digits, "
-                                  "min(8, cpus) for folders)")
+    a("--workers", type=int, help="data-loading processes per rank for ImageFolder data "
+                                  "(default: min(8, cpus); the digits always load in-process)")
     a("--seed", type=int, help=f"(default: {d['seed']})")
     a("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
     a("--output", help="run folder for checkpoints and metrics (default: "
-                       "runs/<model>-<data>-<time>; on --resume: the checkpoint's folder)")
+                       "runs/<model>-<data>-<time>; on --resume: the folder of the "
+                       "checkpoint resumed, wherever it is now)")
     a("--resume", help="continue from this last.pt (or the run folder holding it)")
     a("--no-progress", dest="progress", action="store_false", default=None,
       help="no progress bars")
@@ -88,9 +93,10 @@ def add_parser(sub) -> None:
            "(natkit's Triton kernels take their deterministic path: default configs, the "
            "rpb gradient without atomics); slower. CPU runs are deterministic anyway "
            "(default: off; on --resume: the checkpoint's)")
-    a("--compile", action="store_true", default=None,
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile the training step's model (inductor: the first steps compile it; "
-           "validation runs eagerly); checkpoints are the same as without it")
+           "validation runs eagerly); checkpoints are the same as without it (default: off; "
+           "on --resume: the checkpoint's)")
     p.set_defaults(func=run)
 
 
@@ -102,8 +108,8 @@ def resolve_config(args: argparse.Namespace, saved: dict | None) -> dict:
     if explicit.get("data", "digits") != "digits":
         explicit["data"] = os.path.abspath(explicit["data"])
     cfg = dict(DEFAULTS)
-    if saved is not None:
-        cfg.update({k: v for k, v in saved.items() if k in DEFAULTS})
+    if saved is not None:  # not its --output: a resumed run continues where its checkpoint is
+        cfg.update({k: v for k, v in saved.items() if k in DEFAULTS and k != "output"})
         changed = {k: v for k, v in explicit.items() if saved.get(k) != v
                    and k not in ("device", "progress", "workers", "output", "compile")}
         if changed:
@@ -150,6 +156,23 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
         t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
     return factor
+
+
+def schedule(optimizer: torch.optim.Optimizer, cfg: dict, steps_per_epoch: int,
+             epochs_done: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """This run's settings on the optimizer (``--lr``, ``--weight-decay``: a resumed
+    optimizer state carries its old ones) and its warmup + cosine schedule, per step,
+    placed after ``epochs_done`` epochs of this run's steps. Placed by epochs, not by a
+    saved step count: a resumed run may have another world size or batch size."""
+    for group, decay in zip(optimizer.param_groups, (cfg["weight_decay"], 0.0)):
+        group["weight_decay"] = decay
+        group["initial_lr"] = cfg["lr"]
+    total_steps = steps_per_epoch * cfg["epochs"]
+    warmup_steps = int(min(cfg["warmup_epochs"] * steps_per_epoch, total_steps))
+    min_ratio = cfg["min_lr"] / cfg["lr"] if cfg["lr"] > 0 else 0.0
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, warmup_steps, min_ratio),
+        last_epoch=epochs_done * steps_per_epoch - 1)
 
 
 class EMA:
@@ -249,8 +272,15 @@ def _train(args, d: distributed.Dist) -> int:
     ema = EMA(model, cfg["ema_decay"]) if cfg["ema"] else None
 
     if saved is not None:
-        out_dir = cfg["output"] or os.path.dirname(os.path.abspath(resume_path))
+        ckpt_dir = os.path.dirname(os.path.abspath(resume_path))
+        out_dir = cfg["output"] or ckpt_dir
+        last = os.path.join(out_dir, "last.pt")
+        if os.path.exists(last) and not os.path.samefile(last, resume_path):
+            raise CLIError(f"--output {out_dir!r} already holds another run's checkpoint "
+                           f"(last.pt); resume into the folder of {resume_path!r} (no "
+                           f"--output) or choose another --output")
     else:
+        ckpt_dir = None
         stamp = time.strftime("%Y%m%d-%H%M%S")
         dname = "digits" if cfg["data"] == "digits" else data.name
         out_dir = cfg["output"] or os.path.join("runs", f"{cfg['model']}-{dname}-{stamp}")
@@ -276,13 +306,8 @@ def _train(args, d: distributed.Dist) -> int:
         num_workers=data.loader_workers, pin_memory=device.type == "cuda")
 
     steps_per_epoch = len(loader)
-    total_steps = steps_per_epoch * cfg["epochs"]
-    warmup_steps = int(min(cfg["warmup_epochs"] * steps_per_epoch, total_steps))
     optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["lr"],
                                   betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, warmup_steps,
-                                 cfg["min_lr"] / cfg["lr"] if cfg["lr"] > 0 else 0.0))
     amp_dtype = autocast_dtype(cfg["amp"], device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -297,12 +322,11 @@ def _train(args, d: distributed.Dist) -> int:
                 raise CLIError(f"checkpoint {resume_path!r} has no EMA weights; resume "
                                f"without --ema")
             ckpt_io.load_state(ema.module, saved["ema"], resume_path, "EMA")
-        try:
+        try:  # the schedule is rebuilt from this run's settings below, not loaded
             optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
             scaler.load_state_dict(saved["scaler"])
         except (ValueError, KeyError, RuntimeError) as err:
-            raise CLIError(f"checkpoint {resume_path!r}: optimizer/scheduler state does not "
+            raise CLIError(f"checkpoint {resume_path!r}: optimizer state does not "
                            f"fit ({err})") from None
         start_epoch, best = saved["epoch"], saved.get("best_top1", -1.0)
         rngs = saved["rng"]
@@ -316,6 +340,7 @@ def _train(args, d: distributed.Dist) -> int:
             info(f"checkpoint {resume_path!r} already finished {start_epoch} of "
                  f"{cfg['epochs']} epochs; pass a larger --epochs to continue")
             return 0
+    scheduler = schedule(optimizer, cfg, steps_per_epoch, start_epoch)
 
     ddp_model = model
     if d.enabled:
@@ -328,9 +353,9 @@ def _train(args, d: distributed.Dist) -> int:
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if d.main:
         make_folder(out_dir, "--output")
-        _trim_metrics(metrics_path, start_epoch)
+        _carry_metrics(ckpt_dir, out_dir, start_epoch)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump({**cfg, "world_size": d.world, "model_kwargs": model_kwargs}, f, indent=1)
+            json.dump({**cfg, "output": out_dir, "world_size": d.world, "model_kwargs": model_kwargs}, f, indent=1)
         n_params = sum(p.numel() for p in model.parameters())
         info(f"natkit train: {cfg['model']} ({n_params / 1e6:.2f}M params) on {cfg['data']} "
              f"({n_train} train / {len(data.val)} val images, {len(data.classes)} classes, "
@@ -414,7 +439,8 @@ def _train(args, d: distributed.Dist) -> int:
                 "scaler": scaler.state_dict(), "epoch": epoch + 1, "best_top1": best,
                 "rng": rngs, "args": cfg, "metrics": record, "world_size": d.world,
             }
-            ckpt_io.save_atomic(state, os.path.join(out_dir, "last.pt"))
+            # last.pt last: a run killed in between resumes from the previous epoch, whose
+            # metrics lines the resume trims and whose best.pt the resumed epoch rewrites
             if improved:
                 weights = {k: state[k] for k in (ckpt_io.TAG, "model_name", "model_kwargs",
                                                  "classes", "preprocess", "data", "epoch",
@@ -423,6 +449,7 @@ def _train(args, d: distributed.Dist) -> int:
                 ckpt_io.save_atomic(weights, os.path.join(out_dir, "best.pt"))
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            ckpt_io.save_atomic(state, os.path.join(out_dir, "last.pt"))
             ema_txt = (f" ema top-1 {record['ema_val_top1']:.2f}" if ema is not None else "")
             info(f"epoch {epoch + 1}/{cfg['epochs']}: train loss {record['train_loss']:.4f} "
                  f"acc {record['train_acc']:.2f} | val loss {val['loss']:.4f} top-1 "
@@ -435,13 +462,24 @@ def _train(args, d: distributed.Dist) -> int:
     return 0
 
 
-def _trim_metrics(path: str, epochs_done: int) -> None:
-    """On resume, drops lines of epochs the checkpoint does not include (killed runs)."""
-    if not os.path.exists(path):
+def _carry_metrics(ckpt_dir: str | None, out_dir: str, epochs_done: int) -> None:
+    """On resume, ``out_dir/metrics.jsonl`` gets the checkpoint folder's lines of the epochs
+    the checkpoint includes: lines of later epochs (a killed run) and torn lines (killed
+    while writing) are dropped."""
+    src = os.path.join(ckpt_dir, "metrics.jsonl") if ckpt_dir else None
+    if src is None or not os.path.exists(src):
         return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln)["epoch"] <= epochs_done]
-    tmp = path + ".tmp"
+    with open(src) as f:
+        lines = [ln for ln in f if (e := _epoch_of(ln)) is not None and e <= epochs_done]
+    dst = os.path.join(out_dir, "metrics.jsonl")
+    tmp = dst + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(lines)
-    os.replace(tmp, path)
+    os.replace(tmp, dst)
+
+
+def _epoch_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return None
