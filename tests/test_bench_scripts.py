@@ -1,7 +1,7 @@
-"""The GPU benchmark's pieces that run without a GPU: FlexAttention's neighborhood mask (the
-Flex NA baseline) against the reference, and ``benchmarks/bench_gpu.py --smoke`` end to end
-with the Triton kernels in Triton's interpreter, so that the script works the first time
-a GPU is lent."""
+"""The benchmarks' pieces: the CPU timer's round-robin, case labels, and those of the GPU
+benchmark that run without a GPU: FlexAttention's neighborhood mask (the Flex NA baseline)
+against the reference, and ``benchmarks/bench_gpu.py --smoke`` end to end with the Triton
+kernels in Triton's interpreter, so that the script works the first time a GPU is lent."""
 
 from __future__ import annotations
 
@@ -19,9 +19,36 @@ import torch
 
 from natkit.backends.reference import na_reference
 from natkit.bench.flex import FlexNA
+from natkit.bench.runner import Case
+from natkit.bench.timing import time_each_ms
 from sweep import make_inputs, params, random_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_timer_takes_repetitions_round_robin():
+    """On the CPU every contender runs once per round (a burst of load hits all alike);
+    one that raises is reported, not timed, and the others still are."""
+    calls = []
+
+    def contender(name):
+        def fn():
+            calls.append(name)
+        return fn
+
+    def broken():
+        raise RuntimeError("out of memory")
+    times = time_each_ms([contender("a"), broken, contender("b")], "cpu", warmup=2, reps=3)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert isinstance(times[1], RuntimeError)
+    assert all(isinstance(t, float) and t >= 0 for t in (times[0], times[2]))
+
+
+def test_case_labels_tell_dilation_apart():
+    base = dict(name="x", batch=2, spatial=(20, 20), heads=4, head_dim=32, kernel=(5, 5))
+    assert Case(**base).describe() == "2x20x20 h4 d32 k5x5"
+    assert Case(**base, dilation=(1, 1)).describe() == "2x20x20 h4 d32 k5x5"
+    assert Case(**base, dilation=(2, 2)).describe() == "2x20x20 h4 d32 k5x5 dil2x2"
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

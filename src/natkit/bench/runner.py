@@ -5,7 +5,7 @@ inputs: every natkit backend that can run the case, Swin window self-attention (
 ``bench.baselines.window_attention``: the baseline of the ratios), full attention
 (``baselines.full_attention``) and, on CUDA, FlexAttention with a neighborhood mask
 (``natkit.bench.flex`` when present, else the mask below). Forward and forward+backward,
-median milliseconds (``timing.time_ms``) and peak extra CUDA memory.
+median milliseconds (``timing.time_each_ms``: round-robin on the CPU) and peak extra CUDA memory.
 
 ``run_models`` times NAT models against timm's Swin-T (inference and a training step).
 """
@@ -24,7 +24,7 @@ import torch
 from .._checks import NAParams
 from .._flops import na_flops
 from . import baselines
-from .timing import peak_memory_mb, time_ms
+from .timing import peak_memory_mb, time_each_ms
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,10 @@ class Case:
 
     def describe(self) -> str:
         k = "x".join(map(str, self.kernel))
+        dil = ("" if all(x == 1 for x in self.dilation)
+               else " dil" + "x".join(map(str, self.dilation)))
         return (f"{self.batch}x{'x'.join(map(str, self.spatial))} h{self.heads} d{self.head_dim}"
-                f" k{k}")
+                f" k{k}{dil}")
 
 
 # NAT-Tiny stage shapes: batch 64 on GPU, 8 on CPU (../shared/BENCH.md); None = by device
@@ -233,34 +235,45 @@ def run_case(case: Case, device: str, dtype: torch.dtype, modes: Sequence[str],
         grad = mode == "fwd+bwd"
         qq, kk_, vv = (t.detach().requires_grad_(grad) for t in (q, k, v))
         dout = rand(*shape) if grad else None
-        rows = []
+        rows, timed = [], []
         for name, fn, note, prep in contenders(case, device, qq, bias, grad, include, flex):
             r = Result(case.name, case.describe(), mode, name, rpb, note=note)
-            if fn is not None:
-                ins, g = (qq, kk_, vv), dout
-                if prep is not None:
-                    ins = tuple(prep(t.detach()).requires_grad_(grad) for t in (q, k, v))
-                    g = prep(dout) if grad else None
-                if grad:
-                    def call(fn=fn, ins=ins, g=g):
-                        out = fn(*ins)
-                        return torch.autograd.grad(out, ins, g)
-                else:
-                    def call(fn=fn, ins=ins):
-                        with torch.no_grad():
-                            return fn(*ins)
-                t0 = time.perf_counter()
-                try:
-                    r.ms = time_ms(call, device, reps=reps)
-                    r.peak_mb = peak_memory_mb(call, device)
-                    if log is not None:
-                        log(f"  {case.name} {mode}{' rpb' if rpb else ''} {name}: {r.ms:.3f} ms "
-                            f"({time.perf_counter() - t0:.1f}s)")
-                except (RuntimeError, ValueError, torch.OutOfMemoryError) as err:
-                    r.note = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
             rows.append(r)
+            if fn is None:
+                continue
+            ins, g = (qq, kk_, vv), dout
+            if prep is not None:
+                ins = tuple(prep(t.detach()).requires_grad_(grad) for t in (q, k, v))
+                g = prep(dout) if grad else None
+            if grad:
+                def call(fn=fn, ins=ins, g=g):
+                    out = fn(*ins)
+                    return torch.autograd.grad(out, ins, g)
+            else:
+                def call(fn=fn, ins=ins):
+                    with torch.no_grad():
+                        return fn(*ins)
+            timed.append((r, call))
+        t0 = time.perf_counter()
+        errors = (RuntimeError, ValueError, torch.OutOfMemoryError)
+        times = time_each_ms([call for _, call in timed], device, reps=reps, errors=errors)
+        for (r, call), ms in zip(timed, times):
+            try:
+                if isinstance(ms, Exception):
+                    raise ms
+                r.ms = ms
+                r.peak_mb = peak_memory_mb(call, device)
+            except errors as err:
+                r.ms = None
+                r.note = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            if log is not None:
+                log(f"  {case.name} {mode}{' rpb' if rpb else ''} {r.contender}: {r.ms:.3f} ms")
+        if log is not None:
+            log(f"  ({case.name} {mode}{' rpb' if rpb else ''}: "
+                f"{time.perf_counter() - t0:.1f}s)")
         wsa = next((r.ms for r in rows if r.contender == BASELINE and r.ms), None)
         full = next((r.ms for r in rows if r.contender == "full" and r.ms), None)
         flops = _flops(case, grad)

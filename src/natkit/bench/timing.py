@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 
 def time_ms(fn: Callable[[], object], device: str, warmup: int = 3, reps: int = 10) -> float:
@@ -21,6 +21,41 @@ def time_ms(fn: Callable[[], object], device: str, warmup: int = 3, reps: int = 
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def time_each_ms(fns: Sequence[Callable[[], object]], device: str, warmup: int = 3,
+                 reps: int = 10, errors: tuple = (RuntimeError, ValueError)
+                 ) -> list[float | Exception]:
+    """Median milliseconds of each ``fn()``, or the error (one of ``errors``) it raised.
+
+    On CUDA each is timed by ``time_ms`` in turn. On the CPU the repetitions are taken
+    round-robin (every contender once per round), so a burst of load from elsewhere hits all
+    of them alike instead of one contender's block of repetitions."""
+    out: list[float | Exception] = []
+    if device == "cuda":
+        import torch
+        for fn in fns:
+            try:
+                out.append(time_ms(fn, device, warmup, reps))
+            except errors as err:
+                out.append(err)
+                torch.cuda.empty_cache()
+        return out
+    times: list[list[float] | Exception] = []
+    for fn in fns:
+        try:
+            for _ in range(warmup):
+                fn()
+            times.append([])
+        except errors as err:
+            times.append(err)
+    for _ in range(reps):
+        for fn, t in zip(fns, times):
+            if isinstance(t, list):
+                start = time.perf_counter()
+                fn()
+                t.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) if isinstance(t, list) else t for t in times]
 
 
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
