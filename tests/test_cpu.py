@@ -260,6 +260,59 @@ def test_can_be_disabled_by_environment(monkeypatch):
     assert choose_backend(None, p, q, None, False).name == "torch"
 
 
+def _load_in_subprocess(timeout=300, **env):
+    code = ("import torch, natkit; from natkit.backends.cpu import _build;"
+            " q = torch.randn(1, 9, 2, 8); natkit.na1d(q, q, q, 3);"
+            " print(repr(_build.build_error()))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **env)
+    return subprocess.run([sys.executable, "-c", code], env=env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def test_a_killed_build_does_not_block_later_processes():
+    """torch's builder leaves its ``lock`` file behind when killed; every later load used to
+    wait on it forever. natkit's own lock (dropped with its process) takes precedence."""
+    from torch.utils.cpp_extension import _get_build_directory
+    stale = os.path.join(_get_build_directory(_build.module_name(), False), "lock")
+    open(stale, "w").close()
+    try:
+        r = _load_in_subprocess(timeout=120)
+    finally:
+        leftover = os.path.exists(stale)
+        if leftover:
+            os.remove(stale)
+    assert r.returncode == 0 and r.stdout.strip() == "None", r.stderr
+    assert not leftover and "left by a build that was killed" in r.stderr
+
+
+def test_unusable_cache_folder_falls_back_with_the_reason(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = _load_in_subprocess(TORCH_EXTENSIONS_DIR=str(blocker / "cache"))
+    assert r.returncode == 0, r.stderr  # the call ran (on the portable backend)
+    assert "compiling the fused CPU kernels failed" in r.stdout and "NotADirectoryError" in r.stdout
+    assert "automatic dispatch uses the portable backend" in r.stderr
+
+
+def test_read_only_cache_serves_its_library(monkeypatch):
+    def read_only(folder):
+        raise PermissionError(30, "Read-only file system", os.path.join(folder, "natkit.lock"))
+    monkeypatch.setattr(_build, "_exclusive", read_only)
+    module = _build._build(_build.module_name())
+    assert all(hasattr(module, name) for name in _build.FUNCTIONS)
+
+
+def test_build_failure_reason_names_the_march_override(monkeypatch):
+    monkeypatch.setenv("NATKIT_CPU_MARCH", "bogus-arch")
+    err = RuntimeError("Error building extension 'natkit_cpu_x': [1/2] c++ -march=bogus-arch\n"
+                       "cc1plus: error: bad value 'bogus-arch' for '-march=' switch\n"
+                       "cc1plus: note: valid arguments are: nocona core2 " + "x " * 400)
+    reason = _build._reason(err)
+    assert "NATKIT_CPU_MARCH='bogus-arch'" in reason
+    assert "bad value 'bogus-arch' for '-march=' switch" in reason
+    assert "valid arguments" not in reason and len(reason) < 600
+
+
 def test_second_process_uses_the_cached_build():
     code = ("import time, torch; from natkit.backends.cpu import _build; t = time.perf_counter();"
             " _build.load(); print(time.perf_counter() - t)")

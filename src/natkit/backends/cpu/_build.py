@@ -3,13 +3,23 @@
 ``torch.utils.cpp_extension.load_inline`` builds with the system C++ compiler into the torch
 extensions directory (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``);
 later processes load the cached library without compiling. The module name carries a hash
-of the source, the flags and the CPU's instruction-set flags, so a changed kernel or a
-different CPU (``-march=native``) gets its own build instead of a stale or illegal one.
+of the source, the flags, the torch version and the CPU's instruction-set flags, so a
+changed kernel, another torch or a different CPU (``-march=native``) gets its own build
+instead of a stale or illegal one.
+
+Processes building at once (pytest-xdist workers, torchrun ranks) take turns on an
+``fcntl`` lock in the build folder. The kernel drops it when its process dies, so a build
+killed half-way (a CI timeout, a preempted rank) cannot block later processes, as the lock
+file torch's builder leaves behind would (every later load waits on it forever): whoever
+holds natkit's lock removes that file. A cache folder that cannot be written (a read-only
+mount baked into an image) still serves a library built there before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
@@ -17,6 +27,11 @@ import shutil
 import threading
 import time
 from typing import Optional
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: torch's own lock file only
+    fcntl = None
 
 from ._source import FUNCTIONS, SOURCE
 
@@ -45,7 +60,8 @@ def _cpu_flags() -> str:
 
 
 def module_name() -> str:
-    key = "\n".join([SOURCE, " ".join(CFLAGS), _cpu_flags()]).encode()
+    import torch
+    key = "\n".join([SOURCE, " ".join(CFLAGS), torch.__version__, _cpu_flags()]).encode()
     return "natkit_cpu_" + hashlib.sha256(key).hexdigest()[:16]
 
 
@@ -75,20 +91,75 @@ def load():
         if reason is not None:
             _error = reason
             raise RuntimeError(reason)
-        from torch.utils.cpp_extension import _get_build_directory, load_inline
         name = module_name()
-        if not os.path.exists(os.path.join(_get_build_directory(name, False), name + ".so")):
-            logger.warning("natkit: compiling the fused CPU kernel (first use on this machine, "
-                           "about 30 s; cached afterwards)")
         start = time.perf_counter()
         try:
-            _module = load_inline(name, cpp_sources=[SOURCE], functions=FUNCTIONS,
-                                  extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, verbose=False)
-        except Exception as err:  # compiler errors, missing headers, ...
-            _error = f"compiling the fused CPU kernels failed: {str(err).strip()[-500:]}"
+            _module = _build(name)
+        except Exception as err:  # compiler errors, missing headers, unusable folders, ...
+            _error = _reason(err)
+            logger.warning("natkit: %s; automatic dispatch uses the portable backend "
+                           "(slower)", _error)
             raise RuntimeError(_error) from err
         compile_seconds = time.perf_counter() - start
         return _module
+
+
+def _build(name: str):
+    from torch.utils.cpp_extension import _get_build_directory, load_inline
+    folder = _get_build_directory(name, False)
+    library = os.path.join(folder, name + ".so")
+    try:
+        with _exclusive(folder):
+            if not os.path.exists(library):
+                logger.warning("natkit: compiling the fused CPU kernel (first use on this "
+                               "machine, about 30 s; cached afterwards)")
+            return load_inline(name, cpp_sources=[SOURCE], functions=FUNCTIONS,
+                               extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, verbose=False)
+    except OSError:
+        if not os.path.exists(library):
+            raise
+        return _import(name, library)  # a read-only cache with the library in it
+
+
+@contextlib.contextmanager
+def _exclusive(folder: str):
+    """natkit's build lock on ``folder``; holding it, torch's lock file there is a dead
+    build's (every natkit process builds under this lock) and is removed."""
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, "natkit.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        locked = False
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                locked = True
+            except OSError:  # a file system without locks (some network mounts): torch's
+                pass
+        if locked:
+            stale = os.path.join(folder, "lock")
+            if os.path.exists(stale):
+                logger.warning("natkit: removing %s, left by a build that was killed", stale)
+                os.remove(stale)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _import(name: str, library: str):
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _reason(err: Exception) -> str:
+    """One line on why the build failed: the compiler's error lines when there are any."""
+    text = str(err).strip()
+    errors = [ln.strip() for ln in text.splitlines() if "error" in ln.lower()]
+    detail = " | ".join(errors[:3])[:400] if errors else text[-400:]
+    march = os.environ.get("NATKIT_CPU_MARCH")
+    where = f" with NATKIT_CPU_MARCH={march!r} (-march={march})" if march else ""
+    return f"compiling the fused CPU kernels{where} failed: {type(err).__name__}: {detail}"
 
 
 def known_error() -> Optional[str]:

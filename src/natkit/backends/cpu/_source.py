@@ -322,12 +322,14 @@ static inline void chunk_mask(const Lanes& ln, int t0, vi* ok) {
     for (int l = 0; l < VL; ++l) ok[j][l] = t0 + j < ln.cnt[l] ? -1 : 0;
 }
 
-// Bias of chunk entries (x index rb[l] + sgn * (t0 + j)) from one bias row.
+// Bias of chunk entries (x index rb[l] + sgn * (t0 + j)) from one bias row. Masked entries
+// of lanes with fewer keys (or queries) than the chunk's longest run past their row's
+// start in the key pass (sgn = -1): their index is clamped (the value is masked anyway).
 template <int NJ>
 static inline void bias_chunk(const Lanes& ln, const float* row, int t0, int sgn, vf* bias) {
   for (int j = 0; j < NJ; ++j) {
     if (ln.rb_uniform) bias[j] = splat(row[ln.rb[0] + sgn * (t0 + j)]);
-    else for (int l = 0; l < VL; ++l) bias[j][l] = row[ln.rb[l] + sgn * (t0 + j)];
+    else for (int l = 0; l < VL; ++l) bias[j][l] = row[std::max(0, ln.rb[l] + sgn * (t0 + j))];
   }
 }
 
