@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
 from bench_gpu import SHAPES  # noqa: E402
 
 from natkit.backends.triton import aot, configs  # noqa: E402
@@ -66,7 +67,8 @@ def main():
                         kinds += [("dq", "separate"), ("drpb", "separate")]
                 for kind, scheme in kinds:
                     label = "dq-" if (kind, scheme) == ("dq", "separate") else kind
-                    cands = configs.candidates(nd, configs.block_d(d), groups, kind, rpb)
+                    cands = configs.candidates(nd, configs.block_d(d), groups, kind, rpb,
+                                               dtype=torch.bfloat16)
                     for i, cfg in enumerate(cands):
                         work = tile_work(spatial, kernel, ones, ones, (False,) * nd, cfg,
                                          kind, batch_heads=b * h)

@@ -148,7 +148,8 @@ def test_every_2d_candidate(head_dim, rpb):
     c = cfg((12, 20), 5, rpb=rpb, heads=2, kv_heads=1, head_dim=head_dim)
     group_lengths = (1, 12, 20)
     kinds = configs.KINDS if rpb else ("fwd", "dq", "dkdv")
-    per_kind = {kind: configs.candidates(2, configs.block_d(c.head_dim), group_lengths, kind, rpb)
+    per_kind = {kind: configs.candidates(2, configs.block_d(c.head_dim), group_lengths, kind, rpb,
+                                         dtype=torch.float32)  # what check() runs
                 for kind in kinds}
     for i in range(max(len(v) for v in per_kind.values())):
         chosen = {kind: cands[min(i, len(cands) - 1)] for kind, cands in per_kind.items()}
@@ -175,7 +176,8 @@ def test_separate_drpb_scheme(name, sms, partial, monkeypatch, deterministic):
     monkeypatch.setattr(op, "_sms", lambda device: sms)
     g = op.geometry(torch.empty(c.batch, *c.spatial, c.heads, c.head_dim), c.kernel_size,
                     c.dilation, c.stride, c.is_causal)
-    tile = configs.candidates(g.ndim, configs.block_d(c.head_dim), g.group_lengths, "drpb")[0]
+    tile = configs.candidates(g.ndim, configs.block_d(c.head_dim), g.group_lengths, "drpb",
+                              True, dtype=torch.float32)[0]
     assert (op.drpb_layout(g, tile, c.batch, c.heads, sms).splits > 1) == (sms > 0)
     deterministic(partial)
     with configs.override(drpb="separate"):
@@ -232,8 +234,9 @@ def test_deterministic_mode(deterministic, monkeypatch):
     monkeypatch.setattr(configs, "_CACHE", {})
     key = ("k",)
     configs._CACHE[("fwd",) + key] = tuned
-    cands = configs.candidates(2, 16, (1, 9, 11), "fwd")
-    assert configs.choose("fwd", key, 2, 16, (1, 9, 11), "cuda", None) == cands[0] != tuned
+    cands = configs.candidates(2, 16, (1, 9, 11), "fwd", False, dtype=torch.float32)
+    assert configs.choose("fwd", key, 2, 16, (1, 9, 11), "cuda", None, False,
+                          torch.float32) == cands[0] != tuned
     assert configs._CACHE == {("fwd",) + key: tuned}
     # bitwise repeatable gradients
     torch.manual_seed(0)
@@ -255,6 +258,51 @@ def test_deterministic_mode(deterministic, monkeypatch):
     assert configs.last_drpb_scheme() == "fused"
 
 
+@pytest.mark.parametrize("drpb", ["fused", "separate"])
+def test_offsets_past_2_31_elements_per_batch_element(drpb):
+    """A query whose batch element spans more than 2^31 elements (spatial stride 2^30, as a
+    view into a 10 GB storage of which only the view's elements are touched; under the
+    interpreter the storage stays virtual): the kernels compute offsets in int64, forward
+    and every gradient, rpb (both schemes) and extra tokens included (in int32, queries 2
+    and 3 read and wrote wrapped addresses)."""
+    c = cfg((4,), 3, heads=1, kv_heads=1, rpb=True, num_extra=2)
+    pre, stride = 2**31 + 64, 2**30
+    base = torch.empty(pre + 3 * stride + 16, dtype=torch.float16, device=DEVICE)
+    inputs = make_inputs(c, torch.float16, DEVICE)
+    q = base.as_strided((1, 4, 1, 16), (0, stride, 16, 1), storage_offset=pre)
+    with torch.no_grad():
+        q.copy_(inputs["query"])
+    inputs["query"] = q.requires_grad_()
+    assert op._big(q) and not op._big(inputs["key"])
+    with configs.override(drpb=drpb):
+        out, lse = run(c, inputs, "triton")
+        ref_in = {n: None if t is None else t.detach().double().requires_grad_()
+                  for n, t in inputs.items()}
+        ref, ref_lse = run(c, ref_in, "reference")
+        torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=0)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=2e-3, rtol=0)
+        names = [n for n, t in inputs.items() if t is not None]
+        dout = torch.randn_like(ref)
+        got = torch.autograd.grad(out, [inputs[n] for n in names], dout.half())
+        want = torch.autograd.grad(ref, [ref_in[n] for n in names], dout)
+    assert configs.last_drpb_scheme() == drpb
+    for name, a, b in zip(names, got, want):
+        torch.testing.assert_close(a.double(), b, atol=5e-3, rtol=0, msg=name)
+
+
+def test_one_grid_axis_for_any_batch_and_heads():
+    """CUDA caps a grid's second and third axes at 65535 programs: batch * heads goes on the
+    first axis with the tile slots (``window.program_ids``), at any batch size."""
+    q = torch.empty(70000, 4, 2, 16, device="meta")
+    g = op.geometry(q, (3,), (1,), (1,), (False,))
+    tile = TileConfig((1, 1, 16), (1, 1, 16))
+    grid, args, _ = op.fwd_args(q, q, q, q, q[..., 0], None, None, None, g, tile, 0.25)
+    assert grid == (70000 * 2,)  # one slot of 16 queries, 2 heads
+    grid, _, _ = op.dkdv_args(q, q, q, q, q[..., 0], q[..., 0], q, q, None, g, tile, 0.25)
+    assert grid == (70000 * 2,)
+    assert not args[-1]  # int32 offsets: no batch element spans 2^31 elements
+
+
 def test_config_override_validation():
     with pytest.raises(ValueError, match="kind must be one of"):
         configs.set_override("bwd", TileConfig((1, 1, 16), (1, 1, 16)))
@@ -267,6 +315,15 @@ def test_config_override_validation():
     with pytest.raises(TypeError, match="for 'dq' must be a TileConfig or None"):
         configs.set_override("dq", "fused")
     assert configs.fit((4, 4, 8), (1, 3, 2)) == (1, 4, 4)  # clamped, then grown to 16 tokens
+    with pytest.raises(ValueError, match=r"q_tile must be 3 powers of two, got \(1, 3, 8\)"):
+        configs.set_override("fwd", TileConfig((1, 3, 8), (1, 1, 16)))
+    with pytest.raises(ValueError, match=r"k_tile must be 3 powers of two, got \(1, 16\)"):
+        configs.set_override("dq", TileConfig((1, 1, 16), (1, 16)))
+    with pytest.raises(ValueError, match="num_warps must be one of .* got 3"):
+        configs.set_override("dkdv", TileConfig((1, 1, 16), (1, 1, 16), num_warps=3))
+    with pytest.raises(ValueError, match="num_stages must be an int >= 1, got 0"):
+        configs.set_override("drpb", TileConfig((1, 1, 16), (1, 1, 16), num_stages=0))
+    assert configs._OVERRIDE == {}
 
 
 def test_drpb_scheme_choice(monkeypatch):
@@ -321,6 +378,9 @@ def test_autotuning_runs_every_kernel_and_both_drpb_schemes(monkeypatch):
     assert {key[0] for key in configs._CACHE} == {"fwd", "dq", "dkdv", "drpb"}
     assert {key[-1] for key in configs._CACHE if key[0] == "dq"} == {True, False}  # atomics or not
     assert list(configs._SCHEMES.values()) == [configs.last_drpb_scheme()]
+    # tuned per device and per product precision (GPUs differ in shared memory)
+    assert all("ieee" in key and any(str(k).startswith(DEVICE) for k in key)
+               for key in configs._CACHE)
 
 
 def test_strided_rpb():

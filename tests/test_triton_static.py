@@ -5,7 +5,8 @@ report gives registers and spill bytes (``natkit.backends.triton.aot``). A spill
 was once a 12x slower forward; this catches the next one when a kernel or the config table
 changes. Head dim 256 gets a small bound instead of zero (its 3-D dK/dV default, holding two
 ``[keys, 256]`` fp32 accumulators, spills 28 bytes). The loads of the tile loop must be
-software-pipelined wherever the config asks for more than one stage.
+software-pipelined wherever the config asks for more than one stage. Float32 defaults (16-
+bit tiles' bytes doubled) must fit in shared memory.
 
 The compiles run in subprocesses without ``TRITON_INTERPRET`` (which the test session sets),
 one per rank, in parallel.
@@ -30,10 +31,13 @@ def _compile_env() -> dict:
 
 @pytest.fixture(scope="module")
 def reports():
-    code = ("import json, sys\nfrom natkit.backends.triton.aot import default_report\n"
-            "for d in %r:\n"
-            "    for row in default_report(int(sys.argv[1]), d):\n"
-            "        print(json.dumps(dict(row, head_dim=d)))\n" % (HEAD_DIMS,))
+    code = ("import json, sys, torch\nfrom natkit.backends.triton.aot import default_report\n"
+            "torch.backends.cuda.matmul.allow_tf32 = True\n"  # TF32: the most shared memory
+            "for dtype in (torch.bfloat16, torch.float32):\n"
+            "    for d in %r:\n"
+            "        for row in default_report(int(sys.argv[1]), d, dtype):\n"
+            "            print(json.dumps(dict(row, head_dim=d, dtype=str(dtype))))\n"
+            % (HEAD_DIMS,))
     procs = {nd: subprocess.Popen([sys.executable, "-c", code, str(nd)], env=_compile_env(),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for nd in (1, 2, 3)}
@@ -45,9 +49,28 @@ def reports():
     return out
 
 
+@pytest.fixture(scope="module")
+def bf16_reports(reports):
+    return {nd: [r for r in rows if r["dtype"] == "torch.bfloat16"] for nd, rows in reports.items()}
+
+
 @pytest.mark.parametrize("ndim", [1, 2, 3])
-def test_defaults_do_not_spill(reports, ndim):
-    rows = reports[ndim]
+def test_float32_defaults_fit_in_shared_memory(reports, ndim):
+    """Float32 tiles take twice the bytes: every float32 default must still launch on an
+    H100 (227 KB of shared memory per program), as it runs untuned (deterministic mode,
+    ``NATKIT_TRITON_AUTOTUNE=0``). The forward's 16-bit default at head dims 65-128 needs
+    320 KB as float32 with TF32 (``configs._TABLE_F32``). Spills are not checked: float32
+    without TF32 lowers the products to FMA loops that spill (README)."""
+    rows = [r for r in reports[ndim] if r["dtype"] == "torch.float32"]
+    assert len(rows) == len(HEAD_DIMS) * (3 * 2 + 2)
+    too_big = [(r["kind"], r["rpb"], r["head_dim"], r["shared"]) for r in rows
+               if r["ctas_per_sm"] < 1]
+    assert not too_big, f"float32 defaults over 227 KB of shared memory: {too_big}"
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_defaults_do_not_spill(bf16_reports, ndim):
+    rows = bf16_reports[ndim]
     # every head dim: fwd, dQ, dK/dV with and without RPB, and the dRPB kernel's two variants
     assert len(rows) == len(HEAD_DIMS) * (3 * 2 + 2)
     bad = [r for r in rows if r["spill_bytes"] > (0 if r["head_dim"] <= 128 else 64)]
@@ -63,13 +86,14 @@ def test_defaults_do_not_spill(reports, ndim):
 
 
 @pytest.mark.parametrize("ndim", [1, 2, 3])
-def test_forward_bias_stays_in_the_scores_layout(reports, ndim):
+def test_forward_bias_stays_in_the_scores_layout(bf16_reports, ndim):
     """RPB costs the forward its gather, not a detour through shared memory. The bias was
     once gathered inside the masked/unmasked branch, got a register layout of its own and
     the scores were converted to it through shared memory: the loop grew 1.7-2.3x over the
     same config without RPB and gained 10-11 shared stores. Gathered before the product it
     costs 1.2-1.5x and 1-4 stores (a P tile staged for the second product)."""
-    rows = [r for r in reports[ndim] if r["kind"] == "fwd" and r["rpb"] and r["head_dim"] <= 128]
+    rows = [r for r in bf16_reports[ndim]
+            if r["kind"] == "fwd" and r["rpb"] and r["head_dim"] <= 128]
     assert len(rows) == 3
     for r in rows:
         assert r["loop_instructions"] <= 1.6 * r["loop_instructions_without_rpb"], r

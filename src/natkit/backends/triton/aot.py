@@ -114,7 +114,7 @@ def launch_args(kind: str, cfg: configs.TileConfig, p: Problem) -> tuple:
     table = math.prod(2 * x - 1 for x in g.K)
     if kind == "dq":
         atomics = p.rpb and p.drpb_scheme == "fused"
-        ncopy = min(64, op.dq_grid(g, cfg, q)[0]) if atomics else 1
+        ncopy = min(64, op.dq_slots(g, cfg)) if atomics else 1
         drpb = t(ncopy, p.heads, table, dtype=torch.float32) if atomics else None
         return op.dq_args(q, k, v, dout, lse, delta, dq, rpb, drpb, ncopy, ek, ev, g, cfg,
                           scale)[1]
@@ -155,7 +155,7 @@ def compile_kernel(kind: str, cfg: configs.TileConfig, p: Problem, arch: int = 9
                 if spec == "D":
                     attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, signature, constants, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 128),
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
@@ -232,12 +232,18 @@ def loop_shared_stores(sass: str) -> int:
     return sum(1 for i in inside if re.match(r"(@!?U?P\w+\s+)?STS\b", body[i]))
 
 
-@lru_cache(maxsize=None)
 def resources(kind: str, cfg: configs.TileConfig, p: Problem, arch: int = 90) -> Resources:
     """ptxas's resource use of kernel ``kind`` (one of ``KERNELS``) with ``cfg``.
 
     Registers and spills come from ``ptxas -v`` on Triton's PTX (Triton's own ptxas run does
-    not report them without a GPU); the SASS is Triton's cubin, disassembled."""
+    not report them without a GPU); the SASS is Triton's cubin, disassembled. Float32
+    problems compile with the products ``torch.backends.cuda.matmul.allow_tf32`` asks for."""
+    return _resources(kind, cfg, p, arch, torch.backends.cuda.matmul.allow_tf32)
+
+
+@lru_cache(maxsize=None)
+def _resources(kind: str, cfg: configs.TileConfig, p: Problem, arch: int,
+               allow_tf32: bool) -> Resources:
     compiled = compile_kernel(kind, cfg, p, arch)
     ptx_text = compiled.asm["ptx"]
     suffix = "a" if arch >= 90 else ""
@@ -293,19 +299,22 @@ def mma_bound_ms(kind: str, cfg: configs.TileConfig, block_d: int, tile_visits: 
     return 1e3 * flops / (SMS * MMA_FLOPS_PER_CLOCK[dtype] * CLOCK_HZ)
 
 
-def default_report(ndim: int, head_dim: int) -> list[dict]:
+def default_report(ndim: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """Resources of every kernel's default config (without and with RPB; the dRPB kernel only
     with, and in both its variants: atomics, and the partial tiles of deterministic mode)
-    for the rank's representative problem at ``head_dim``. Rows with RPB also give the
+    for the rank's representative problem at ``head_dim`` with ``dtype`` inputs (float32:
+    with the products ``torch.backends.cuda.matmul.allow_tf32`` asks for). Rows with RPB also give the
     loop of the same config compiled without it (``*_without_rpb``): what the bias itself
     costs."""
     out = []
     for kind in configs.KINDS:
         for rpb, det in ((False, False), (True, False)) if kind != "drpb" else ((True, False),
                                                                              (True, True)):
-            p = replace(REPRESENTATIVE[ndim], head_dim=head_dim, rpb=rpb, deterministic=det)
+            p = replace(REPRESENTATIVE[ndim], head_dim=head_dim, rpb=rpb, deterministic=det,
+                        dtype=dtype)
             group_lengths = (1,) * (3 - ndim) + tuple(p.spatial)
-            cfg = configs.candidates(ndim, configs.block_d(head_dim), group_lengths, kind, rpb)[0]
+            cfg = configs.candidates(ndim, configs.block_d(head_dim), group_lengths, kind, rpb,
+                                     dtype=dtype)[0]
             res = resources(kind, cfg, p)
             row = dict(kind=kind, rpb=rpb, deterministic=det, config=repr(cfg),
                        registers=res.registers,
@@ -321,10 +330,11 @@ def default_report(ndim: int, head_dim: int) -> list[dict]:
     return out
 
 
-if __name__ == "__main__":  # python -m natkit.backends.triton.aot NDIM HEAD_DIM -> JSON lines
+if __name__ == "__main__":  # python -m natkit.backends.triton.aot NDIM HEAD_DIM [DTYPE] -> JSON
     import json
     import sys
-    for row in default_report(int(sys.argv[1]), int(sys.argv[2])):
+    dtype = getattr(torch, sys.argv[3]) if len(sys.argv) > 3 else torch.bfloat16
+    for row in default_report(int(sys.argv[1]), int(sys.argv[2]), dtype):
         print(json.dumps(row))
 
 

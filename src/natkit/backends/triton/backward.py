@@ -4,7 +4,7 @@ Scheme (as in FlashAttention-2 / Triton's fused-attention tutorial): probabiliti
 recomputed from the saved log-sum-exp; ``delta = rowsum(dO * O) - dlse`` folds the
 gradient of the returned log-sum-exp in (``d lse / d s = P``).
 
-- ``na_bwd_dq_kernel``, grid ``(query-tile slots, batch * heads)``: the forward's key box;
+- ``na_bwd_dq_kernel``, grid ``query-tile slots * batch * heads``: the forward's key box;
   ``dQ = scale * dS K``; with ``DRPB_ATOMICS`` (rpb-gradient scheme "fused", ``configs``)
   ``dRPB += dS`` by fp32 atomics, one per attended pair, into ``NCOPY`` private copies of
   the table (program ``pid`` uses copy ``pid % NCOPY``), so at most
@@ -16,18 +16,19 @@ gradient of the returned log-sum-exp in (``d lse / d s = P``).
   in registers and adds once per pair of the tile at the end: atomics drop from one per
   attended pair to one per program and tile element. A shift's programs walk only the
   query tiles that reach its key tile (host-built lists, ``work.drpb_slots_1d``).
-- ``na_bwd_dkdv_kernel``, grid ``(key-tile slots, batch * kv_heads)``: the inverse
+- ``na_bwd_dkdv_kernel``, grid ``key-tile slots * batch * kv_heads``: the inverse
   neighborhood (``window.query_box``) of every query head of the GQA group; deterministic,
   no atomics. ``dK = scale * dS^T Q``, ``dV = P^T dO``.
-- ``na_bwd_dkdv_extra_kernel``, grid ``(extra-token tiles, batch * kv_heads)``: every query
+- ``na_bwd_dkdv_extra_kernel``, grid ``extra-token tiles * batch * kv_heads``: every query
   attends the extra tokens, so their gradient is a reduction over all queries.
 """
 
 import triton
 import triton.language as tl
 
-from .window import (apply_mask, bias_tile, box_tile, key_box, query_box, query_windows,
-                     rpb_center, rpb_flat, slot_tile, tile_coords, tile_slot, win_end, win_start)
+from .window import (apply_mask, bias_tile, box_tile, key_box, program_ids, query_box,
+                     query_windows, rpb_center, rpb_flat, slot_tile, tile_coords, tile_slot, wide,
+                     win_end, win_start)
 
 
 @triton.jit
@@ -75,16 +76,15 @@ def na_bwd_dq_kernel(
         sekb, sekn, sekh, sekd,
         sevb, sevn, sevh, sevd,
         L0, L1, L2, K0, K1, K2, S0, S1, S2, D0, D1, D2,
-        NT1, NT2, H, G, E, qk_scale, scale, NCOPY,
+        NT1, NT2, NSLOTS, H, G, E, qk_scale, scale, NCOPY,
         C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, ND: tl.constexpr,
         BQ0: tl.constexpr, BQ1: tl.constexpr, BQ2: tl.constexpr,
         BK0: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_RPB: tl.constexpr, DRPB_ATOMICS: tl.constexpr, HAS_EXTRA: tl.constexpr,
-        PRECISION: tl.constexpr):
+        PRECISION: tl.constexpr, BIG: tl.constexpr):
     BLOCK_N: tl.constexpr = BK0 * BK1 * BK2
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid, bh = program_ids(NSLOTS, BIG)
     b = (bh // H).to(tl.int64)
     h = bh % H
     hk = h // G
@@ -146,7 +146,7 @@ def na_bwd_dq_kernel(
         ek_base = EK + b * sekb + hk * sekh
         ev_base = EV + b * sevb + hk * sevh
         for e0 in range(0, E, BLOCK_N):
-            n = e0 + tl.arange(0, BLOCK_N)
+            n = wide(e0 + tl.arange(0, BLOCK_N), BIG)
             evalid = n < E
             k = tl.load(ek_base + n[:, None] * sekn + dd[None, :] * sekd,
                         mask=evalid[:, None] & dmask[None, :], other=0.0)
@@ -173,7 +173,7 @@ def na_bwd_drpb_kernel(
         BQ0: tl.constexpr, BQ1: tl.constexpr, BQ2: tl.constexpr,
         BK0: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-        PARTIAL: tl.constexpr):
+        PARTIAL: tl.constexpr, BIG: tl.constexpr):
     """Program ``(shift * SPLITS + split, head)``: the key tile at one fixed offset from the
     query tile, over the work items ``split, split + SPLITS, ...`` of that shift: a batch
     element and a query tile that meets the key tile. ``SLOTS[d, s]`` (rows of ``ROW``
@@ -184,7 +184,7 @@ def na_bwd_drpb_kernel(
     ``DRPB`` (atomics, copy ``pid % NCOPY``), or with ``PARTIAL`` stores it to its own
     ``[BLOCK_M * BLOCK_N]`` row of ``DRPB`` for a deterministic sum on the host."""
     pid = tl.program_id(0)
-    h = tl.program_id(1)
+    h = wide(tl.program_id(1), BIG)
     hk = h // G
     shift = pid // SPLITS
     row0 = SLOTS + (shift // (NS1 * NS2)) * ROW
@@ -208,9 +208,9 @@ def na_bwd_drpb_kernel(
     for item in range(pid % SPLITS, BATCH * per_b, SPLITS):
         b = (item // per_b).to(tl.int64)
         t = item % per_b
-        g0, Lg0, a0 = slot_tile(tl.load(row0 + 2 + t // (n1 * n2)), L0, D0, BQ0)
-        g1, Lg1, a1 = slot_tile(tl.load(row1 + 2 + (t // n2) % n1), L1, D1, BQ1)
-        g2, Lg2, a2 = slot_tile(tl.load(row2 + 2 + t % n2), L2, D2, BQ2)
+        g0, Lg0, a0 = slot_tile(wide(tl.load(row0 + 2 + t // (n1 * n2)), BIG), L0, D0, BQ0)
+        g1, Lg1, a1 = slot_tile(wide(tl.load(row1 + 2 + (t // n2) % n1), BIG), L1, D1, BQ1)
+        g2, Lg2, a2 = slot_tile(wide(tl.load(row2 + 2 + t % n2), BIG), L2, D2, BQ2)
         i0 = a0 + u0
         i1 = a1 + u1
         i2 = a2 + u2
@@ -278,15 +278,14 @@ def na_bwd_dkdv_kernel(
         sdkb, sdk0, sdk1, sdk2, sdkh, sdkd,
         sdvb, sdv0, sdv1, sdv2, sdvh, sdvd,
         L0, L1, L2, K0, K1, K2, S0, S1, S2, D0, D1, D2,
-        NT1, NT2, H, HK, G, qk_scale, scale,
+        NT1, NT2, NSLOTS, H, HK, G, qk_scale, scale,
         C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, ND: tl.constexpr,
         BQ0: tl.constexpr, BQ1: tl.constexpr, BQ2: tl.constexpr,
         BK0: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_RPB: tl.constexpr, PRECISION: tl.constexpr):
+        HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, BIG: tl.constexpr):
     BLOCK_N: tl.constexpr = BK0 * BK1 * BK2
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid, bh = program_ids(NSLOTS, BIG)
     b = (bh // HK).to(tl.int64)
     hk = bh % HK
     g0, g1, g2, Lg0, Lg1, Lg2, c0, c1, c2 = tile_slot(
@@ -367,11 +366,11 @@ def na_bwd_dkdv_extra_kernel(
         sdob, sdo0, sdo1, sdo2, sdoh, sdod,
         sdekb, sdekn, sdekh, sdekd,
         sdevb, sdevn, sdevh, sdevd,
-        L0, L1, L2, H, HK, G, E, qk_scale, scale,
+        L0, L1, L2, NSLOTS, H, HK, G, E, qk_scale, scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        BIG: tl.constexpr):
+    pid, bh = program_ids(NSLOTS, BIG)
     b = (bh // HK).to(tl.int64)
     hk = bh % HK
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -387,7 +386,7 @@ def na_bwd_dkdv_extra_kernel(
     for gi in range(0, G):
         h = hk * G + gi
         for m0 in range(0, NQ, BLOCK_M):
-            m = m0 + tl.arange(0, BLOCK_M)
+            m = wide(m0 + tl.arange(0, BLOCK_M), BIG)
             qvalid = m < NQ
             r0 = m // (L1 * L2)
             r1 = (m // L2) % L1

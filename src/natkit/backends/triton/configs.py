@@ -132,6 +132,15 @@ _TABLE: dict[tuple[str, bool, int], str] = {
     ("drpb", True, 256): "4x4/2x8 w4 s1",
 }
 
+# float32 inputs hold 4-byte tiles in shared memory: where a 16-bit entry's default needs
+# more than an H100's 227 KB per program as float32, the float32 entry leaves it out (the
+# forward's 8x16 / 8x16 at head dims 65-128 takes 256 KB with IEEE products, 320 KB with
+# TF32; it would fail to launch whenever it runs untuned: NATKIT_TRITON_AUTOTUNE=0 and
+# deterministic mode). tests/test_triton_static.py compiles every float32 default.
+_TABLE_F32: dict[tuple[str, bool, int], str] = {
+    ("fwd", False, 128): "8x16/4x8 w8 s2, 8x8/8x8 w4 s2, 4x4/2x8 w4 s2",
+}
+
 # 1-D and 3-D tiles of the same token counts as the table's 2-D tiles
 _RANK_SHAPES = {
     1: lambda n: (1, 1, n),
@@ -156,12 +165,15 @@ def head_dim_class(block_d: int) -> int:
     return min(max(block_d, 32), 256)
 
 
-def candidates(ndim: int, block_d: int, group_lengths, kind: str = "fwd",
-               has_rpb: bool = False) -> list[TileConfig]:
-    """Autotuning candidates for one launch, default first, clamped to the problem."""
+def candidates(ndim: int, block_d: int, group_lengths, kind: str, has_rpb: bool, *,
+               dtype: torch.dtype) -> list[TileConfig]:
+    """Autotuning candidates for one launch (inputs of ``dtype``), default first, clamped
+    to the problem."""
     seen, out = set(), []
     has_rpb = has_rpb or kind == "drpb"  # the dRPB kernel exists only with a bias
-    for cfg in _parse(_TABLE[(kind, has_rpb, head_dim_class(block_d))], ndim):
+    entry = (kind, has_rpb, head_dim_class(block_d))
+    table = _TABLE_F32 if dtype == torch.float32 and entry in _TABLE_F32 else _TABLE
+    for cfg in _parse(table[entry], ndim):
         cfg = sanitize(cfg, group_lengths)
         if cfg not in seen:
             seen.add(cfg)
@@ -191,7 +203,21 @@ def set_override(kind: str, cfg: Union[TileConfig, str, None]) -> None:
         what = "a TileConfig, 'fused', 'separate'" if kind == "drpb" else "a TileConfig"
         raise TypeError(f"cfg for {kind!r} must be {what} or None, got {type(cfg).__name__}")
     else:
+        _check_config(cfg)
         _OVERRIDE[kind] = cfg
+
+
+def _check_config(cfg: TileConfig) -> None:
+    for name in ("q_tile", "k_tile"):
+        tile = getattr(cfg, name)
+        if (not isinstance(tile, tuple) or len(tile) != 3
+                or not all(isinstance(t, int) and t >= 1 and t & (t - 1) == 0 for t in tile)):
+            raise ValueError(f"TileConfig.{name} must be 3 powers of two, got {tile!r}")
+    if cfg.num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"TileConfig.num_warps must be one of (1, 2, 4, 8, 16), got "
+                         f"{cfg.num_warps!r}")
+    if not isinstance(cfg.num_stages, int) or cfg.num_stages < 1:
+        raise ValueError(f"TileConfig.num_stages must be an int >= 1, got {cfg.num_stages!r}")
 
 
 @contextlib.contextmanager
@@ -217,7 +243,7 @@ def autotune_enabled(device_type: str) -> bool:
 
 def choose(kind: str, key: tuple, ndim: int, block_d: int, group_lengths,
            device_type: str, bench: Callable[[TileConfig], float],
-           has_rpb: bool = False) -> TileConfig:
+           has_rpb: bool, dtype: torch.dtype) -> TileConfig:
     """The config for one launch; ``bench(cfg)`` times a candidate (used only when tuning)."""
     if isinstance(_OVERRIDE.get(kind), TileConfig):
         _LAST[kind] = sanitize(_OVERRIDE[kind], group_lengths)
@@ -228,7 +254,7 @@ def choose(kind: str, key: tuple, ndim: int, block_d: int, group_lengths,
     if cache and full_key in _CACHE:
         _LAST[kind] = _CACHE[full_key]
         return _LAST[kind]
-    cands = candidates(ndim, block_d, group_lengths, kind, has_rpb)
+    cands = candidates(ndim, block_d, group_lengths, kind, has_rpb, dtype=dtype)
     best = cands[0]
     if autotune_enabled(device_type) and len(cands) > 1:
         timings = []

@@ -1,6 +1,6 @@
 """Forward kernel: fused neighborhood attention with online softmax (exp2, fp32 accumulation).
 
-Grid: ``(query-tile slots, batch * heads)``. A program owns one multi-dimensional query
+Grid: ``query-tile slots * batch * heads`` (``window.program_ids``). A program owns one multi-dimensional query
 tile (``BQ0 x BQ1 x BQ2`` tokens of one dilation group), walks the key tiles of its
 neighborhoods' bounding box (``window.key_box`` per dimension), then the extra key/value
 tokens, and writes the output and the log-sum-exp. Key tiles inside every neighborhood of
@@ -10,8 +10,8 @@ the tile run the unmasked inner step; only boundary tiles pay for the window mas
 import triton
 import triton.language as tl
 
-from .window import (apply_mask, bias_tile, box_tile, key_box, query_windows, rpb_center,
-                     rpb_flat, tile_coords, tile_slot)
+from .window import (apply_mask, bias_tile, box_tile, key_box, program_ids, query_windows,
+                     rpb_center, rpb_flat, tile_coords, tile_slot, wide)
 
 
 @triton.jit
@@ -36,16 +36,16 @@ def na_fwd_kernel(
         sekb, sekn, sekh, sekd,
         sevb, sevn, sevh, sevd,
         L0, L1, L2, K0, K1, K2, S0, S1, S2, D0, D1, D2,
-        NT1, NT2, H, G, E, qk_scale,
+        NT1, NT2, NSLOTS, H, G, E, qk_scale,
         C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, ND: tl.constexpr,
         BQ0: tl.constexpr, BQ1: tl.constexpr, BQ2: tl.constexpr,
         BK0: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, PRECISION: tl.constexpr):
+        HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, PRECISION: tl.constexpr,
+        BIG: tl.constexpr):
     BLOCK_M: tl.constexpr = BQ0 * BQ1 * BQ2
     BLOCK_N: tl.constexpr = BK0 * BK1 * BK2
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid, bh = program_ids(NSLOTS, BIG)
     b = (bh // H).to(tl.int64)
     h = bh % H
     hk = h // G
@@ -103,7 +103,7 @@ def na_fwd_kernel(
         ek_base = EK + b * sekb + hk * sekh
         ev_base = EV + b * sevb + hk * sevh
         for e0 in range(0, E, BLOCK_N):
-            n = e0 + tl.arange(0, BLOCK_N)
+            n = wide(e0 + tl.arange(0, BLOCK_N), BIG)
             evalid = n < E
             kT = tl.load(ek_base + n[None, :] * sekn + dd[:, None] * sekd,
                          mask=evalid[None, :] & dmask[:, None], other=0.0)

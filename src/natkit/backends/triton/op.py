@@ -95,7 +95,10 @@ def _bench(fn) -> float:
 
 
 def _tune_key(g: Geometry, q, has_rpb, has_extra, groups) -> tuple:
-    return g.key() + (configs.block_d(q.shape[-1]), q.dtype, has_rpb, has_extra, groups > 1)
+    """The autotune cache's key: what changes the compiled kernels or their speed (the
+    device: GPUs differ in shared memory; the precision: TF32 or IEEE products)."""
+    return g.key() + (configs.block_d(q.shape[-1]), q.dtype, _precision(q.dtype), str(q.device),
+                      has_rpb, has_extra, groups > 1)
 
 
 def _common_args(g: Geometry):
@@ -103,8 +106,16 @@ def _common_args(g: Geometry):
 
 
 def _grid(g: Geometry, tile, programs: int):
+    """Tile slots per dimension, and the flat grid (``window.program_ids``)."""
     slots = g.slots(tile)
-    return slots, (math.prod(slots), programs)
+    return slots, (math.prod(slots) * programs,)
+
+
+def _big(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a batch element of some tensor spans 2^31 elements or more: the kernels then
+    compute offsets in int64 (``window.program_ids``), else in int32 (fewer registers)."""
+    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2**31 - 1
+               for t in tensors if t is not None and t.numel() > 0)
 
 
 # Launch arguments, one function per kernel: ``(grid, args, options)`` for
@@ -116,15 +127,16 @@ def fwd_args(q, k, v, out, lse, rpb, ek, ev, g: Geometry, cfg: configs.TileConfi
             ek if ek is not None else q, ev if ev is not None else q,
             *_strides(q, nd), *_strides(k, nd), *_strides(v, nd), *_strides(out, nd),
             *_extra_strides(ek), *_extra_strides(ev),
-            *_common_args(g), slots[1], slots[2], h, h // hk,
+            *_common_args(g), slots[1], slots[2], math.prod(slots), h, h // hk,
             0 if ek is None else ek.shape[1], scale * LOG2E,
             *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, configs.block_d(hd),
-            rpb is not None, ek is not None, _precision(q.dtype))
+            rpb is not None, ek is not None, _precision(q.dtype), _big(q, k, v, out, ek, ev))
     return grid, args, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def dq_grid(g: Geometry, cfg: configs.TileConfig, q) -> tuple:
-    return _grid(g, cfg.q_tile, q.shape[0] * q.shape[-2])[1]
+def dq_slots(g: Geometry, cfg: configs.TileConfig) -> int:
+    """Query-tile slots of the dQ kernel (its atomics spread over ``min(64, slots)`` copies)."""
+    return math.prod(g.slots(cfg.q_tile))
 
 
 def dq_args(q, k, v, dout, lse, delta, dq, rpb, drpb, ncopy, ek, ev, g: Geometry,
@@ -138,10 +150,11 @@ def dq_args(q, k, v, dout, lse, delta, dq, rpb, drpb, ncopy, ek, ev, g: Geometry
             ek if ek is not None else q, ev if ev is not None else q,
             *_strides(q, nd), *_strides(k, nd), *_strides(v, nd), *_strides(dout, nd),
             *_strides(dq, nd), *_extra_strides(ek), *_extra_strides(ev),
-            *_common_args(g), slots[1], slots[2], h, h // hk,
+            *_common_args(g), slots[1], slots[2], math.prod(slots), h, h // hk,
             0 if ek is None else ek.shape[1], scale * LOG2E, scale,
             ncopy, *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, configs.block_d(hd),
-            rpb is not None, drpb is not None, ek is not None, _precision(q.dtype))
+            rpb is not None, drpb is not None, ek is not None, _precision(q.dtype),
+            _big(q, k, v, dout, dq, ek, ev))
     return grid, args, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -247,7 +260,7 @@ def drpb_args(q, k, v, dout, lse, delta, rpb, drpb, layout: DrpbLayout, g: Geome
             slots, slots.shape[1], slots.shape[2], q.shape[0], len(layout.offsets[1]),
             len(layout.offsets[2]), layout.splits, h, h // hk, scale * LOG2E,
             layout.ncopy, *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, configs.block_d(hd),
-            _precision(q.dtype), partial)
+            _precision(q.dtype), partial, _big(q, k, v, dout))
     return grid, args, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -264,9 +277,9 @@ def dkdv_args(q, k, v, dout, lse, delta, dk, dv, rpb, g: Geometry, cfg: configs.
     args = (q, k, v, dout, lse, delta, dk, dv, rpb if rpb is not None else q,
             *_strides(q, nd), *_strides(k, nd), *_strides(v, nd), *_strides(dout, nd),
             *_strides(dk, nd), *_strides(dv, nd),
-            *_common_args(g), slots[1], slots[2], h, hk, h // hk, scale * LOG2E, scale,
-            *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, configs.block_d(hd),
-            rpb is not None, _precision(q.dtype))
+            *_common_args(g), slots[1], slots[2], math.prod(slots), h, hk, h // hk,
+            scale * LOG2E, scale, *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, configs.block_d(hd),
+            rpb is not None, _precision(q.dtype), _big(q, k, v, dout, dk, dv))
     return grid, args, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -281,7 +294,7 @@ def forward(q, k, v, rpb, ek, ev, g: Geometry, scale: float):
 
     cfg = configs.choose("fwd", _tune_key(g, q, rpb is not None, ek is not None, h // hk),
                          g.ndim, configs.block_d(q.shape[-1]), g.group_lengths, q.device.type,
-                         lambda c: _bench(lambda: launch(c)), rpb is not None)
+                         lambda c: _bench(lambda: launch(c)), rpb is not None, q.dtype)
     launch(cfg)
     return out, lse
 
@@ -325,7 +338,7 @@ def backward(dout, dlse, q, k, v, out, lse, rpb, ek, ev, g: Geometry, scale: flo
 
     def launch_dq(cfg: configs.TileConfig, atomics: bool):
         # private copies bound atomic contention; a copy per program at most
-        ncopy = min(64, dq_grid(g, cfg, q)[0]) if atomics else 1
+        ncopy = min(64, dq_slots(g, cfg)) if atomics else 1
         grid, args, options = dq_args(q, k, v, dout, lse, delta, dq, rpb,
                                       zeroed_drpb(ncopy) if atomics else None, ncopy, ek, ev,
                                       g, cfg, scale)
@@ -347,7 +360,7 @@ def backward(dout, dlse, q, k, v, out, lse, rpb, ek, ev, g: Geometry, scale: flo
 
     def tuned(kind, sub_key, launch):
         cfg = configs.choose(kind, sub_key, nd, block_d, g.group_lengths, q.device.type,
-                             lambda c: _bench(lambda: launch(c)), rpb is not None)
+                             lambda c: _bench(lambda: launch(c)), rpb is not None, q.dtype)
         launch(cfg)
 
     def dq_pass(scheme):  # dQ, and the rpb gradient by ``scheme`` (None: no rpb)
@@ -373,12 +386,13 @@ def backward(dout, dlse, q, k, v, out, lse, rpb, ek, ev, g: Geometry, scale: flo
         dek = _empty(ek.shape, ek.dtype, ek.device)
         dev = _empty(ev.shape, ev.dtype, ev.device)
         block_m, block_n = (64, 64) if block_d <= 128 else (32, 32)
-        na_bwd_dkdv_extra_kernel[(triton.cdiv(n_extra, block_n), b * hk)](
+        tiles = triton.cdiv(n_extra, block_n)
+        na_bwd_dkdv_extra_kernel[(tiles * b * hk,)](
             q, ek, ev, dout, lse, delta, dek, dev,
             *_strides(q, nd), *_extra_strides(ek), *_extra_strides(ev), *_strides(dout, nd),
             *_extra_strides(dek), *_extra_strides(dev),
-            *g.L, h, hk, h // hk, n_extra, scale * LOG2E, scale,
-            block_m, block_n, hd, block_d, prec)
+            *g.L, tiles, h, hk, h // hk, n_extra, scale * LOG2E, scale,
+            block_m, block_n, hd, block_d, prec, _big(q, ek, ev, dout, dek, dev))
     else:
         dek, dev = q.new_empty(0), q.new_empty(0)
     return dq, dk, dv, drpb, dek, dev

@@ -130,6 +130,27 @@ def tile_slot(pid, NT1, NT2, L0, L1, L2, D0, D1, D2,
 
 
 @triton.jit
+def program_ids(NSLOTS, BIG: tl.constexpr):
+    """``(slot, batch * heads index)`` of a program of the flat grid ``NSLOTS * batch *
+    heads`` (one axis: CUDA caps the second and third at 65535 programs). With ``BIG`` both
+    are int64, and so is every coordinate computed from them: offsets into a tensor whose
+    batch element spans 2^31 elements or more (e.g. a fused-qkv view of a large video)
+    would wrap in int32."""
+    pid = tl.program_id(0)
+    if BIG:
+        pid = pid.to(tl.int64)
+    return pid % NSLOTS, pid // NSLOTS
+
+
+@triton.jit
+def wide(x, BIG: tl.constexpr):
+    """``x`` as an address offset factor: int64 with ``BIG`` (``program_ids``)."""
+    if BIG:
+        return x.to(tl.int64)
+    return x
+
+
+@triton.jit
 def tile_coords(start0, start1, start2, B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr):
     """Group coordinates of the ``B0*B1*B2`` tokens of the tile starting at ``start*``."""
     r = tl.arange(0, B0 * B1 * B2)
@@ -165,12 +186,18 @@ def window_mask(j0, j1, j2, ws0, wl0, ws1, wl1, ws2, wl2, ND: tl.constexpr):
     Operands come pre-broadcast. Keys past the group end never pass for a valid query (its
     window lies inside the group); invalid queries carry ``wl2 == 0`` and attend nothing.
     """
-    valid = (j2 - ws2).to(tl.uint32, bitcast=True) < wl2.to(tl.uint32, bitcast=True)
+    valid = _u32(j2 - ws2) < _u32(wl2)
     if ND >= 2:
-        valid = valid & ((j1 - ws1).to(tl.uint32, bitcast=True) < wl1.to(tl.uint32, bitcast=True))
+        valid = valid & (_u32(j1 - ws1) < _u32(wl1))
     if ND == 3:
-        valid = valid & ((j0 - ws0).to(tl.uint32, bitcast=True) < wl0.to(tl.uint32, bitcast=True))
+        valid = valid & (_u32(j0 - ws0) < _u32(wl0))
     return valid
+
+
+@triton.jit
+def _u32(x):
+    """``x`` (int32, or int64 with ``BIG``: small values) reinterpreted as unsigned 32-bit."""
+    return x.to(tl.int32).to(tl.uint32, bitcast=True)
 
 
 @triton.jit
