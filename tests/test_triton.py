@@ -258,18 +258,22 @@ def test_deterministic_mode(deterministic, monkeypatch):
     assert configs.last_drpb_scheme() == "fused"
 
 
-@pytest.mark.parametrize("drpb", ["fused", "separate"])
-def test_offsets_past_2_31_elements_per_batch_element(drpb):
-    """A query whose batch element spans more than 2^31 elements (spatial stride 2^30, as a
-    view into a 10 GB storage of which only the view's elements are touched; under the
-    interpreter the storage stays virtual): the kernels compute offsets in int64, forward
-    and every gradient, rpb (both schemes) and extra tokens included (in int32, queries 2
-    and 3 read and wrote wrapped addresses)."""
+@pytest.mark.parametrize("drpb,strides", [("fused", (0, 2**30, 16, 1)),
+                                          ("separate", (0, 2**30, 16, 1)),
+                                          ("fused", (0, 1, 4, 2**28))])
+def test_offsets_past_2_31_elements_per_batch_element(drpb, strides):
+    """A query whose batch element spans more than 2^31 elements (spatial stride 2^30, or
+    head-dim stride 2^28, as a view into a 10 GB storage of which only the view's elements
+    are touched; under the interpreter the storage stays virtual): the kernels compute
+    offsets in int64, forward and every gradient, rpb (both schemes) and extra tokens
+    included (in int32, queries 2 and 3, or head dims 8-15, read and wrote wrapped
+    addresses)."""
     c = cfg((4,), 3, heads=1, kv_heads=1, rpb=True, num_extra=2)
-    pre, stride = 2**31 + 64, 2**30
-    base = torch.empty(pre + 3 * stride + 16, dtype=torch.float16, device=DEVICE)
+    pre = 2**31 + 64
+    span = sum((n - 1) * st for n, st in zip((1, 4, 1, 16), strides))
+    base = torch.empty(pre + span + 1, dtype=torch.float16, device=DEVICE)
     inputs = make_inputs(c, torch.float16, DEVICE)
-    q = base.as_strided((1, 4, 1, 16), (0, stride, 16, 1), storage_offset=pre)
+    q = base.as_strided((1, 4, 1, 16), strides, storage_offset=pre)
     with torch.no_grad():
         q.copy_(inputs["query"])
     inputs["query"] = q.requires_grad_()

@@ -93,7 +93,7 @@ def na_bwd_dq_kernel(
     i0, i1, i2 = tile_coords(a0, a1, a2, BQ0, BQ1, BQ2)
     qvalid, ws0, wl0, ws1, wl1, ws2, wl2 = query_windows(i0, i1, i2, Lg0, Lg1, Lg2, K0, K1, K2,
                                                          S0, S1, S2, C0, C1, C2)
-    dd = tl.arange(0, BLOCK_D)
+    dd = wide(tl.arange(0, BLOCK_D), BIG)
     dmask = dd < HEAD_DIM
     r0 = i0 * D0 + g0
     r1 = i1 * D1 + g1
@@ -202,7 +202,7 @@ def na_bwd_drpb_kernel(
     center = rpb_center(K0, K1, K2)
     bias, _ = bias_tile(RPB + h * table + center, rpb_flat(u0, u1, u2, K1, K2),
                         rpb_flat(v0, v1, v2, K1, K2), center, table, False)
-    dd = tl.arange(0, BLOCK_D)
+    dd = wide(tl.arange(0, BLOCK_D), BIG)
     dmask = dd < HEAD_DIM
     acc = tl.zeros([BQ0 * BQ1 * BQ2, BK0 * BK1 * BK2], tl.float32)
     for item in range(pid % SPLITS, BATCH * per_b, SPLITS):
@@ -293,7 +293,7 @@ def na_bwd_dkdv_kernel(
     j0, j1, j2 = tile_coords(c0, c1, c2, BK0, BK1, BK2)
     kvalid = (j0 < Lg0) & (j1 < Lg1) & (j2 < Lg2)
     kidx = rpb_flat(j0, j1, j2, K1, K2)
-    dd = tl.arange(0, BLOCK_D)
+    dd = wide(tl.arange(0, BLOCK_D), BIG)
     dmask = dd < HEAD_DIM
     s0 = j0 * D0 + g0
     s1 = j1 * D1 + g1
@@ -375,7 +375,7 @@ def na_bwd_dkdv_extra_kernel(
     hk = bh % HK
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     evalid = n < E
-    dd = tl.arange(0, BLOCK_D)
+    dd = wide(tl.arange(0, BLOCK_D), BIG)
     dmask = dd < HEAD_DIM
     em = evalid[:, None] & dmask[None, :]
     k = tl.load(EK + b * sekb + hk * sekh + n[:, None] * sekn + dd[None, :] * sekd, mask=em, other=0.0)

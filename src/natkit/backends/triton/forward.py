@@ -55,7 +55,7 @@ def na_fwd_kernel(
     # per-query windows (masked tiles); invalid queries get an empty window
     qvalid, ws0, wl0, ws1, wl1, ws2, wl2 = query_windows(i0, i1, i2, Lg0, Lg1, Lg2, K0, K1, K2,
                                                          S0, S1, S2, C0, C1, C2)
-    dd = tl.arange(0, BLOCK_D)
+    dd = wide(tl.arange(0, BLOCK_D), BIG)
     dmask = dd < HEAD_DIM
     r0 = i0 * D0 + g0
     r1 = i1 * D1 + g1
