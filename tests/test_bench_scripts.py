@@ -38,10 +38,16 @@ def test_cpu_timer_takes_repetitions_round_robin():
 
     def broken():
         raise RuntimeError("out of memory")
-    times = time_each_ms([contender("a"), broken, contender("b")], "cpu", warmup=2, reps=3)
-    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
-    assert isinstance(times[1], RuntimeError)
-    assert all(isinstance(t, float) and t >= 0 for t in (times[0], times[2]))
+
+    def fails_later():
+        calls.append("c")
+        if calls.count("c") > 3:
+            raise ValueError("out of memory on the 4th call")
+    times = time_each_ms([contender("a"), broken, fails_later, contender("b")], "cpu",
+                         warmup=2, reps=3)
+    assert calls == ["a", "a", "c", "c", "b", "b"] + ["a", "c", "b", "a", "c", "b", "a", "b"]
+    assert isinstance(times[1], RuntimeError) and isinstance(times[2], ValueError)
+    assert all(isinstance(t, float) and t >= 0 for t in (times[0], times[3]))
 
 
 def test_case_labels_tell_dilation_apart():

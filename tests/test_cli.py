@@ -115,7 +115,7 @@ def test_kill_mid_epoch_and_resume_matches_uninterrupted(run2, tmp_path):
     assert mb[1]["val_top1"] == pytest.approx(ma[1]["val_top1"], abs=0.3)
 
 
-def test_resume_moved_run_with_new_settings(run2, tmp_path, monkeypatch):
+def test_resume_moved_run_with_new_settings(run2, tmp_path, monkeypatch, capsys):
     """A resumed run writes where its checkpoint is now (not where it was first written),
     applies a new --lr/--min-lr/--weight-decay, and places the schedule by completed epochs
     (another --batch-size, so other steps per epoch): the cosine ends at the new --min-lr.
@@ -151,13 +151,20 @@ def test_resume_moved_run_with_new_settings(run2, tmp_path, monkeypatch):
 
     # into a new --output: it starts with the checkpoint's metrics; another run's is refused
     other = str(tmp_path / "other")
-    assert main(["train", "--resume", moved, "--epochs", "4", "--output", other,
-                 "--no-progress"]) == 0
+    assert main(["train", "--resume", moved, "--epochs", "4", "--output", other, "--lr", "0",
+                 "--min-lr", "0", "--no-progress"]) == 0  # no improvement: best.pt copied
     assert [r["epoch"] for r in _metrics(other)] == [1, 2, 3, 4]
     assert [r["epoch"] for r in _metrics(moved)] == [1, 2, 3]
+    assert (_digest(os.path.join(other, "best.pt"))[0]
+            == _digest(os.path.join(moved, "best.pt"))[0])
     assert main(["train", "--resume", moved, "--epochs", "4", "--output", run2,
                  "--no-progress"]) == 2
     assert {f: _digest(os.path.join(run2, f)) for f in before} == before
+    # a checkpoint that is not its folder's last.pt needs a folder of its own
+    shutil.copy(os.path.join(moved, "last.pt"), os.path.join(moved, "epoch3.pt"))
+    capsys.readouterr()
+    _bad(capsys, ["train", "--resume", os.path.join(moved, "epoch3.pt"), "--epochs", "4",
+                  "--no-progress"], "is not the last.pt of its folder")
 
 
 def test_schedule_is_placed_by_epochs():

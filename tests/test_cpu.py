@@ -302,9 +302,21 @@ def test_read_only_cache_serves_its_library(monkeypatch):
     assert all(hasattr(module, name) for name in _build.FUNCTIONS)
 
 
+def test_cached_library_serves_without_a_toolchain(monkeypatch):
+    """A slim image with a baked cache and no compiler still runs the fused kernel."""
+    monkeypatch.setattr(_build, "missing_toolchain", lambda: "no C++ compiler found")
+    monkeypatch.setattr(_build, "_module", None)
+    monkeypatch.setattr(_build, "_error", None)
+    module = _build.load()
+    assert all(hasattr(module, name) for name in _build.FUNCTIONS)
+
+
 def test_build_failure_reason_names_the_march_override(monkeypatch):
     monkeypatch.setenv("NATKIT_CPU_MARCH", "bogus-arch")
-    err = RuntimeError("Error building extension 'natkit_cpu_x': [1/2] c++ -march=bogus-arch\n"
+    command = "c++ -MMD -MF main.o.d -DTORCH_EXTENSION_NAME=natkit_cpu_x " + "-isystem /x " * 60
+    err = RuntimeError(f"Error building extension 'natkit_cpu_x': [1/2] {command}"
+                       f"-march=bogus-arch\n"
+                       f"FAILED: main.o\n{command}-march=bogus-arch -c main.cpp -o main.o\n"
                        "cc1plus: error: bad value 'bogus-arch' for '-march=' switch\n"
                        "cc1plus: note: valid arguments are: nocona core2 " + "x " * 400)
     reason = _build._reason(err)

@@ -50,10 +50,14 @@ def time_each_ms(fns: Sequence[Callable[[], object]], device: str, warmup: int =
         except errors as err:
             times.append(err)
     for _ in range(reps):
-        for fn, t in zip(fns, times):
+        for i, (fn, t) in enumerate(zip(fns, times)):
             if isinstance(t, list):
                 start = time.perf_counter()
-                fn()
+                try:
+                    fn()
+                except errors as err:
+                    times[i] = err
+                    continue
                 t.append((time.perf_counter() - start) * 1e3)
     return [statistics.median(t) if isinstance(t, list) else t for t in times]
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -276,9 +277,12 @@ def _train(args, d: distributed.Dist) -> int:
         out_dir = cfg["output"] or ckpt_dir
         last = os.path.join(out_dir, "last.pt")
         if os.path.exists(last) and not os.path.samefile(last, resume_path):
-            raise CLIError(f"--output {out_dir!r} already holds another run's checkpoint "
-                           f"(last.pt); resume into the folder of {resume_path!r} (no "
-                           f"--output) or choose another --output")
+            if cfg["output"]:
+                raise CLIError(f"--output {out_dir!r} already holds another checkpoint "
+                               f"(last.pt); resume into the folder of {resume_path!r} (no "
+                               f"--output) or choose another --output")
+            raise CLIError(f"{resume_path!r} is not the last.pt of its folder, which a "
+                           f"resumed run would overwrite; pass --output for its new folder")
     else:
         ckpt_dir = None
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -355,7 +359,8 @@ def _train(args, d: distributed.Dist) -> int:
         make_folder(out_dir, "--output")
         _carry_metrics(ckpt_dir, out_dir, start_epoch)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump({**cfg, "output": out_dir, "world_size": d.world, "model_kwargs": model_kwargs}, f, indent=1)
+            json.dump({**cfg, "output": out_dir, "world_size": d.world,
+                       "model_kwargs": model_kwargs}, f, indent=1)
         n_params = sum(p.numel() for p in model.parameters())
         info(f"natkit train: {cfg['model']} ({n_params / 1e6:.2f}M params) on {cfg['data']} "
              f"({n_train} train / {len(data.val)} val images, {len(data.classes)} classes, "
@@ -439,8 +444,9 @@ def _train(args, d: distributed.Dist) -> int:
                 "scaler": scaler.state_dict(), "epoch": epoch + 1, "best_top1": best,
                 "rng": rngs, "args": cfg, "metrics": record, "world_size": d.world,
             }
-            # last.pt last: a run killed in between resumes from the previous epoch, whose
-            # metrics lines the resume trims and whose best.pt the resumed epoch rewrites
+            # last.pt last: a run killed in between resumes from the previous epoch and
+            # trims the later metrics lines (best.pt may hold the killed epoch's weights;
+            # the replayed epoch rewrites it if it improves, on the CPU always)
             if improved:
                 weights = {k: state[k] for k in (ckpt_io.TAG, "model_name", "model_kwargs",
                                                  "classes", "preprocess", "data", "epoch",
@@ -457,17 +463,24 @@ def _train(args, d: distributed.Dist) -> int:
                  f"{record['img_per_s']:.0f} img/s, {record['epoch_s']:.1f}s")
         distributed.barrier(d)
     if d.main:
+        files = ", ".join(f for f in ("last.pt", "best.pt")
+                          if os.path.exists(os.path.join(out_dir, f)))
         info(f"done in {time.perf_counter() - t_run:.1f}s: best val top-1 {best:.2f}; "
-             f"checkpoints in {out_dir} (last.pt, best.pt), metrics in {metrics_path}")
+             f"checkpoints in {out_dir} ({files}), metrics in {metrics_path}")
     return 0
 
 
 def _carry_metrics(ckpt_dir: str | None, out_dir: str, epochs_done: int) -> None:
     """On resume, ``out_dir/metrics.jsonl`` gets the checkpoint folder's lines of the epochs
     the checkpoint includes: lines of later epochs (a killed run) and torn lines (killed
-    while writing) are dropped."""
-    src = os.path.join(ckpt_dir, "metrics.jsonl") if ckpt_dir else None
-    if src is None or not os.path.exists(src):
+    while writing) are dropped. Into a new folder, ``best.pt`` comes along."""
+    if ckpt_dir is None:
+        return
+    best = os.path.join(ckpt_dir, "best.pt")
+    if os.path.exists(best) and not os.path.samefile(ckpt_dir, out_dir):
+        shutil.copy2(best, os.path.join(out_dir, "best.pt"))
+    src = os.path.join(ckpt_dir, "metrics.jsonl")
+    if not os.path.exists(src):
         return
     with open(src) as f:
         lines = [ln for ln in f if (e := _epoch_of(ln)) is not None and e <= epochs_done]

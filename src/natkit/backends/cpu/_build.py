@@ -23,6 +23,7 @@ import importlib.util
 import logging
 import os
 import platform
+import re
 import shutil
 import threading
 import time
@@ -87,14 +88,15 @@ def load():
             return _module
         if _error is not None:
             raise RuntimeError(_error)
+        name = module_name()
         reason = missing_toolchain()
-        if reason is not None:
+        library = _built_library(name) if reason is not None else None
+        if reason is not None and library is None:
             _error = reason
             raise RuntimeError(reason)
-        name = module_name()
         start = time.perf_counter()
-        try:
-            _module = _build(name)
+        try:  # without a toolchain, a library built here before still serves
+            _module = _build(name) if library is None else _import(name, library)
         except Exception as err:  # compiler errors, missing headers, unusable folders, ...
             _error = _reason(err)
             logger.warning("natkit: %s; automatic dispatch uses the portable backend "
@@ -102,6 +104,16 @@ def load():
             raise RuntimeError(_error) from err
         compile_seconds = time.perf_counter() - start
         return _module
+
+
+def _built_library(name: str) -> Optional[str]:
+    """The cached library of ``name`` if there is one."""
+    from torch.utils.cpp_extension import _get_build_directory
+    try:
+        library = os.path.join(_get_build_directory(name, False), name + ".so")
+    except OSError:
+        return None
+    return library if os.path.exists(library) else None
 
 
 def _build(name: str):
@@ -155,8 +167,10 @@ def _import(name: str, library: str):
 def _reason(err: Exception) -> str:
     """One line on why the build failed: the compiler's error lines when there are any."""
     text = str(err).strip()
-    errors = [ln.strip() for ln in text.splitlines() if "error" in ln.lower()]
-    detail = " | ".join(errors[:3])[:400] if errors else text[-400:]
+    lines = [ln.strip() for ln in text.splitlines()]
+    errors = ([ln for ln in lines if re.search(r"\berror:", ln)]  # the compiler's own
+              or [ln for ln in lines if "error" in ln.lower()])
+    detail = " | ".join(ln[:200] for ln in errors[:3]) if errors else text[-400:]
     march = os.environ.get("NATKIT_CPU_MARCH")
     where = f" with NATKIT_CPU_MARCH={march!r} (-march={march})" if march else ""
     return f"compiling the fused CPU kernels{where} failed: {type(err).__name__}: {detail}"
