@@ -5,7 +5,8 @@ inputs: every natkit backend that can run the case, Swin window self-attention (
 ``bench.baselines.window_attention``: the baseline of the ratios), full attention
 (``baselines.full_attention``) and, on CUDA, FlexAttention with a neighborhood mask
 (``natkit.bench.flex`` when present, else the mask below). Forward and forward+backward,
-median milliseconds (``timing.time_each_ms``: round-robin on the CPU) and peak extra CUDA memory.
+median milliseconds (``timing.time_each_ms``: round-robin on the CPU) and peak extra CUDA
+memory.
 
 ``run_models`` times NAT models against timm's Swin-T (inference and a training step).
 """
@@ -258,17 +259,17 @@ def run_case(case: Case, device: str, dtype: torch.dtype, modes: Sequence[str],
         errors = (RuntimeError, ValueError, torch.OutOfMemoryError)
         times = time_each_ms([call for _, call in timed], device, reps=reps, errors=errors)
         for (r, call), ms in zip(timed, times):
-            try:
-                if isinstance(ms, Exception):
-                    raise ms
-                r.ms = ms
-                r.peak_mb = peak_memory_mb(call, device)
-            except errors as err:
-                r.ms = None
-                r.note = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
+            if not isinstance(ms, Exception):
+                try:
+                    r.peak_mb = peak_memory_mb(call, device)
+                except errors as err:
+                    ms = err
+            if isinstance(ms, Exception):
+                r.note = f"{type(ms).__name__}: {str(ms).splitlines()[0][:80]}"
                 if device == "cuda":
                     torch.cuda.empty_cache()
                 continue
+            r.ms = ms
             if log is not None:
                 log(f"  {case.name} {mode}{' rpb' if rpb else ''} {r.contender}: {r.ms:.3f} ms")
         if log is not None:

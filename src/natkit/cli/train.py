@@ -357,7 +357,7 @@ def _train(args, d: distributed.Dist) -> int:
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if d.main:
         make_folder(out_dir, "--output")
-        _carry_metrics(ckpt_dir, out_dir, start_epoch)
+        _carry_history(ckpt_dir, out_dir, start_epoch)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump({**cfg, "output": out_dir, "world_size": d.world,
                        "model_kwargs": model_kwargs}, f, indent=1)
@@ -470,7 +470,7 @@ def _train(args, d: distributed.Dist) -> int:
     return 0
 
 
-def _carry_metrics(ckpt_dir: str | None, out_dir: str, epochs_done: int) -> None:
+def _carry_history(ckpt_dir: str | None, out_dir: str, epochs_done: int) -> None:
     """On resume, ``out_dir/metrics.jsonl`` gets the checkpoint folder's lines of the epochs
     the checkpoint includes: lines of later epochs (a killed run) and torn lines (killed
     while writing) are dropped. Into a new folder, ``best.pt`` comes along."""

@@ -106,20 +106,26 @@ def load():
         return _module
 
 
+def _paths(name: str) -> tuple[str, str]:
+    """The build folder of ``name`` (created if missing: may raise ``OSError``) and the
+    path of its library."""
+    from torch.utils.cpp_extension import _get_build_directory
+    folder = _get_build_directory(name, False)
+    return folder, os.path.join(folder, name + ".so")
+
+
 def _built_library(name: str) -> Optional[str]:
     """The cached library of ``name`` if there is one."""
-    from torch.utils.cpp_extension import _get_build_directory
     try:
-        library = os.path.join(_get_build_directory(name, False), name + ".so")
+        library = _paths(name)[1]
     except OSError:
         return None
     return library if os.path.exists(library) else None
 
 
 def _build(name: str):
-    from torch.utils.cpp_extension import _get_build_directory, load_inline
-    folder = _get_build_directory(name, False)
-    library = os.path.join(folder, name + ".so")
+    from torch.utils.cpp_extension import load_inline
+    folder, library = _paths(name)
     try:
         with _exclusive(folder):
             if not os.path.exists(library):

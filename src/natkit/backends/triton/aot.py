@@ -303,9 +303,9 @@ def default_report(ndim: int, head_dim: int, dtype: torch.dtype = torch.bfloat16
     """Resources of every kernel's default config (without and with RPB; the dRPB kernel only
     with, and in both its variants: atomics, and the partial tiles of deterministic mode)
     for the rank's representative problem at ``head_dim`` with ``dtype`` inputs (float32:
-    with the products ``torch.backends.cuda.matmul.allow_tf32`` asks for). Rows with RPB also give the
-    loop of the same config compiled without it (``*_without_rpb``): what the bias itself
-    costs."""
+    with the products ``torch.backends.cuda.matmul.allow_tf32`` asks for). Rows with RPB
+    also give the loop of the same config compiled without it (``*_without_rpb``): what the
+    bias itself costs."""
     out = []
     for kind in configs.KINDS:
         for rpb, det in ((False, False), (True, False)) if kind != "drpb" else ((True, False),

@@ -1,10 +1,11 @@
 """Forward kernel: fused neighborhood attention with online softmax (exp2, fp32 accumulation).
 
-Grid: ``query-tile slots * batch * heads`` (``window.program_ids``). A program owns one multi-dimensional query
-tile (``BQ0 x BQ1 x BQ2`` tokens of one dilation group), walks the key tiles of its
-neighborhoods' bounding box (``window.key_box`` per dimension), then the extra key/value
-tokens, and writes the output and the log-sum-exp. Key tiles inside every neighborhood of
-the tile run the unmasked inner step; only boundary tiles pay for the window mask.
+Grid: ``query-tile slots * batch * heads`` (``window.program_ids``). A program owns one
+multi-dimensional query tile (``BQ0 x BQ1 x BQ2`` tokens of one dilation group), walks the
+key tiles of its neighborhoods' bounding box (``window.key_box`` per dimension), then the
+extra key/value tokens, and writes the output and the log-sum-exp. Key tiles inside every
+neighborhood of the tile run the unmasked inner step; only boundary tiles pay for the
+window mask.
 """
 
 import triton

@@ -97,8 +97,8 @@ def _bench(fn) -> float:
 def _tune_key(g: Geometry, q, has_rpb, has_extra, groups) -> tuple:
     """The autotune cache's key: what changes the compiled kernels or their speed (the
     device: GPUs differ in shared memory; the precision: TF32 or IEEE products)."""
-    return g.key() + (configs.block_d(q.shape[-1]), q.dtype, _precision(q.dtype), str(q.device),
-                      has_rpb, has_extra, groups > 1)
+    return g.key() + (configs.block_d(q.shape[-1]), q.dtype, _precision(q.dtype),
+                      str(q.device), has_rpb, has_extra, groups > 1)
 
 
 def _common_args(g: Geometry):
@@ -106,28 +106,30 @@ def _common_args(g: Geometry):
 
 
 def _grid(g: Geometry, tile, programs: int):
-    """Tile slots per dimension, and the flat grid (``window.program_ids``)."""
+    """Tile slots per dimension, their count, and the flat grid of ``programs`` programs
+    per slot (``window.program_ids``)."""
     slots = g.slots(tile)
-    return slots, (math.prod(slots) * programs,)
+    nslots = math.prod(slots)
+    return slots, nslots, (nslots * programs,)
 
 
 def _big(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether a batch element of some tensor spans 2^31 elements or more: the kernels then
     compute offsets in int64 (``window.program_ids``), else in int32 (fewer registers)."""
-    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2**31 - 1
-               for t in tensors if t is not None and t.numel() > 0)
+    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:]))
+               >= 2**31 - 1 for t in tensors if t is not None and t.numel() > 0)
 
 
 # Launch arguments, one function per kernel: ``(grid, args, options)`` for
 # ``kernel[grid](*args, **options)``. ``aot.py`` compiles from the same arguments.
 def fwd_args(q, k, v, out, lse, rpb, ek, ev, g: Geometry, cfg: configs.TileConfig, scale):
     b, h, hd, hk, nd = q.shape[0], q.shape[-2], q.shape[-1], k.shape[-2], g.ndim
-    slots, grid = _grid(g, cfg.q_tile, b * h)
+    slots, nslots, grid = _grid(g, cfg.q_tile, b * h)
     args = (q, k, v, out, lse, rpb if rpb is not None else q,
             ek if ek is not None else q, ev if ev is not None else q,
             *_strides(q, nd), *_strides(k, nd), *_strides(v, nd), *_strides(out, nd),
             *_extra_strides(ek), *_extra_strides(ev),
-            *_common_args(g), slots[1], slots[2], math.prod(slots), h, h // hk,
+            *_common_args(g), slots[1], slots[2], nslots, h, h // hk,
             0 if ek is None else ek.shape[1], scale * LOG2E,
             *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, configs.block_d(hd),
             rpb is not None, ek is not None, _precision(q.dtype), _big(q, k, v, out, ek, ev))
@@ -144,13 +146,13 @@ def dq_args(q, k, v, dout, lse, delta, dq, rpb, drpb, ncopy, ek, ev, g: Geometry
     """``drpb`` (``[ncopy, heads, table]`` fp32, zeroed) makes the kernel add the rpb
     gradient with atomics (scheme ``"fused"``); ``None`` leaves it to the dRPB kernel."""
     b, h, hd, hk, nd = q.shape[0], q.shape[-2], q.shape[-1], k.shape[-2], g.ndim
-    slots, grid = _grid(g, cfg.q_tile, b * h)
+    slots, nslots, grid = _grid(g, cfg.q_tile, b * h)
     args = (q, k, v, dout, lse, delta, dq, rpb if rpb is not None else q,
             drpb if drpb is not None else q,
             ek if ek is not None else q, ev if ev is not None else q,
             *_strides(q, nd), *_strides(k, nd), *_strides(v, nd), *_strides(dout, nd),
             *_strides(dq, nd), *_extra_strides(ek), *_extra_strides(ev),
-            *_common_args(g), slots[1], slots[2], math.prod(slots), h, h // hk,
+            *_common_args(g), slots[1], slots[2], nslots, h, h // hk,
             0 if ek is None else ek.shape[1], scale * LOG2E, scale,
             ncopy, *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, configs.block_d(hd),
             rpb is not None, drpb is not None, ek is not None, _precision(q.dtype),
@@ -273,11 +275,11 @@ def _sms(device: torch.device) -> int:
 def dkdv_args(q, k, v, dout, lse, delta, dk, dv, rpb, g: Geometry, cfg: configs.TileConfig,
               scale):
     b, h, hd, hk, nd = q.shape[0], q.shape[-2], q.shape[-1], k.shape[-2], g.ndim
-    slots, grid = _grid(g, cfg.k_tile, b * hk)
+    slots, nslots, grid = _grid(g, cfg.k_tile, b * hk)
     args = (q, k, v, dout, lse, delta, dk, dv, rpb if rpb is not None else q,
             *_strides(q, nd), *_strides(k, nd), *_strides(v, nd), *_strides(dout, nd),
             *_strides(dk, nd), *_strides(dv, nd),
-            *_common_args(g), slots[1], slots[2], math.prod(slots), h, hk, h // hk,
+            *_common_args(g), slots[1], slots[2], nslots, h, hk, h // hk,
             scale * LOG2E, scale, *g.C, g.ndim, *cfg.q_tile, *cfg.k_tile, hd, configs.block_d(hd),
             rpb is not None, _precision(q.dtype), _big(q, k, v, dout, dk, dv))
     return grid, args, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
