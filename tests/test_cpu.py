@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -96,6 +97,54 @@ def test_matches_reference_split_into_blocks(seed, monkeypatch):
     p = params(cfg, make_inputs(cfg, generator=torch.Generator().manual_seed(0)))
     assert cpu_backend._blocks(p, _build.load().lanes()) > 1 or p.num_tokens < 2 * 16
     check_against_reference(cfg, torch.float32, seed, rel_floor=2e-5)
+
+
+@pytest.mark.parametrize("seed", range(max(4, SWEEP // 3)))
+def test_matches_reference_in_sub_blocks_of_one_row(seed, monkeypatch):
+    """Each task works through sub-blocks with their own slabs (token indices relative to
+    the slab's first token); forced here to one row (1-D: one SIMD tile) per sub-block, with
+    row blocks too on half the seeds."""
+    monkeypatch.setattr(cpu_backend, "SLAB_TOKENS", 1)
+    monkeypatch.setattr(cpu_backend, "SLAB_REACHES", 0)
+    if seed % 2:
+        monkeypatch.setattr(cpu_backend, "MIN_BLOCK_TOKENS", 1)
+    cfg = random_config(random.Random(11000 + seed), wide=True)
+    p = params(cfg, make_inputs(cfg, generator=torch.Generator().manual_seed(0)))
+    assert cpu_backend._sub_block_tokens(p) == 1
+    check_against_reference(cfg, torch.float32, seed, rel_floor=2e-5)
+
+
+@pytest.mark.parametrize("batch", [16, 1])  # one task per sequence; row blocks
+def test_scratch_memory_is_bounded_by_the_sub_block(batch):
+    """Long 1-D sequences, GQA groups of 4: the slabs hold a sub-block (or a task's smaller
+    block) and its neighbors, not the sequence. With one torch thread the kernels run on the
+    calling thread, a fresh one here, so its scratch is this call's."""
+    n, heads, kv_heads, d, k = 16384, 4, 1, 16, 7
+    q = torch.randn(batch, n, heads, d, requires_grad=True)
+    kk, v = (torch.randn(batch, n, kv_heads, d, requires_grad=True) for _ in range(2))
+    p = check_inputs(1, q, kk, v, k, 1, 1, False, None, None, None, None)
+    seen = {}
+
+    def run():
+        natkit.na1d(q, kk, v, k, backend="cpu").sum().backward()
+        seen["floats"] = _build.load().scratch_floats()
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join()
+    finally:
+        torch.set_num_threads(before)
+    g = heads // kv_heads
+    lanes = _build.load().lanes()
+    margin = 4 * lanes + 3 * k
+    span = cpu_backend._sub_block_tokens(p) + 2 * (k - 1) + margin  # tokens per slab plane
+    # K, V, Q and dO of the group: d rows each; lse and delta: one row per head; accumulators
+    bound = span * (d * (2 + 2 * g) + 2 * g) + 2 * d * lanes
+    assert 0 < seen["floats"] <= bound, (seen["floats"], bound)
+    assert bound * 3 < n * d * (2 + 2 * g)  # what slabs of the whole sequence would hold
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])

@@ -106,9 +106,25 @@ def _strided(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     return t, [strides[0], strides[-3], strides[-2]]
 
 
+# A task works through its block in sub-blocks of about this many query tokens, each with
+# slabs holding only the sub-block and its neighbors: scratch memory stays bounded whatever
+# the grid's size. A sub-block spans at least SLAB_REACHES neighborhood reaches, so the
+# neighbors that two sub-blocks both load are a small share of the copying.
+SLAB_TOKENS = 4096
+SLAB_REACHES = 8
+
+
+def _sub_block_tokens(p: NAParams) -> int:
+    reach, inner = 0, 1  # how far a neighborhood spans in flattened tokens
+    for size, k, d in zip(reversed(p.spatial), reversed(p.kernel_size), reversed(p.dilation)):
+        reach += (k - 1) * d * inner
+        inner *= size
+    return max(SLAB_TOKENS, SLAB_REACHES * reach)
+
+
 def _geometry(p: NAParams, strides: list[int]) -> list[int]:
     spatial = (1,) * (3 - p.ndim) + tuple(p.spatial)
-    return [p.batch, *spatial, p.heads, p.kv_heads, p.head_dim, *strides]
+    return [p.batch, *spatial, p.heads, p.kv_heads, p.head_dim, *strides, _sub_block_tokens(p)]
 
 
 def _rpb_table(rpb: torch.Tensor, p: NAParams) -> torch.Tensor:

@@ -5,9 +5,13 @@ Layout and algorithm
 Every problem is viewed as 3-D ``(z, y, x)`` (1-D/2-D inputs get leading dims of size 1,
 kernel 1). One task is one ``(batch, kv_head)`` pair, or a block of its rows when there are
 few pairs (1-D: a block of SIMD tiles; the split depends only on the shape, never on the
-thread count). A task copies the keys, values and queries (all query heads of the GQA
-group) it needs into thread-local *transposed slabs* ``[head_dim][tokens]`` so that ``VL``
-consecutive tokens along ``x`` are one SIMD vector; inputs may be strided views.
+thread count). A task works through its block in *sub-blocks* of a few thousand query
+tokens (at least 8 neighborhood reaches; the size comes from the Python side), and copies
+the keys, values and queries (all query heads of the GQA group) a sub-block needs into
+thread-local *transposed slabs* ``[head_dim][tokens]`` so that ``VL`` consecutive tokens
+along ``x`` are one SIMD vector; inputs may be strided views. A slab holds only the
+sub-block's token range and its neighbors' (indices relative to the range's first token),
+so scratch memory is bounded by the sub-block size, not the grid's.
 
 SIMD runs over ``VL`` queries of one row (16 with AVX-512, 8 otherwise; GCC vector
 extensions, so the same code compiles for any ISA). Queries of one row share their ``z``
@@ -122,16 +126,18 @@ inline void for_key_rows(const Dim& Z, const Dim& Y, const Dim& X, int z, int y,
 }
 
 struct Prob {
-  int B, H, Hk, G, D, E, N, NP;  // G = H / Hk, NP = slab plane stride (N + padding)
+  int B, H, Hk, G, D, E, N;      // G = H / Hk
+  int M;                         // zeroed margin after a slab's tokens (masked lanes read it)
+  int sub;                       // query tokens per sub-block (rounded to rows / SIMD tiles)
   Dim dim[3];
   int Rt;                        // bias table entries per head
   const float* rpb;              // [H, Rt], pre-scaled by log2(e); null without bias
   int64_t st[9];                 // (batch, token, head) strides of q, k, v
 };
 
-// geo = [B, Lz, Ly, Lx, H, Hk, D, then (batch, token, head) strides of q, k, v]: inputs may
-// be strided views (e.g. q, k, v unbound from one qkv projection) as long as head_dim is
-// contiguous and the spatial dims flatten with one token stride.
+// geo = [B, Lz, Ly, Lx, H, Hk, D, (batch, token, head) strides of q, k, v, sub-block tokens]:
+// inputs may be strided views (e.g. q, k, v unbound from one qkv projection) as long as
+// head_dim is contiguous and the spatial dims flatten with one token stride.
 static Prob make_prob(const std::vector<int64_t>& geo,
                       const std::vector<torch::Tensor>& tables, std::vector<int64_t> kd,
                       const torch::Tensor& rpb, int64_t E) {
@@ -140,7 +146,8 @@ static Prob make_prob(const std::vector<int64_t>& geo,
   for (int i = 0; i < 9; ++i) p.st[i] = geo[7 + i];
   p.E = (int)E;
   p.N = geo[1] * geo[2] * geo[3];
-  p.NP = p.N + 4 * VL + 3 * (int)(kd[4] * kd[5]);
+  p.M = 4 * VL + 3 * (int)(kd[4] * kd[5]);
+  p.sub = (int)std::max<int64_t>(1, geo[16]);
   for (int i = 0; i < 3; ++i) {
     Dim& d = p.dim[i];
     d.L = geo[1 + i]; d.K = kd[2 * i]; d.dil = kd[2 * i + 1]; d.R = 2 * d.K - 1;
@@ -154,8 +161,9 @@ static Prob make_prob(const std::vector<int64_t>& geo,
 }
 
 // Thread-local scratch that grows and is reused across calls (no allocation per call).
+// Contents are not kept: growing reallocates exactly n floats (no copy, no doubling).
 static float* scratch(std::vector<float>& buf, size_t n) {
-  if (buf.size() < n) buf.resize(n);
+  if (buf.size() < n) { std::vector<float>().swap(buf); buf.resize(n); }
   return buf.data();
 }
 
@@ -182,11 +190,15 @@ static inline void transpose_tile(vf* r) {
 #endif
 }
 
-// Tokens [lo, hi) of src [N, tok_stride] (head_dim contiguous) -> dst [D][NP] (scaled).
-// The margin after hi is zeroed: loads of masked lanes may run past the last needed token.
-static void to_slab(const float* src, int64_t tok_stride, int lo, int hi, int N, int D, int NP,
-                    float mul, float* dst) {
+// Tokens [lo, hi) of src [N, tok_stride] (head_dim contiguous) -> dst [D][NP] at token
+// n - base (scaled). The M entries after hi are zeroed: loads of masked lanes may run past
+// the last needed token. The caller's NP is at least hi - base + M.
+static void to_slab(const float* src, int64_t tok_stride, int lo, int hi, int base, int M,
+                    int D, int NP, float mul, float* dst) {
+  if (hi <= lo) return;
   const vf vm = splat(mul);
+  src += (int64_t)base * tok_stride;
+  lo -= base; hi -= base;
   int n0 = lo;
   for (; n0 + VL <= hi; n0 += VL) {
     const float* s = src + (int64_t)n0 * tok_stride;
@@ -202,8 +214,7 @@ static void to_slab(const float* src, int64_t tok_stride, int lo, int hi, int N,
   }
   for (; n0 < hi; ++n0)
     for (int d = 0; d < D; ++d) dst[(size_t)d * NP + n0] = src[(int64_t)n0 * tok_stride + d] * mul;
-  const int end = std::min(NP, hi + (NP - N));
-  for (int d = 0; d < D; ++d) std::fill(dst + (size_t)d * NP + hi, dst + (size_t)d * NP + end, 0.f);
+  for (int d = 0; d < D; ++d) std::fill(dst + (size_t)d * NP + hi, dst + (size_t)d * NP + hi + M, 0.f);
 }
 
 // A task's share of one (batch, kv_head): rows [ra, rb) of the flattened (z, y) rows and,
@@ -241,6 +252,20 @@ static void touched(const Prob& p, const Block& bl, bool inverse, int& lo, int& 
 
 static inline int block_lo(const Prob& p, const Block& bl) { return bl.ra * p.dim[2].L + bl.xa; }
 static inline int block_hi(const Prob& p, const Block& bl) { return (bl.rb - 1) * p.dim[2].L + bl.xb; }
+
+// Calls f(sub_block) for the block's sub-blocks in order: runs of rows (1-D: of SIMD tiles)
+// of about p.sub query tokens.
+template <class F>
+static void for_sub_blocks(const Prob& p, const Block& bl, F&& f) {
+  const int X = p.dim[2].L;
+  if (p.dim[0].L * p.dim[1].L > 1) {
+    const int step = std::max(1, p.sub / X);
+    for (int r = bl.ra; r < bl.rb; r += step) f(Block{r, std::min(r + step, bl.rb), 0, X});
+  } else {
+    const int step = std::max(1, p.sub / VL) * VL;
+    for (int x = bl.xa; x < bl.xb; x += step) f(Block{0, 1, x, std::min(x + step, bl.xb)});
+  }
+}
 
 // Per-lane description of a row tile along x: where each lane's keys start and how many.
 struct Lanes {
@@ -528,20 +553,33 @@ static void trim_scratch() {
     if (buf->capacity() > KEEP) std::vector<float>().swap(*buf);
 }
 
+// A thread's slabs for one sub-block: tokens [base, base + NP - M) as [D][NP] planes,
+// token n at column n - base. Q (and, in the backward, dO, lse, delta) hold G heads.
+struct Slabs {
+  int base, NP;
+  size_t plane;                  // D * NP
+  const float *K, *V, *Q;
+};
+
 // Loads K and V tokens [klo, khi) and the Q tokens [qlo, qhi) of all G heads (scaled by
 // qmul) of one (batch, kv_head) into the thread's slabs.
-static void load_slabs(const Prob& p, int b, int hk, const float* q, const float* k, const float* v,
-                       float qmul, int klo, int khi, int qlo, int qhi,
-                       float** Ks, float** Vs, float** Qs) {
-  size_t plane = (size_t)p.D * p.NP;
-  *Ks = scratch(tl_k, plane); *Vs = scratch(tl_v, plane);
-  *Qs = scratch(tl_q, plane * p.G);
+static Slabs load_slabs(const Prob& p, int b, int hk, const float* q, const float* k,
+                        const float* v, float qmul, int klo, int khi, int qlo, int qhi) {
+  Slabs s;
+  s.base = khi > klo ? std::min(klo, qlo) : qlo;
+  s.NP = std::max(khi, qhi) - s.base + p.M;
+  s.plane = (size_t)p.D * s.NP;
+  float* K = scratch(tl_k, s.plane);
+  float* V = scratch(tl_v, s.plane);
+  float* Q = scratch(tl_q, s.plane * p.G);
   const int64_t* st = p.st;
-  to_slab(k + b * st[3] + hk * st[5], st[4], klo, khi, p.N, p.D, p.NP, 1.f, *Ks);
-  to_slab(v + b * st[6] + hk * st[8], st[7], klo, khi, p.N, p.D, p.NP, 1.f, *Vs);
+  to_slab(k + b * st[3] + hk * st[5], st[4], klo, khi, s.base, p.M, p.D, s.NP, 1.f, K);
+  to_slab(v + b * st[6] + hk * st[8], st[7], klo, khi, s.base, p.M, p.D, s.NP, 1.f, V);
   for (int g = 0; g < p.G; ++g)
-    to_slab(q + b * st[0] + (hk * p.G + g) * st[2], st[1], qlo, qhi, p.N, p.D, p.NP,
-            qmul, *Qs + plane * g);
+    to_slab(q + b * st[0] + (hk * p.G + g) * st[2], st[1], qlo, qhi, s.base, p.M, p.D, s.NP,
+            qmul, Q + s.plane * g);
+  s.K = K; s.V = V; s.Q = Q;
+  return s;
 }
 
 static torch::Tensor opt(const std::optional<torch::Tensor>& t) { return t.has_value() ? *t : torch::Tensor(); }
@@ -566,55 +604,55 @@ std::vector<torch::Tensor> na_forward(torch::Tensor q, torch::Tensor k, torch::T
   at::parallel_for(0, (int64_t)p.B * p.Hk * nblk, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
       const int blk = task % nblk, b = task / nblk / p.Hk, hk = task / nblk % p.Hk;
-      const Block bl = block_of(p, blk, nblk);
-      int klo, khi;
-      touched(p, bl, false, klo, khi);
-      float *Ks, *Vs, *Qs;
-      load_slabs(p, b, hk, qp, kp, vp, qmul, klo, khi, block_lo(p, bl), block_hi(p, bl), &Ks, &Vs, &Qs);
       float* O = scratch(tl_acc, (size_t)p.D * VL);
       const Dim &Z = p.dim[0], &Y = p.dim[1], &X = p.dim[2];
       const int64_t ex_tok = (int64_t)p.Hk * p.D;
       const float* ekb = E ? ekp + (int64_t)b * E * ex_tok + hk * p.D : nullptr;
       const float* evb = E ? evp + (int64_t)b * E * ex_tok + hk * p.D : nullptr;
-      for (int g = 0; g < p.G; ++g) {
-        const int h = hk * p.G + g;
-        const float* Qh = Qs + (size_t)p.D * p.NP * g;
-        for (int row = bl.ra; row < bl.rb; ++row)
-        for (int x0 = bl.xa; x0 < bl.xb; x0 += VL) {
-          const int z = row / Y.L, y = row % Y.L;
-          Lanes ln; query_lanes(X, x0, ln);
-          const int n0 = (z * Y.L + y) * X.L + x0;
-          const float* Qt = Qh + n0;
-          vf m = splat(NEG), lsum = splat(0.f);
-          std::fill(O, O + (size_t)p.D * VL, 0.f);
-          for_key_rows(Z, Y, X, z, y, [&](int rowoff, int rbias) {
-            const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + rbias : nullptr;
-            for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
-              run_chunk(ln, rowoff, X.dil, t0, std::min(CH, ln.tmax - t0),
-                        [&]<int NJ, int MODE>(const Src& src, const vi* ok) {
-                vf bias[NJ];
-                if (brow) bias_chunk<NJ>(ln, brow, t0, 1, bias);
-                fwd_chunk<NJ, MODE>(Qt, p.NP, Ks, Vs, p.NP, src, ok, brow ? bias : nullptr,
-                                    p.D, m, lsum, O);
+      for_sub_blocks(p, block_of(p, blk, nblk), [&](const Block& bl) {
+        int klo, khi;
+        touched(p, bl, false, klo, khi);
+        const Slabs s = load_slabs(p, b, hk, qp, kp, vp, qmul, klo, khi, block_lo(p, bl),
+                                   block_hi(p, bl));
+        for (int g = 0; g < p.G; ++g) {
+          const int h = hk * p.G + g;
+          for (int row = bl.ra; row < bl.rb; ++row)
+          for (int x0 = bl.xa; x0 < bl.xb; x0 += VL) {
+            const int z = row / Y.L, y = row % Y.L;
+            Lanes ln; query_lanes(X, x0, ln);
+            const int n0 = (z * Y.L + y) * X.L + x0;
+            const float* Qt = s.Q + s.plane * g + (n0 - s.base);
+            vf m = splat(NEG), lsum = splat(0.f);
+            std::fill(O, O + (size_t)p.D * VL, 0.f);
+            for_key_rows(Z, Y, X, z, y, [&](int rowoff, int rbias) {
+              const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + rbias : nullptr;
+              for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
+                run_chunk(ln, rowoff - s.base, X.dil, t0, std::min(CH, ln.tmax - t0),
+                          [&]<int NJ, int MODE>(const Src& src, const vi* ok) {
+                  vf bias[NJ];
+                  if (brow) bias_chunk<NJ>(ln, brow, t0, 1, bias);
+                  fwd_chunk<NJ, MODE>(Qt, s.NP, s.K, s.V, s.NP, src, ok, brow ? bias : nullptr,
+                                      p.D, m, lsum, O);
+                });
+              }
+            });
+            for (int e0 = 0; e0 < E; e0 += CH) {
+              const int nj = std::min<int>(CH, E - e0);
+              Src src; src.off = e0 * ex_tok; src.step = ex_tok; src.idx = nullptr;
+              dispatch_nj(nj, [&]<int NJ>() {
+                fwd_chunk<NJ, 2>(Qt, s.NP, ekb, evb, 1, src, nullptr, nullptr, p.D, m, lsum, O);
               });
             }
-          });
-          for (int e0 = 0; e0 < E; e0 += CH) {
-            const int nj = std::min<int>(CH, E - e0);
-            Src src; src.off = e0 * ex_tok; src.step = ex_tok; src.idx = nullptr;
-            dispatch_nj(nj, [&]<int NJ>() {
-              fwd_chunk<NJ, 2>(Qt, p.NP, ekb, evb, 1, src, nullptr, nullptr, p.D, m, lsum, O);
-            });
-          }
-          vf inv = splat(1.f) / lsum;
-          for (int l = 0; l < ln.nv; ++l) {
-            const int64_t n = (int64_t)b * p.N + n0 + l;
-            float* o = op + (n * p.H + h) * p.D;
-            for (int d = 0; d < p.D; ++d) o[d] = O[d * VL + l] * inv[l];
-            lp[n * p.H + h] = (m[l] + std::log2(lsum[l])) * LN2;
+            vf inv = splat(1.f) / lsum;
+            for (int l = 0; l < ln.nv; ++l) {
+              const int64_t n = (int64_t)b * p.N + n0 + l;
+              float* o = op + (n * p.H + h) * p.D;
+              for (int d = 0; d < p.D; ++d) o[d] = O[d * VL + l] * inv[l];
+              lp[n * p.H + h] = (m[l] + std::log2(lsum[l])) * LN2;
+            }
           }
         }
-      }
+      });
     }
     trim_scratch();
   });
@@ -654,39 +692,6 @@ std::vector<std::optional<torch::Tensor>> na_backward(
   at::parallel_for(0, (int64_t)p.B * p.Hk * nblk, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
       const int blk = task % nblk, b = task / nblk / p.Hk, hk = task / nblk % p.Hk;
-      const Block bl = block_of(p, blk, nblk);
-      // keys: those the block's queries attend and the block's own; queries: the block's own
-      // and those attending the block's keys
-      int klo, khi, qlo, qhi;
-      touched(p, bl, false, klo, khi);
-      touched(p, bl, true, qlo, qhi);
-      const int blo = block_lo(p, bl), bhi = block_hi(p, bl);
-      klo = khi > klo ? std::min(klo, blo) : blo; khi = std::max(khi, bhi);
-      qlo = qhi > qlo ? std::min(qlo, blo) : blo; qhi = std::max(qhi, bhi);
-      const size_t plane = (size_t)p.D * p.NP;
-      float *Ks, *Vs, *Qs;
-      load_slabs(p, b, hk, qp, kp, vp, qmul, klo, khi, qlo, qhi, &Ks, &Vs, &Qs);
-      // dO slabs, lse (base 2) and delta = rowsum(dO * O) - dlse, per head of the group
-      float* Gs = scratch(tl_g, plane * p.G);
-      float* L2 = scratch(tl_ls, (size_t)p.NP * p.G);
-      float* DL = scratch(tl_dl, (size_t)p.NP * p.G);
-      const int64_t q_tok = (int64_t)p.H * p.D;
-      for (int g = 0; g < p.G; ++g) {
-        const int h = hk * p.G + g;
-        to_slab(gp + (int64_t)b * p.N * q_tok + h * p.D, q_tok, qlo, qhi, p.N, p.D, p.NP, 1.f,
-                Gs + plane * g);
-        for (int n = qlo; n < qhi; ++n) {
-          const int64_t r = ((int64_t)b * p.N + n) * p.H + h;
-          const float *o = opp + r * p.D, *go = gp + r * p.D;
-          float acc = 0.f;
-          for (int d = 0; d < p.D; ++d) acc += o[d] * go[d];
-          DL[(size_t)g * p.NP + n] = acc - (glp ? glp[r] : 0.f);
-          L2[(size_t)g * p.NP + n] = lp[r] * LOG2E;
-        }
-        const int end = std::min(p.NP, qhi + (p.NP - p.N));
-        std::fill(DL + (size_t)g * p.NP + qhi, DL + (size_t)g * p.NP + end, 0.f);
-        std::fill(L2 + (size_t)g * p.NP + qhi, L2 + (size_t)g * p.NP + end, 0.f);
-      }
       float* acc = scratch(tl_acc, (size_t)p.D * VL * 2);
       float* accB = acc + (size_t)p.D * VL;
       float* exa = nullptr;
@@ -696,48 +701,125 @@ std::vector<std::optional<torch::Tensor>> na_backward(
       const float* ekb = E ? ekp + (int64_t)b * E * ex_tok + hk * p.D : nullptr;
       const float* evb = E ? evp + (int64_t)b * E * ex_tok + hk * p.D : nullptr;
       const float inv_log2e = 1.f / LOG2E;
+      for_sub_blocks(p, block_of(p, blk, nblk), [&](const Block& bl) {
+        // keys: those the sub-block's queries attend and its own; queries: its own and those
+        // attending its keys
+        int klo, khi, qlo, qhi;
+        touched(p, bl, false, klo, khi);
+        touched(p, bl, true, qlo, qhi);
+        const int blo = block_lo(p, bl), bhi = block_hi(p, bl);
+        klo = khi > klo ? std::min(klo, blo) : blo; khi = std::max(khi, bhi);
+        qlo = qhi > qlo ? std::min(qlo, blo) : blo; qhi = std::max(qhi, bhi);
+        const Slabs s = load_slabs(p, b, hk, qp, kp, vp, qmul, klo, khi, qlo, qhi);
+        const int NP = s.NP, base = s.base;
+        const size_t plane = s.plane;
+        // dO slabs, lse (base 2) and delta = rowsum(dO * O) - dlse, per head of the group
+        float* Gs = scratch(tl_g, plane * p.G);
+        float* L2 = scratch(tl_ls, (size_t)NP * p.G);
+        float* DL = scratch(tl_dl, (size_t)NP * p.G);
+        const int64_t q_tok = (int64_t)p.H * p.D;
+        for (int g = 0; g < p.G; ++g) {
+          const int h = hk * p.G + g;
+          to_slab(gp + (int64_t)b * p.N * q_tok + h * p.D, q_tok, qlo, qhi, base, p.M, p.D, NP,
+                  1.f, Gs + plane * g);
+          for (int n = qlo; n < qhi; ++n) {
+            const int64_t r = ((int64_t)b * p.N + n) * p.H + h;
+            const float *o = opp + r * p.D, *go = gp + r * p.D;
+            float acc = 0.f;
+            for (int d = 0; d < p.D; ++d) acc += o[d] * go[d];
+            DL[(size_t)g * NP + n - base] = acc - (glp ? glp[r] : 0.f);
+            L2[(size_t)g * NP + n - base] = lp[r] * LOG2E;
+          }
+          const size_t end = (size_t)g * NP + qhi - base;
+          std::fill(DL + end, DL + end + p.M, 0.f);
+          std::fill(L2 + end, L2 + end + p.M, 0.f);
+        }
 
-      // ---- query pass: dQ, bias gradient, extra-token gradients
-      for (int g = 0; g < p.G; ++g) {
-        const int h = hk * p.G + g;
-        for (int row = bl.ra; row < bl.rb; ++row)
-        for (int x0 = bl.xa; x0 < bl.xb; x0 += VL) {
-          const int z = row / Y.L, y = row % Y.L;
-          Lanes ln; query_lanes(X, x0, ln);
-          const int n0 = (z * Y.L + y) * X.L + x0;
-          QPass c;
-          c.Q = Qs + plane * g + n0; c.dO = Gs + plane * g + n0; c.NP = p.NP; c.D = p.D;
-          c.ln = &ln; c.dQ = acc; c.dek = exa; c.dev = E ? exa + (size_t)E * p.D * VL : nullptr;
-          vf l2 = ld(L2 + (size_t)g * p.NP + n0), dl = ld(DL + (size_t)g * p.NP + n0);
-          for (int l = ln.nv; l < VL; ++l) { l2[l] = 1e30f; dl[l] = 0.f; }
-          c.lse2 = l2; c.delta = dl;
-          std::fill(acc, acc + (size_t)p.D * VL, 0.f);
-          for_key_rows(Z, Y, X, z, y, [&](int rowoff, int rbias) {
-            const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + rbias : nullptr;
-            c.drpb_row = drp ? drp + (((size_t)b * nblk + blk) * p.H + h) * p.Rt + rbias : nullptr;
-            for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
-              run_chunk(ln, rowoff, X.dil, t0, std::min(CH, ln.tmax - t0),
-                        [&]<int NJ, int MODE>(const Src& src, const vi* ok) {
-                vf bias[NJ];
-                if (brow) bias_chunk<NJ>(ln, brow, t0, 1, bias);
-                qpass_chunk<NJ, MODE>(c, Ks, Vs, p.NP, src, ok, brow ? bias : nullptr, t0, 0);
+        // ---- query pass: dQ, bias gradient, extra-token gradients
+        for (int g = 0; g < p.G; ++g) {
+          const int h = hk * p.G + g;
+          for (int row = bl.ra; row < bl.rb; ++row)
+          for (int x0 = bl.xa; x0 < bl.xb; x0 += VL) {
+            const int z = row / Y.L, y = row % Y.L;
+            Lanes ln; query_lanes(X, x0, ln);
+            const int n0 = (z * Y.L + y) * X.L + x0;
+            QPass c;
+            c.Q = s.Q + plane * g + (n0 - base); c.dO = Gs + plane * g + (n0 - base);
+            c.NP = NP; c.D = p.D;
+            c.ln = &ln; c.dQ = acc; c.dek = exa; c.dev = E ? exa + (size_t)E * p.D * VL : nullptr;
+            vf l2 = ld(L2 + (size_t)g * NP + (n0 - base)), dl = ld(DL + (size_t)g * NP + (n0 - base));
+            for (int l = ln.nv; l < VL; ++l) { l2[l] = 1e30f; dl[l] = 0.f; }
+            c.lse2 = l2; c.delta = dl;
+            std::fill(acc, acc + (size_t)p.D * VL, 0.f);
+            for_key_rows(Z, Y, X, z, y, [&](int rowoff, int rbias) {
+              const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + rbias : nullptr;
+              c.drpb_row = drp ? drp + (((size_t)b * nblk + blk) * p.H + h) * p.Rt + rbias : nullptr;
+              for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
+                run_chunk(ln, rowoff - base, X.dil, t0, std::min(CH, ln.tmax - t0),
+                          [&]<int NJ, int MODE>(const Src& src, const vi* ok) {
+                  vf bias[NJ];
+                  if (brow) bias_chunk<NJ>(ln, brow, t0, 1, bias);
+                  qpass_chunk<NJ, MODE>(c, s.K, s.V, NP, src, ok, brow ? bias : nullptr, t0, 0);
+                });
+              }
+            });
+            c.drpb_row = nullptr;
+            for (int e0 = 0; e0 < E; e0 += CH) {
+              const int nj = std::min<int>(CH, E - e0);
+              Src src; src.off = e0 * ex_tok; src.step = ex_tok; src.idx = nullptr;
+              dispatch_nj(nj, [&]<int NJ>() {
+                qpass_chunk<NJ, 2>(c, ekb, evb, 1, src, nullptr, nullptr, 0, e0);
               });
             }
-          });
-          c.drpb_row = nullptr;
-          for (int e0 = 0; e0 < E; e0 += CH) {
-            const int nj = std::min<int>(CH, E - e0);
-            Src src; src.off = e0 * ex_tok; src.step = ex_tok; src.idx = nullptr;
-            dispatch_nj(nj, [&]<int NJ>() {
-              qpass_chunk<NJ, 2>(c, ekb, evb, 1, src, nullptr, nullptr, 0, e0);
-            });
-          }
-          for (int l = 0; l < ln.nv; ++l) {
-            float* o = dqp + (((int64_t)b * p.N + n0 + l) * p.H + h) * p.D;
-            for (int d = 0; d < p.D; ++d) o[d] = acc[d * VL + l] * (float)scale;
+            for (int l = 0; l < ln.nv; ++l) {
+              float* o = dqp + (((int64_t)b * p.N + n0 + l) * p.H + h) * p.D;
+              for (int d = 0; d < p.D; ++d) o[d] = acc[d * VL + l] * (float)scale;
+            }
           }
         }
-      }
+
+        // ---- key pass: dK, dV (summed over the heads of the group)
+        for (int row = bl.ra; row < bl.rb; ++row)
+        for (int x0 = bl.xa; x0 < bl.xb; x0 += VL) {
+          const int kz = row / Y.L, ky = row % Y.L;
+          Lanes ln; key_lanes(X, x0, ln);
+          const int n0 = (kz * Y.L + ky) * X.L + x0;
+          std::fill(acc, acc + (size_t)p.D * VL * 2, 0.f);
+          KPass c;
+          c.K = s.K + (n0 - base); c.V = s.V + (n0 - base); c.NP = NP; c.D = p.D;
+          c.dK = acc; c.dV = accB;
+          for (int g = 0; g < p.G; ++g) {
+            const int h = hk * p.G + g;
+            c.Q = s.Q + plane * g; c.dO = Gs + plane * g;
+            c.lse2 = L2 + (size_t)g * NP; c.delta = DL + (size_t)g * NP;
+            for (int uz = 0; uz < Z.qcnt[kz]; ++uz) {
+              const int qz = Z.qlo[kz] + uz * Z.dil;
+              const int rz = kz / Z.dil - qz / Z.dil + Z.K - 1;
+              for (int uy = 0; uy < Y.qcnt[ky]; ++uy) {
+                const int qy = Y.qlo[ky] + uy * Y.dil;
+                const int ry = ky / Y.dil - qy / Y.dil + Y.K - 1;
+                const int rowoff = (qz * Y.L + qy) * X.L - base;
+                const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + (rz * Y.R + ry) * X.R : nullptr;
+                for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
+                  run_chunk(ln, rowoff, X.dil, t0, std::min(CH, ln.tmax - t0),
+                            [&]<int NJ, int MODE>(const Src& src, const vi* ok) {
+                    vf bias[NJ];
+                    if (brow) bias_chunk<NJ>(ln, brow, t0, -1, bias);
+                    kpass_chunk<NJ, MODE>(c, src, ok, brow ? bias : nullptr);
+                  });
+                }
+              }
+            }
+          }
+          for (int l = 0; l < ln.nv; ++l) {
+            const int64_t r = (((int64_t)b * p.N + n0 + l) * p.Hk + hk) * p.D;
+            for (int d = 0; d < p.D; ++d) {
+              dkp[r + d] = acc[d * VL + l] * inv_log2e;
+              dvp[r + d] = accB[d * VL + l];
+            }
+          }
+        }
+      });
       if (E) {
         for (int e = 0; e < E; ++e)
           for (int d = 0; d < p.D; ++d) {
@@ -745,47 +827,6 @@ std::vector<std::optional<torch::Tensor>> na_backward(
             dekp[r] = hsum(ld(exa + ((size_t)e * p.D + d) * VL)) * inv_log2e;
             devp[r] = hsum(ld(exa + ((size_t)(E + e) * p.D + d) * VL));
           }
-      }
-
-      // ---- key pass: dK, dV (summed over the heads of the group)
-      for (int row = bl.ra; row < bl.rb; ++row)
-      for (int x0 = bl.xa; x0 < bl.xb; x0 += VL) {
-        const int kz = row / Y.L, ky = row % Y.L;
-        Lanes ln; key_lanes(X, x0, ln);
-        const int n0 = (kz * Y.L + ky) * X.L + x0;
-        std::fill(acc, acc + (size_t)p.D * VL * 2, 0.f);
-        KPass c;
-        c.K = Ks + n0; c.V = Vs + n0; c.NP = p.NP; c.D = p.D; c.dK = acc; c.dV = accB;
-        for (int g = 0; g < p.G; ++g) {
-          const int h = hk * p.G + g;
-          c.Q = Qs + plane * g; c.dO = Gs + plane * g;
-          c.lse2 = L2 + (size_t)g * p.NP; c.delta = DL + (size_t)g * p.NP;
-          for (int uz = 0; uz < Z.qcnt[kz]; ++uz) {
-            const int qz = Z.qlo[kz] + uz * Z.dil;
-            const int rz = kz / Z.dil - qz / Z.dil + Z.K - 1;
-            for (int uy = 0; uy < Y.qcnt[ky]; ++uy) {
-              const int qy = Y.qlo[ky] + uy * Y.dil;
-              const int ry = ky / Y.dil - qy / Y.dil + Y.K - 1;
-              const int rowoff = (qz * Y.L + qy) * X.L;
-              const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + (rz * Y.R + ry) * X.R : nullptr;
-              for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
-                run_chunk(ln, rowoff, X.dil, t0, std::min(CH, ln.tmax - t0),
-                          [&]<int NJ, int MODE>(const Src& src, const vi* ok) {
-                  vf bias[NJ];
-                  if (brow) bias_chunk<NJ>(ln, brow, t0, -1, bias);
-                  kpass_chunk<NJ, MODE>(c, src, ok, brow ? bias : nullptr);
-                });
-              }
-            }
-          }
-        }
-        for (int l = 0; l < ln.nv; ++l) {
-          const int64_t r = (((int64_t)b * p.N + n0 + l) * p.Hk + hk) * p.D;
-          for (int d = 0; d < p.D; ++d) {
-            dkp[r + d] = acc[d * VL + l] * inv_log2e;
-            dvp[r + d] = accB[d * VL + l];
-          }
-        }
       }
     }
     trim_scratch();
@@ -796,6 +837,13 @@ std::vector<std::optional<torch::Tensor>> na_backward(
 }
 
 int64_t lanes() { return VL; }
+
+// Floats of scratch the calling thread holds (with one torch thread, the kernels' own).
+int64_t scratch_floats() {
+  size_t n = 0;
+  for (auto* buf : {&tl_k, &tl_v, &tl_q, &tl_g, &tl_ls, &tl_dl, &tl_acc, &tl_ex}) n += buf->capacity();
+  return (int64_t)n;
+}
 """
 
-FUNCTIONS = ["na_forward", "na_backward", "lanes"]
+FUNCTIONS = ["na_forward", "na_backward", "lanes", "scratch_floats"]
