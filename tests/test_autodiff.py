@@ -191,7 +191,7 @@ def _attention_of(inputs: dict, wrt: str, backend):
     return f
 
 
-@pytest.mark.parametrize("wrt", ["query", "key", "rpb", "additional_values"])
+@pytest.mark.parametrize("wrt", ["query", "key", "rpb", "additional_keys", "additional_values"])
 @pytest.mark.parametrize("transform", sorted(TRANSFORMS))
 def test_torch_func_transforms_and_forward_ad(transform, wrt):
     ref_in = make_inputs(TRANSFORM_CONFIG, torch.float64, requires_grad=False)

@@ -56,17 +56,39 @@ def test_jit_trace_of_a_model_checks_saves_loads_and_runs(tmp_path):
     torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=0)
 
 
-def test_legacy_onnx_export_of_a_model(tmp_path):
+def test_legacy_onnx_export_of_a_model_with_a_dynamic_batch(tmp_path):
     """The TorchScript-based exporter (``dynamo=False``) traces the portable backend too."""
     model = create_model("nat_micro").eval()
     path = tmp_path / "nat_micro.onnx"
     with pytest.warns(DeprecationWarning):  # PyTorch's, about this exporter
         torch.onnx.export(model, (torch.randn(2, 1, 32, 32),), str(path), dynamo=False,
-                          input_names=["x"])
+                          input_names=["x"], dynamic_axes={"x": {0: "batch"}})
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = torch.randn(2, 1, 32, 32)
-    (got,) = session.run(None, {"x": x.numpy()})
-    torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-5, rtol=0)
+    for b in (1, 2, 3):
+        x = torch.randn(b, 1, 32, 32)
+        (got,) = session.run(None, {"x": x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-5, rtol=0)
+
+
+def test_jit_trace_over_several_chunks_runs_at_other_batch_sizes():
+    """The portable backend computes its tiles in chunks (three at this size and batch);
+    while tracing it sizes them per sample, so a trace recorded at batch 2 runs at 1 and 3."""
+    def fn(q):
+        return natkit.na2d(q, q, q, 7)
+    traced = torch.jit.trace(fn, torch.randn(2, 56, 56, 2, 16))
+    for b in (1, 3):
+        x = torch.randn(b, 56, 56, 2, 16)
+        torch.testing.assert_close(traced(x), fn(x), atol=1e-5, rtol=0)
+
+
+def test_jit_trace_refuses_another_grid():
+    """A trace's tiling is a constant: on another grid, even one of as many tokens, the
+    traced graph raises instead of returning wrong values."""
+    module = natkit.NeighborhoodAttention2D(16, 2, 5, dilation=2, rel_pos_bias=True).eval()
+    traced = torch.jit.trace(module, torch.randn(1, 12, 13, 16))
+    torch.testing.assert_close(traced(torch.randn(3, 12, 13, 16)).shape, (3, 12, 13, 16))
+    with pytest.raises(RuntimeError, match="must match"):
+        traced(torch.randn(1, 13, 12, 16))
 
 
 class _EveryFeature(torch.nn.Module):

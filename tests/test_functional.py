@@ -1,6 +1,7 @@
 """The public op: portable backend vs the reference, gradcheck, merge, special cases, compile."""
 
 import dataclasses
+import math
 import random
 import threading
 import time
@@ -189,6 +190,33 @@ def test_merge_attentions_is_exact():
     torch.testing.assert_close(lse, joint_lse.flatten(1, 2), atol=1e-12, rtol=0)
 
 
+def test_portable_backend_computes_in_float32_under_autocast():
+    """Autocast would run the portable backend's products in float16 again: logits of
+    these queries overflow there (NaN), not in the float32 the backend computes in."""
+    q = torch.randn(1, 12, 2, 8, generator=torch.Generator().manual_seed(0)) * 200
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = natkit.na1d(q, q, q, 3, backend="torch")
+    want = natkit.na1d(q.double(), q.double(), q.double(), 3, backend="reference")
+    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
+
+
+def test_merge_attentions_leaves_out_parts_that_attended_nothing():
+    """A part with lse -inf (no key) has weight 0 even when its output is NaN (0/0); with
+    every part empty the output is 0 and the lse -inf; no NaN in any gradient."""
+    o = torch.randn(1, 3, 2, 4, dtype=torch.float64, requires_grad=True)
+    l = torch.randn(1, 3, 2, dtype=torch.float64, requires_grad=True)
+    nan = torch.full_like(o, math.nan).requires_grad_()
+    none = torch.full_like(l, -math.inf).requires_grad_()
+    out, lse = natkit.merge_attentions([o, nan], [l, none])
+    torch.testing.assert_close(out, o, atol=1e-15, rtol=0)
+    torch.testing.assert_close(lse, l, atol=1e-15, rtol=0)
+    (out.sum() + lse.sum()).backward()
+    for t in (o, l, nan, none):
+        assert torch.isfinite(t.grad).all()
+    out, lse = natkit.merge_attentions([nan, nan], [none, none])
+    assert not out.any() and (lse == -math.inf).all()
+
+
 def test_merge_attentions_errors():
     o, l = torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2)
     with pytest.raises(ValueError, match="lses"):
@@ -197,6 +225,10 @@ def test_merge_attentions_errors():
         natkit.merge_attentions([o], [o])
     with pytest.raises(TypeError):
         natkit.merge_attentions([o], [None])
+    with pytest.raises(TypeError, match=r"outputs\[1\] dtype torch.float64"):
+        natkit.merge_attentions([o, o.double()], [l, l])
+    with pytest.raises(ValueError, match=r"outputs\[0\] must be"):
+        natkit.merge_attentions([torch.zeros(3)], [torch.zeros(())])
 
 
 def test_blocked_is_window_attention_and_full_kernel_is_full_attention():

@@ -90,10 +90,11 @@ def test_parameter_names_match_official_checkpoints():
     assert "qkv.bias" not in natkit.NeighborhoodAttention1D(64, 2, 7, qkv_bias=False).state_dict()
 
 
-@pytest.mark.parametrize("shape", [(0, 5, 6, 8), (0, 2, 2, 8)])  # the second is padded
-def test_empty_batch_gives_every_parameter_a_zero_gradient(shape):
+@pytest.mark.parametrize("attn_drop", [0.0, 0.2])  # dropout: the portable path, training
+@pytest.mark.parametrize("shape", [(0, 5, 6, 8), (0, 2, 2, 8), (2, 0, 6, 8)])  # padded; no tokens
+def test_empty_batch_gives_every_parameter_a_zero_gradient(shape, attn_drop):
     """As with a real batch (what DistributedDataParallel expects of a rank's empty batch)."""
-    m = natkit.NeighborhoodAttention2D(8, 2, 3, rel_pos_bias=True)
+    m = natkit.NeighborhoodAttention2D(8, 2, 3, rel_pos_bias=True, attn_drop=attn_drop)
     x = torch.randn(*shape, requires_grad=True)
     out = m(x)
     assert out.shape == shape

@@ -6,6 +6,7 @@ Pipeline: validate and normalize arguments (``_checks``) -> choose a backend
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -115,7 +116,9 @@ def merge_attentions(outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tenso
 
     Returns:
         ``(out, lse)``: the attention over the union of the key sets (dtype of ``outputs``)
-        and its log-sum-exp (float32, or float64 for float64 inputs).
+        and its log-sum-exp (float32, or float64 for float64 inputs). A part whose lse is
+        ``-inf`` (no key attended) is left out whatever its output holds; where every part
+        is, the output is 0 and the lse ``-inf``.
     """
     for name, seq in (("outputs", outputs), ("lses", lses)):
         if not isinstance(seq, (list, tuple)):  # a tensor would split along its batch dim
@@ -133,6 +136,12 @@ def merge_attentions(outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tenso
                 raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
             if t.device != outputs[0].device:
                 raise ValueError(f"{name} is on {t.device}, outputs[0] on {outputs[0].device}")
+        if o.dtype != outputs[0].dtype:
+            raise TypeError(f"outputs[{i}] dtype {o.dtype} differs from outputs[0] dtype "
+                            f"{outputs[0].dtype}")
+        if o.dim() < 2:
+            raise ValueError(f"outputs[{i}] must be [batch, *tokens, heads, head_dim], got "
+                             f"shape {tuple(o.shape)}")
         if o.shape != outputs[0].shape:
             raise ValueError(f"outputs[{i}] shape {tuple(o.shape)} differs from outputs[0] "
                              f"shape {tuple(outputs[0].shape)}")
@@ -142,6 +151,12 @@ def merge_attentions(outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tenso
     compute = torch.float64 if outputs[0].dtype == torch.float64 else torch.float32
     lse_all = torch.stack([l.to(compute) for l in lses])
     lse = torch.logsumexp(lse_all, dim=0)
-    weights = torch.exp(lse_all - lse)[..., None]
-    out = sum(w * o.to(compute) for w, o in zip(weights, outputs))
+    # A part with lse -inf attended no key: weight 0, and its output (possibly NaN) is not
+    # read, nor is anything when every part is empty (output 0, lse -inf); no NaN reaches
+    # the gradients either.
+    empty = lse_all == -math.inf
+    weights = torch.exp(torch.where(empty, -math.inf,
+                                    lse_all - torch.where(lse == -math.inf, 0, lse)))
+    out = sum(w[..., None] * torch.where(e[..., None], 0, o.to(compute))
+              for w, e, o in zip(weights, empty, outputs))
     return out.to(outputs[0].dtype), lse

@@ -95,9 +95,12 @@ class _NeighborhoodAttention(nn.Module):
         if x.device != weight.device:
             raise ValueError(f"input is on {x.device}, the module on {weight.device}")
         batch, *spatial, _ = x.shape
-        if 0 in spatial:  # no tokens to attend: an empty output of the right shape
-            return self.proj_drop(self.proj(x))
-        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))
+        if 0 in spatial:  # no tokens to attend: an empty output of the right shape, and
+            # zero gradients for every parameter (as DistributedDataParallel expects)
+            zero = self.qkv(x).sum() * 0 + (0 if self.rpb is None else self.rpb.sum() * 0)
+            return self.proj_drop(self.proj(x)) + zero
+        # reshape, not unflatten: the TorchScript ONNX exporter fixes unflatten's batch size
+        qkv = self.qkv(x).reshape(*x.shape[:-1], 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(-3)  # strided views: no copy
         pads = tuple(max(kk * d - s, 0) for kk, d, s in zip(self.kernel_size, self.dilation,
                                                              spatial))
@@ -107,7 +110,7 @@ class _NeighborhoodAttention(nn.Module):
             scale = 1.0
         args = dict(kernel_size=self.kernel_size, dilation=self.dilation, stride=self.stride,
                     is_causal=self.is_causal, rpb=self.rpb, scale=scale)
-        if self.training and self.attn_drop > 0:
+        if self.training and self.attn_drop > 0 and batch > 0:
             require_portable(ATTN_DROP_REASON)
             p = check_inputs(nd, q, k, v, args["kernel_size"], args["dilation"], args["stride"],
                              args["is_causal"], self.rpb, scale, None, None)

@@ -193,6 +193,16 @@ def tile_layout(p: NAParams, device, tiles=None) -> Layout:
         return _cached_layout(*key)
 
 
+def _grid_guard(spatial, query: torch.Tensor) -> torch.Tensor:
+    """Zeros ``[1, *spatial, 1, 1]`` made outside ``torch.jit.trace``: a constant of the
+    trace. Added to the query, it makes a traced graph (or a TorchScript-exported ONNX
+    model) fail on another grid, whose tiling the trace's constant indices do not describe,
+    instead of returning wrong values. (A grid of size 1 in a dimension broadcasts.)"""
+    with _untraced():
+        return torch.zeros((1, *map(int, spatial), 1, 1), dtype=query.dtype,
+                           device=query.device)
+
+
 @contextlib.contextmanager
 def _untraced():
     """Pause ``torch.jit.trace`` (if it is recording) within the block."""
@@ -214,12 +224,20 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
     ``tiles`` overrides the per-dimension query tile and ``chunk_elements`` the score
     elements computed at once (tests).
     """
+    if torch.is_autocast_enabled(query.device.type):
+        # The inputs are cast to the compute dtype below; autocast would run the products
+        # in half precision again (float16 logits overflow where float32 ones do not).
+        with torch.autocast(query.device.type, enabled=False):
+            return na_portable(query, key, value, p, rpb, additional_keys, additional_values,
+                               dropout_p, tiles, chunk_elements)
     dtype = query.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     b, n, hk, dev = p.batch, p.num_tokens, p.kv_heads, query.device
     g = p.heads // hk
     lay = tile_layout(p, dev, tiles)
-    under_transform = transformed((query, key, rpb))
+    if torch.jit.is_tracing():
+        query = query + _grid_guard(p.spatial, query)
+    under_transform = transformed((query, key, rpb, additional_keys))
     select = _selector(under_transform)
     (n_tiles, tq), tw = lay.queries.shape, lay.keys.shape[1]
     table = None if rpb is None else rpb.to(compute).reshape(hk, g, -1)
@@ -236,10 +254,12 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
     # Tiles in chunks, so that no score tensor grows past ``chunk_elements``: per sample
     # under torch.compile, where the batch is a symbolic size: a chunk count computed from
     # it would guard on its value and recompile for each new batch (and fail at dynamo's
-    # recompile limit under fullgraph=True).
+    # recompile limit under fullgraph=True); likewise under torch.jit.trace, which records
+    # the chunk count as a constant but the chunk sizes from the traced batch size.
     if chunk_elements is None:
         chunk_elements = default_chunk(dev)
-    rows = p.heads * tq * tw * (1 if torch.compiler.is_compiling() else b)
+    per_sample = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    rows = p.heads * tq * tw * (1 if per_sample else b)
     step = max(1, chunk_elements // rows)
     # vmap cannot add a batched bias (an rpb vmapped over) into unbatched scores in place
     in_place = not under_transform
@@ -328,7 +348,7 @@ def _attend(q, k, v, bias, extra, n_tiles: int, g: int, dropout_p: float, in_pla
     shift = logits.detach().amax(-1, keepdim=True)
     if extra is not None:
         shift = torch.maximum(shift, extra_logits.detach().amax(-1, keepdim=True))
-    logits = logits.sub_(shift).exp_()
+    logits = (logits.sub_(shift) if in_place else logits - shift).exp_()
     total = logits.sum(-1, keepdim=True)
     if extra is not None:
         extra_logits = (extra_logits - shift).exp_()
