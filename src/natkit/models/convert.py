@@ -17,11 +17,12 @@ import re
 import warnings
 from typing import Mapping, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["CheckpointMismatchError", "load_checkpoint", "read_state_dict",
+__all__ = ["CheckpointMismatchError", "load_checkpoint", "read_state_dict", "load_file",
            "from_hf_state_dict", "to_hf_state_dict", "is_hf_state_dict",
            "interpolate_rpb"]
 
@@ -56,34 +57,35 @@ def _clip(items, limit: int = 20) -> str:
 
 # -- reading -------------------------------------------------------------------------------
 
-def read_state_dict(path: Union[str, os.PathLike], *, name: str = "path") -> StateDict:
-    """Reads a checkpoint file into a flat state dict on the CPU.
+def _safe_globals() -> list:
+    """Objects besides tensors that training checkpoints carry and that unpickle without
+    running code: timm's ``argparse.Namespace`` (``args``), and the numpy scalars, dtypes and
+    arrays that mmcv/mmdetection store in ``meta``."""
+    core = np._core if hasattr(np, "_core") else np.core   # numpy 2 / numpy 1
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return [argparse.Namespace, core.multiarray.scalar, core.multiarray._reconstruct,
+            np.ndarray, np.dtype, *dtypes]
 
-    Accepts ``torch.save`` files (bare state dict, or one wrapped in ``"model"``,
-    ``"state_dict"`` or ``"module"``) and ``.safetensors`` files (needs the
-    ``safetensors`` package). A ``module.`` prefix (DistributedDataParallel) is removed;
-    from a detection/segmentation checkpoint (mmdetection/mmsegmentation) only the
-    ``backbone.*`` weights are kept, without the prefix. ``name``: the argument that
-    error messages name.
+
+def load_file(path: str, source: str):
+    """The object in a ``torch.save`` or ``.safetensors`` file, read on the CPU with
+    ``torch.load(weights_only=True)`` and the ``_safe_globals`` allow-list: natkit never
+    unpickles anything that could run code. ``source`` names the file in errors.
+
+    Raises ``ValueError`` when the file holds other pickled objects (naming the first) or
+    is not a readable checkpoint; ``OSError`` when the file itself cannot be read.
     """
-    path = os.fspath(path)
-    source = f"{name}={path!r}"
-    if os.path.isdir(path):
-        raise ValueError(f"{source} is a directory, not a checkpoint file")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{source}: checkpoint file not found")
     if path.endswith(".safetensors"):
         try:
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file as load_safetensors
         except ImportError as err:
             raise ImportError(f"reading {path!r} needs the 'safetensors' package "
                               f"(pip install safetensors)") from err
     try:
         if path.endswith(".safetensors"):
-            sd = load_file(path, device="cpu")
-        else:   # timm training checkpoints also hold their argparse arguments
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                sd = torch.load(path, map_location="cpu", weights_only=True)
+            return load_safetensors(path, device="cpu")
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except OSError:   # the file itself cannot be read (permissions, I/O): as it is
         raise
     except Exception as err:   # torch.load raises anything from EOFError to KeyError
@@ -92,9 +94,31 @@ def read_state_dict(path: Union[str, os.PathLike], *, name: str = "path") -> Sta
             raise ValueError(f"{source} holds pickled objects besides tensors ({foreign[1]}), "
                              f"which natkit does not unpickle (torch.load weights_only=True); "
                              f"if you trust the file, save its state dict alone") from None
-        raise ValueError(f"{source} is not a readable PyTorch checkpoint (empty, truncated "
-                         f"or another format: {type(err).__name__})") from err
-    return unwrap_state_dict(sd, source=source)
+        detail = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{source} is not a readable PyTorch checkpoint (corrupt, empty, "
+                         f"truncated or another format: {type(err).__name__}"
+                         f"{': ' + detail if detail else ''})") from err
+
+
+def read_state_dict(path: Union[str, os.PathLike], *, name: str = "path") -> StateDict:
+    """Reads a checkpoint file into a flat state dict on the CPU.
+
+    Accepts ``torch.save`` files (bare state dict, or one wrapped in ``"model"``,
+    ``"state_dict"`` or ``"module"``; timm's and mmcv's training checkpoints included, see
+    ``load_file``) and ``.safetensors`` files (needs the ``safetensors`` package). The
+    prefixes of ``DistributedDataParallel`` (``module.``), ``torch.compile``
+    (``_orig_mod.``) and ``AveragedModel`` (``module.``, and its ``n_averaged`` counter)
+    are removed; from a detection/segmentation checkpoint (mmdetection/mmsegmentation) only
+    the ``backbone.*`` weights are kept, without the prefix. ``name``: the argument that
+    error messages name.
+    """
+    path = os.fspath(path)
+    source = f"{name}={path!r}"
+    if os.path.isdir(path):
+        raise ValueError(f"{source} is a directory, not a checkpoint file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{source}: checkpoint file not found")
+    return unwrap_state_dict(load_file(path, source), source=source)
 
 
 def unwrap_state_dict(obj, source: str = "checkpoint") -> StateDict:
@@ -110,7 +134,9 @@ def unwrap_state_dict(obj, source: str = "checkpoint") -> StateDict:
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ValueError(f"{source} holds no state dict (expected str keys and tensor "
                              f"values), got the entry {key!r}: {type(value).__name__}")
-    sd = dict(obj)
+    # torch.compile wraps in _orig_mod (also inside DDP, or DDP inside it)
+    sd = {re.sub(r"(^|\.)_orig_mod\.", r"\1", k): v for k, v in obj.items()
+          if k != "n_averaged"}   # AveragedModel's count of averaged models
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     if any(k.startswith("backbone.") for k in sd):   # a detector's/segmenter's backbone
