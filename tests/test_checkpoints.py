@@ -35,6 +35,57 @@ def _equal(model, sd, keys=None) -> bool:
     return all(torch.equal(own[k], sd[k]) for k in (keys or sd))
 
 
+# -- classifier: fine-tuning from a checkpoint without one ---------------------------------
+
+def test_headless_checkpoint_fine_tunes_with_a_fresh_head(tmp_path):
+    sd = create_model("nat_tiny", num_classes=0, **SMALL).state_dict()
+    torch.save(sd, tmp_path / "headless.pth")
+    with pytest.warns(UserWarning, match=r"it has no classifier; the model's \(num_classes=10\) "
+                                         r"stays freshly initialized"):
+        model = create_model("nat_tiny", pretrained=tmp_path / "headless.pth", num_classes=10,
+                             **SMALL)
+    assert model.head.weight.shape == (10, 64) and _equal(model, sd)
+    # transformers' NatModel (no classifier, bare keys) likewise
+    torch.save(to_hf_state_dict(sd, prefix=""), tmp_path / "natmodel.bin")
+    with pytest.warns(UserWarning, match="it has no classifier"):
+        model = create_model("nat_tiny", pretrained=tmp_path / "natmodel.bin", num_classes=10,
+                             **SMALL)
+    assert _equal(model, sd)
+    # without num_classes the model's classifier must come from the checkpoint
+    with pytest.raises(CheckpointMismatchError, match="missing keys .*head.weight"):
+        create_model("nat_tiny", pretrained=tmp_path / "headless.pth", **SMALL)
+
+
+def test_num_classes_0_drops_the_checkpoints_classifier_with_the_right_words(tmp_path):
+    torch.save(create_model("nat_tiny", num_classes=7, **SMALL).state_dict(),
+               tmp_path / "c7.pth")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        create_model("nat_tiny", pretrained=tmp_path / "c7.pth", num_classes=0, **SMALL)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "its classifier is dropped (num_classes=0)" in messages[0]
+    assert "freshly initialized" not in messages[0]
+
+
+# -- backbones ------------------------------------------------------------------------------
+
+def test_backbone_with_some_out_indices_loads_a_full_detection_backbone(tmp_path):
+    full = create_model("nat_tiny", features_only=True, **SMALL).state_dict()
+    det = {f"backbone.{k}": v + 1 for k, v in full.items()}
+    det["decode_head.conv_seg.weight"] = torch.zeros(2)
+    torch.save({"state_dict": det, "meta": {}}, tmp_path / "det.pth")
+    model = create_model("nat_tiny", pretrained=tmp_path / "det.pth", features_only=True,
+                         out_indices=(2, 3), **SMALL)
+    assert all(torch.equal(v, det[f"backbone.{k}"]) for k, v in model.state_dict().items())
+    assert not hasattr(model, "norm0")
+    # still strict about everything else
+    det["backbone.levels.0.blocks.0.attn.extra"] = torch.zeros(1)
+    torch.save({"state_dict": det}, tmp_path / "det2.pth")
+    with pytest.raises(CheckpointMismatchError, match="unexpected keys .*attn.extra"):
+        create_model("nat_tiny", pretrained=tmp_path / "det2.pth", features_only=True,
+                     out_indices=(2, 3), **SMALL)
+
+
 # -- prefixes of wrappers -------------------------------------------------------------------
 
 @pytest.mark.parametrize("wrap", ["compile", "ddp_compile", "compile_ddp", "averaged"])
@@ -86,5 +137,21 @@ def test_training_checkpoints_are_read_alike_by_the_api_and_the_cli(tmp_path):
     (tmp_path / "cut.pth").write_bytes((tmp_path / "mmcv.pth").read_bytes()[:3000])
     with pytest.raises(ckpt_io.CheckpointError, match="corrupt, empty, truncated"):
         ckpt_io.read(str(tmp_path / "cut.pth"))
+
+
+# -- official checkpoints in eval / predict -------------------------------------------------
+
+def test_adapt_false_refuses_kernel_and_channel_adaptations_and_warnings_name_kernels(
+        tmp_path):
+    k5 = create_model("nat_micro", kernel_size=5).state_dict()
+    with pytest.warns(UserWarning, match=r"kernel size: kernel 5 -> 3$"):
+        load_checkpoint(create_model("nat_micro"), k5)
+    with pytest.raises(CheckpointMismatchError, match="kernel size 5 in the checkpoint, 3 in "
+                                                      "the model; shape mismatches"):
+        load_checkpoint(create_model("nat_micro"), k5, adapt=False)
+    rgb = create_model("nat_micro", in_chans=3).state_dict()
+    with pytest.raises(CheckpointMismatchError, match="3 input channels in the checkpoint, 1 "
+                                                      "in the model"):
+        load_checkpoint(create_model("nat_micro"), rgb, adapt=False)
 
 
