@@ -141,6 +141,37 @@ def test_training_checkpoints_are_read_alike_by_the_api_and_the_cli(tmp_path):
 
 # -- official checkpoints in eval / predict -------------------------------------------------
 
+def test_cli_builds_the_checkpoints_model_at_the_given_size(tmp_path):
+    """img_size reaches the model (DiNAT's dilations), and the class count comes from the
+    checkpoint's classifier rather than the entrypoint's default."""
+    with torch.device("meta"):
+        shapes = create_model("dinat_mini", num_classes=3).state_dict()
+    sd = {k: torch.randn(v.shape) for k, v in shapes.items()}
+    torch.save({"model": sd}, tmp_path / "dinat_mini.pth")
+    model, _ = load_for_inference(str(tmp_path / "dinat_mini.pth"), "dinat_mini", img_size=384)
+    assert model.dilations == DiNAT.dilations_for(384, dict(depths=(3, 4, 6, 5),
+                                                            kernel_size=7))
+    assert model.dilations[0] == [1, 13, 1]   # 224 would give [1, 8, 1]
+    assert model.pretrained_cfg["input_size"] == (3, 384, 384)
+    assert model.head.out_features == 3 and _equal(model, sd)
+
+
+def test_cli_takes_input_channels_from_the_checkpoint_and_refuses_another_kernel(tmp_path):
+    rgb = create_model("nat_micro", in_chans=3).state_dict()   # nat_micro defaults to 1
+    torch.save(rgb, tmp_path / "rgb.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # loaded exactly: no adaptation
+        model, _ = load_for_inference(str(tmp_path / "rgb.pth"), "nat_micro")
+    assert model.in_chans == 3 and _equal(model, rgb)
+    torch.save(create_model("nat_micro", kernel_size=5).state_dict(), tmp_path / "k5.pth")
+    with pytest.raises(CLIError, match="does not load into model 'nat_micro': kernel size 5 "
+                                       "in the checkpoint, 3 in the model"):
+        load_for_inference(str(tmp_path / "k5.pth"), "nat_micro")
+    torch.save(create_model("nat_micro", num_classes=0).state_dict(), tmp_path / "headless.pth")
+    with pytest.raises(CLIError, match=r"has no classifier \(head.weight\)"):
+        load_for_inference(str(tmp_path / "headless.pth"), "nat_micro")
+
+
 def test_adapt_false_refuses_kernel_and_channel_adaptations_and_warnings_name_kernels(
         tmp_path):
     k5 = create_model("nat_micro", kernel_size=5).state_dict()
@@ -155,3 +186,23 @@ def test_adapt_false_refuses_kernel_and_channel_adaptations_and_warnings_name_ke
         load_checkpoint(create_model("nat_micro"), rgb, adapt=False)
 
 
+def _natkit_checkpoint(path, sd):
+    ckpt_io.save_atomic({ckpt_io.TAG: ckpt_io.FORMAT_VERSION, "model_name": "nat_micro",
+                         "model_kwargs": {}, "model": sd, "classes": list("0123456789"),
+                         "preprocess": {}}, str(path))
+
+
+def test_cli_accepts_a_run_folder_and_reads_its_best_pt(tmp_path):
+    last, best = (create_model("nat_micro").state_dict() for _ in range(2))
+    run = tmp_path / "run"
+    _natkit_checkpoint(run / "last.pt", last)
+    model, _ = load_for_inference(str(run), None)
+    assert _equal(model, last)
+    _natkit_checkpoint(run / "best.pt", best)
+    model, _ = load_for_inference(str(run), None)
+    assert _equal(model, best)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CLIError, match="is a folder without best.pt or last.pt"):
+        load_for_inference(str(tmp_path / "empty"), None)
+    with pytest.raises(ckpt_io.CheckpointError, match="is a folder; name the checkpoint file"):
+        ckpt_io.read(str(run))

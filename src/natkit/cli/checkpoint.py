@@ -61,6 +61,9 @@ def read(path: str) -> dict:
     does (``natkit.models.convert.load_file``: tensors, plain containers and the objects
     timm/mmcv training checkpoints carry; never arbitrary pickles)."""
     from natkit.models.convert import load_file
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a folder; name the checkpoint file "
+                              f"in it (e.g. {os.path.join(path, 'best.pt')!r})")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
