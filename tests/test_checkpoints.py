@@ -109,6 +109,17 @@ class _Foreign:
     """An arbitrary pickled object: loading it would run code from the file."""
 
 
+class _Call:
+    """Unpickles as a call: ``os.makedirs(path)``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+        return os.makedirs, (self.path,)
+
+
 def test_training_checkpoints_are_read_alike_by_the_api_and_the_cli(tmp_path):
     sd = create_model("nat_micro").state_dict()
     files = {
@@ -133,6 +144,13 @@ def test_training_checkpoints_are_read_alike_by_the_api_and_the_cli(tmp_path):
     assert "corrupt" not in str(info.value)
     with pytest.raises(ValueError, match="pickled objects besides tensors"):
         create_model("nat_micro", pretrained=tmp_path / "foreign.pth")
+    # numpy's allow-listed object arrays unpickle their items under the same rules
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": sd, "meta": {"x": np.array([_Call(str(marker))], dtype=object)}},
+               tmp_path / "call.pth")
+    with pytest.raises(ckpt_io.CheckpointError, match=r"besides tensors \(os.makedirs\)"):
+        ckpt_io.read(str(tmp_path / "call.pth"))
+    assert not marker.exists()
     # a truncated file is still called what it may be
     (tmp_path / "cut.pth").write_bytes((tmp_path / "mmcv.pth").read_bytes()[:3000])
     with pytest.raises(ckpt_io.CheckpointError, match="corrupt, empty, truncated"):

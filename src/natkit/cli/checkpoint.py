@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .._checks import is_int
+from ..models.convert import load_file
 
 FORMAT_VERSION = 1
 TAG = "natkit_checkpoint"
@@ -60,7 +61,6 @@ def read(path: str) -> dict:
     """Loads any torch checkpoint file as ``natkit.models.create_model(pretrained=...)``
     does (``natkit.models.convert.load_file``: tensors, plain containers and the objects
     timm/mmcv training checkpoints carry; never arbitrary pickles)."""
-    from natkit.models.convert import load_file
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} is a folder; name the checkpoint file "
                               f"in it (e.g. {os.path.join(path, 'best.pt')!r})")

@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from ..models.convert import (CheckpointMismatchError, from_hf_state_dict, is_hf_state_dict,
+                              load_checkpoint, unwrap_state_dict)
 from . import checkpoint as ckpt_io
 from .common import CLIError, build_model
 from .data import folder_preprocess
@@ -67,8 +69,6 @@ def official_model(ckpt: dict, path: str, name: str, img_size: Optional[int] = N
     from the stem, at ``img_size`` (DiNAT's dilations depend on it), then loaded exactly.
     Unlike ``create_model(pretrained=...)``, which adapts with a warning, another kernel
     size or input channel count is an error: the checkpoint is not that model's."""
-    from natkit.models.convert import (CheckpointMismatchError, from_hf_state_dict,
-                                       is_hf_state_dict, load_checkpoint, unwrap_state_dict)
     try:
         sd = unwrap_state_dict(ckpt, source="it")
         sd = from_hf_state_dict(sd) if is_hf_state_dict(sd) else sd

@@ -65,7 +65,8 @@ def _safe_globals() -> list:
     running code: timm's ``argparse.Namespace`` (``args``), and the numpy scalars, dtypes and
     arrays that mmcv/mmdetection store in ``meta``."""
     core = np._core if hasattr(np, "_core") else np.core   # numpy 2 / numpy 1
-    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes)   # numpy >= 1.25
+              if n.endswith("DType")] if hasattr(np, "dtypes") else []
     return [argparse.Namespace, core.multiarray.scalar, core.multiarray._reconstruct,
             np.ndarray, np.dtype, *dtypes]
 
@@ -92,7 +93,7 @@ def load_file(path: str, source: str):
     except OSError:   # the file itself cannot be read (permissions, I/O): as it is
         raise
     except Exception as err:   # torch.load raises anything from EOFError to KeyError
-        foreign = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        foreign = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(err), re.I)
         if foreign:
             raise ValueError(f"{source} holds pickled objects besides tensors ({foreign[1]}), "
                              f"which natkit does not unpickle (torch.load weights_only=True); "
