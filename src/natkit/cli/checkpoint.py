@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .._checks import is_int
+from ..models.convert import load_file
 
 FORMAT_VERSION = 1
 TAG = "natkit_checkpoint"
@@ -57,15 +58,20 @@ def save_atomic(state: dict, path: str) -> None:
 
 
 def read(path: str) -> dict:
-    """Loads any torch checkpoint file (tensors and plain containers only)."""
+    """Loads any torch checkpoint file as ``natkit.models.create_model(pretrained=...)``
+    does (``natkit.models.convert.load_file``: tensors, plain containers and the objects
+    timm/mmcv training checkpoints carry; never arbitrary pickles)."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a folder; name the checkpoint file "
+                              f"in it (e.g. {os.path.join(path, 'best.pt')!r})")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for truncated/foreign files
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot read checkpoint {path!r}: it is corrupt, truncated or "
-                              f"not a PyTorch checkpoint ({msg})") from None
+        obj = load_file(path, f"checkpoint {path!r}")
+    except (OSError, ImportError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {err}") from None
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, expected a "
                               f"dict (a natkit checkpoint or a state dict)")

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
+from ..models.convert import (CheckpointMismatchError, from_hf_state_dict, is_hf_state_dict,
+                              load_checkpoint, unwrap_state_dict)
 from . import checkpoint as ckpt_io
 from .common import CLIError, build_model
 from .data import folder_preprocess
 
 
-def load_for_inference(path: str, model_name: Optional[str], use_ema: bool = False):
+def load_for_inference(path: str, model_name: Optional[str], use_ema: bool = False,
+                       img_size: Optional[int] = None):
     """Returns ``(model, info)``; ``info`` has ``classes`` (or None), ``preprocess`` (or None
     for official checkpoints: derived from the data) and ``model_name``.
 
+    ``path`` is a checkpoint file or a run folder (its ``best.pt``, else its ``last.pt``).
     natkit checkpoints carry their model name; ``model_name``, if given, must match.
-    Official NAT/DiNAT ``.pth`` files (a state dict, or ``{'model': state dict}``) need
-    ``model_name`` and load through ``natkit.models.create_model(pretrained=path)``."""
+    Official NAT/DiNAT checkpoints (a state dict, bare or under ``model``/``state_dict``,
+    timm's and transformers' layouts included) need ``model_name``; see ``official_model``
+    (``img_size``: the input size, which sets DiNAT's dilations)."""
+    if os.path.isdir(path):
+        path = run_folder_checkpoint(path)
     ckpt = ckpt_io.read(path)
     if ckpt_io.is_natkit(ckpt):
         ckpt = ckpt_io.load_natkit(path, model=model_name)
@@ -40,10 +48,47 @@ def load_for_inference(path: str, model_name: Optional[str], use_ema: bool = Fal
                        f"checkpoint name its model with --model (e.g. --model nat_tiny)")
     if use_ema:
         raise CLIError("--ema applies to natkit training checkpoints only")
-    del ckpt
-    model = build_model(model_name, pretrained=path)
+    model = official_model(ckpt, path, model_name, img_size)
     return model.eval(), {"classes": None, "preprocess": None, "model_name": model_name,
                           "data": None, "official": True}
+
+
+def run_folder_checkpoint(folder: str) -> str:
+    """The checkpoint a run folder stands for: ``best.pt`` (the weights that validated
+    best, what a run delivers), else ``last.pt``."""
+    for name in ("best.pt", "last.pt"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise CLIError(f"checkpoint {folder!r} is a folder without best.pt or last.pt; name a "
+                   f"checkpoint file")
+
+
+def official_model(ckpt: dict, path: str, name: str, img_size: Optional[int] = None):
+    """Model ``name`` built as the official checkpoint ``ckpt`` (read from ``path``) was
+    trained: its class count from the classifier (``head.weight``), its input channels
+    from the stem, at ``img_size`` (DiNAT's dilations depend on it), then loaded exactly.
+    Unlike ``create_model(pretrained=...)``, which adapts with a warning, another kernel
+    size or input channel count is an error: the checkpoint is not that model's."""
+    try:
+        sd = unwrap_state_dict(ckpt, source="it")
+        sd = from_hf_state_dict(sd) if is_hf_state_dict(sd) else sd
+    except ValueError as err:
+        raise CLIError(f"checkpoint {path!r}: {err}") from None
+    if "head.weight" not in sd:
+        raise CLIError(f"checkpoint {path!r} has no classifier (head.weight): eval and "
+                       f"predict need an image classification checkpoint")
+    with torch.device("meta"):   # the stem's key, without building the weights
+        stem = build_model(name).pretrained_cfg["first_conv"] + ".weight"
+    kwargs = {"num_classes": sd["head.weight"].shape[0], "img_size": img_size}
+    if stem in sd and sd[stem].dim() == 4:
+        kwargs["in_chans"] = sd[stem].shape[1]
+    model = build_model(name, **kwargs)
+    try:
+        load_checkpoint(model, sd, adapt=False)
+    except CheckpointMismatchError as err:
+        raise CLIError(f"checkpoint {path!r} does not load into model {name!r}: "
+                       f"{err.detail[:400]}") from None
+    return model
 
 
 def num_outputs(model: torch.nn.Module, in_chans: int, size: int, device) -> int:

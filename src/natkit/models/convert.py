@@ -17,11 +17,12 @@ import re
 import warnings
 from typing import Mapping, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["CheckpointMismatchError", "load_checkpoint", "read_state_dict",
+__all__ = ["CheckpointMismatchError", "load_checkpoint", "read_state_dict", "load_file",
            "from_hf_state_dict", "to_hf_state_dict", "is_hf_state_dict",
            "interpolate_rpb"]
 
@@ -32,12 +33,14 @@ StateDict = dict[str, torch.Tensor]
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit a model; ``missing``, ``unexpected`` and ``mismatched``
-    (``{key: (checkpoint shape, model shape)}``) name the offending keys."""
+    (``{key: (checkpoint shape, model shape)}``) name the offending keys; ``notes``, if
+    any, say what they amount to and come first in ``detail`` (the message without the
+    checkpoint's name)."""
 
-    def __init__(self, source: str, missing, unexpected, mismatched):
+    def __init__(self, source: str, missing, unexpected, mismatched, notes=()):
         self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), \
             dict(mismatched)
-        parts = []
+        parts = list(notes)   # what the key lists mean, when known (e.g. another kernel)
         if self.missing:
             parts.append(f"missing keys ({len(self.missing)}): {_clip(self.missing)}")
         if self.unexpected:
@@ -46,7 +49,8 @@ class CheckpointMismatchError(ValueError):
             items = [f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}"
                      for k, (a, b) in self.mismatched.items()]
             parts.append(f"shape mismatches ({len(items)}): {_clip(items)}")
-        super().__init__(f"checkpoint {source} does not match the model: " + "; ".join(parts))
+        self.detail = "; ".join(parts)
+        super().__init__(f"checkpoint {source} does not match the model: {self.detail}")
 
 
 def _clip(items, limit: int = 20) -> str:
@@ -56,14 +60,60 @@ def _clip(items, limit: int = 20) -> str:
 
 # -- reading -------------------------------------------------------------------------------
 
+def _safe_globals() -> list:
+    """Objects besides tensors that training checkpoints carry and that unpickle without
+    running code: timm's ``argparse.Namespace`` (``args``), and the numpy scalars, dtypes and
+    arrays that mmcv/mmdetection store in ``meta``."""
+    core = np._core if hasattr(np, "_core") else np.core   # numpy 2 / numpy 1
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes)   # numpy >= 1.25
+              if n.endswith("DType")] if hasattr(np, "dtypes") else []
+    return [argparse.Namespace, core.multiarray.scalar, core.multiarray._reconstruct,
+            np.ndarray, np.dtype, *dtypes]
+
+
+def load_file(path: str, source: str):
+    """The object in a ``torch.save`` or ``.safetensors`` file, read on the CPU with
+    ``torch.load(weights_only=True)`` and the ``_safe_globals`` allow-list: natkit never
+    unpickles anything that could run code. ``source`` names the file in errors.
+
+    Raises ``ValueError`` when the file holds other pickled objects (naming the first) or
+    is not a readable checkpoint; ``OSError`` when the file itself cannot be read.
+    """
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file as load_safetensors
+        except ImportError as err:
+            raise ImportError(f"reading {path!r} needs the 'safetensors' package "
+                              f"(pip install safetensors)") from err
+    try:
+        if path.endswith(".safetensors"):
+            return load_safetensors(path, device="cpu")
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:   # the file itself cannot be read (permissions, I/O): as it is
+        raise
+    except Exception as err:   # torch.load raises anything from EOFError to KeyError
+        foreign = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(err), re.I)
+        if foreign:
+            raise ValueError(f"{source} holds pickled objects besides tensors ({foreign[1]}), "
+                             f"which natkit does not unpickle (torch.load weights_only=True); "
+                             f"if you trust the file, save its state dict alone") from None
+        detail = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{source} is not a readable PyTorch checkpoint (corrupt, empty, "
+                         f"truncated or another format: {type(err).__name__}"
+                         f"{': ' + detail if detail else ''})") from err
+
+
 def read_state_dict(path: Union[str, os.PathLike], *, name: str = "path") -> StateDict:
     """Reads a checkpoint file into a flat state dict on the CPU.
 
     Accepts ``torch.save`` files (bare state dict, or one wrapped in ``"model"``,
-    ``"state_dict"`` or ``"module"``) and ``.safetensors`` files (needs the
-    ``safetensors`` package). A ``module.`` prefix (DistributedDataParallel) is removed;
-    from a detection/segmentation checkpoint (mmdetection/mmsegmentation) only the
-    ``backbone.*`` weights are kept, without the prefix. ``name``: the argument that
+    ``"state_dict"`` or ``"module"``; timm's and mmcv's training checkpoints included, see
+    ``load_file``) and ``.safetensors`` files (needs the ``safetensors`` package). The
+    prefixes of ``DistributedDataParallel`` (``module.``), ``torch.compile``
+    (``_orig_mod.``) and ``AveragedModel`` (``module.``, and its ``n_averaged`` counter)
+    are removed; from a detection/segmentation checkpoint (mmdetection/mmsegmentation) only
+    the ``backbone.*`` weights are kept, without the prefix. ``name``: the argument that
     error messages name.
     """
     path = os.fspath(path)
@@ -72,29 +122,7 @@ def read_state_dict(path: Union[str, os.PathLike], *, name: str = "path") -> Sta
         raise ValueError(f"{source} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{source}: checkpoint file not found")
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError as err:
-            raise ImportError(f"reading {path!r} needs the 'safetensors' package "
-                              f"(pip install safetensors)") from err
-    try:
-        if path.endswith(".safetensors"):
-            sd = load_file(path, device="cpu")
-        else:   # timm training checkpoints also hold their argparse arguments
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:   # the file itself cannot be read (permissions, I/O): as it is
-        raise
-    except Exception as err:   # torch.load raises anything from EOFError to KeyError
-        foreign = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if foreign:
-            raise ValueError(f"{source} holds pickled objects besides tensors ({foreign[1]}), "
-                             f"which natkit does not unpickle (torch.load weights_only=True); "
-                             f"if you trust the file, save its state dict alone") from None
-        raise ValueError(f"{source} is not a readable PyTorch checkpoint (empty, truncated "
-                         f"or another format: {type(err).__name__})") from err
-    return unwrap_state_dict(sd, source=source)
+    return unwrap_state_dict(load_file(path, source), source=source)
 
 
 def unwrap_state_dict(obj, source: str = "checkpoint") -> StateDict:
@@ -110,7 +138,9 @@ def unwrap_state_dict(obj, source: str = "checkpoint") -> StateDict:
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ValueError(f"{source} holds no state dict (expected str keys and tensor "
                              f"values), got the entry {key!r}: {type(value).__name__}")
-    sd = dict(obj)
+    # torch.compile wraps in _orig_mod (also inside DDP, or DDP inside it)
+    sd = {re.sub(r"(^|\.)_orig_mod\.", r"\1", k): v for k, v in obj.items()
+          if k != "n_averaged"}   # AveragedModel's count of averaged models
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     if any(k.startswith("backbone.") for k in sd):   # a detector's/segmenter's backbone
@@ -279,8 +309,15 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (3 / in_chans)
 
 
+def _kernel(rpb_shape) -> str:
+    """The kernel size of a ``[heads, 2k-1, ...]`` bias table: ``"7"``, or ``"(7, 5)"``."""
+    sizes = [(n + 1) // 2 for n in rpb_shape[1:]]
+    return str(sizes[0]) if len(set(sizes)) == 1 else str(tuple(sizes))
+
+
 def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping],
-                    new_head: bool = False, *, name: str = "checkpoint") -> list[str]:
+                    new_head: bool = False, *, name: str = "checkpoint",
+                    adapt: bool = True) -> list[str]:
     """Loads a checkpoint into ``model`` strictly, after the adaptations below.
 
     - the file is read with ``read_state_dict`` (wrappers and prefixes removed) and a
@@ -289,12 +326,17 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
     - an RGB stem (``pretrained_cfg["first_conv"]``) loads into a model with another
       ``in_chans`` by timm's rule (``adapt_input_conv``), with a warning;
     - backbone-mode models (``features_only``) ignore the checkpoint's classifier and
-      final norm, and keep fresh output norms ``norm{i}`` the checkpoint lacks;
-    - with ``new_head``, a classifier of another size is left freshly initialized (with
-      a warning), for fine-tuning on other classes.
+      final norm, and the output norms ``norm{i}`` of levels not in ``out_indices``; output
+      norms the checkpoint lacks stay freshly initialized;
+    - with ``new_head`` (the caller chose ``num_classes``), the model's classifier stays
+      freshly initialized when the checkpoint's has another size or the checkpoint has
+      none, and a checkpoint's classifier is dropped for ``num_classes=0`` (each with a
+      warning), for fine-tuning on other classes.
 
+    With ``adapt=False`` (loading a checkpoint into the model it was trained as, e.g. for
+    evaluation) another kernel size or input channel count is an error instead.
     Anything else that differs raises ``CheckpointMismatchError`` naming every missing,
-    unexpected and mis-shaped key; the model is left unchanged then.
+    unexpected and mis-shaped key; the model is left unchanged then, and nothing is warned.
     An unreadable file raises a ``ValueError`` naming ``name`` (the caller's argument).
 
     Returns:
@@ -312,44 +354,60 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
         sd = from_hf_state_dict(sd)
     own = model.state_dict()
     fresh: list[str] = []
+    adapted = []  # warnings, given once the checkpoint is known to load
 
     if getattr(model, "features_only", False):
-        sd = {k: v for k, v in sd.items() if not re.match(r"(norm|head)\.", k)}
+        # the classifier's final norm and head, and output norms of levels not asked for
+        sd = {k: v for k, v in sd.items() if k in own or not re.match(r"(norm\d*|head)\.", k)}
         fresh += [k for k in own if re.match(r"norm\d+\.", k) and k not in sd]
-    if new_head:
-        head = [k for k in own if k.startswith("head.")]
-        if any(k in sd and sd[k].shape != own[k].shape for k in head) or (
-                not head and any(k.startswith("head.") for k in sd)):
-            warnings.warn(f"checkpoint {source}: classifier not loaded (checkpoint "
-                          f"{tuple(sd.get('head.weight', torch.empty(0)).shape)} vs model "
-                          f"num_classes={getattr(model, 'num_classes', '?')}); it stays "
-                          f"freshly initialized", stacklevel=3)
-            sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-            fresh += head
+    head = [k for k in own if k.startswith("head.")]
+    theirs = [k for k in sd if k.startswith("head.")]
+    classes = getattr(model, "num_classes", "?")
+    if not new_head or not (head or theirs):
+        reason = None
+    elif not head:
+        reason = "its classifier is dropped (num_classes=0)"
+    elif not theirs:
+        reason = f"it has no classifier; the model's (num_classes={classes}) stays freshly " \
+                 f"initialized"
+    elif any(k in sd and sd[k].shape != own[k].shape for k in head):
+        shape = tuple(sd.get("head.weight", sd[theirs[0]]).shape)
+        reason = (f"classifier not loaded (checkpoint {shape} vs model num_classes="
+                  f"{classes}); the model's stays freshly initialized")
+    else:
+        reason = None
+    if reason:
+        adapted.append(reason)
+        sd = {k: v for k, v in sd.items() if k not in theirs}
+        fresh += head
 
-    adapted = []  # warnings, given once the checkpoint is known to load
-    resized = []
-    for key, value in list(sd.items()):
-        if (key.endswith("rpb") and key in own and value.dim() == own[key].dim() >= 2
-                and value.shape != own[key].shape and value.shape[0] == own[key].shape[0]):
-            sd[key] = interpolate_rpb(value, own[key].shape[1:])
-            resized.append(key)
+    notes = []  # with adapt=False, why the checkpoint is not this model's
+    resized = [k for k, v in sd.items()
+               if k.endswith("rpb") and k in own and v.dim() == own[k].dim() >= 2
+               and v.shape != own[k].shape and v.shape[0] == own[k].shape[0]]
     if resized:
-        shapes = sorted({f"{tuple(sd_shape)}" for sd_shape in (own[k].shape for k in resized)})
+        pairs = sorted({(_kernel(sd[k].shape), _kernel(own[k].shape)) for k in resized})
         adapted.append(f"interpolated {len(resized)} relative positional bias tables "
-                       f"(bicubic) to the model's kernel size, now {shapes}")
+                       f"(bicubic) to the model's kernel size: kernel "
+                       + ", ".join(f"{a} -> {b}" for a, b in pairs))
+        notes += [f"kernel size {a} in the checkpoint, {b} in the model" for a, b in pairs]
+        if adapt:
+            sd.update({k: interpolate_rpb(sd[k], own[k].shape[1:]) for k in resized})
     stem = getattr(model, "pretrained_cfg", {}).get("first_conv", "") + ".weight"
     if stem in sd and stem in own and _other_in_chans(sd[stem], own[stem]):
-        sd[stem] = adapt_input_conv(sd[stem], own[stem].shape[1])
         adapted.append(f"adapted {stem} from 3 input channels to the model's "
                        f"{own[stem].shape[1]} (timm's rule: summed, or repeated and scaled)")
+        notes.append(f"3 input channels in the checkpoint, {own[stem].shape[1]} in the model")
+        if adapt:
+            sd[stem] = adapt_input_conv(sd[stem], own[stem].shape[1])
 
     missing = [k for k in own if k not in sd and k not in fresh]
     unexpected = [k for k in sd if k not in own]
     mismatched = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items()
                   if k in own and v.shape != own[k].shape}
     if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(source, missing, unexpected, mismatched)
+        raise CheckpointMismatchError(source, missing, unexpected, mismatched,
+                                      notes=() if adapt else notes)
     model.load_state_dict(sd, strict=False)
     for message in adapted:
         warnings.warn(f"checkpoint {source}: {message}", stacklevel=3)
