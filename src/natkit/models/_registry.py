@@ -45,9 +45,11 @@ def create_model(name: str, pretrained: Union[str, os.PathLike, None, bool] = No
             on the fly). Loaded strictly: a mismatch raises ``CheckpointMismatchError``
             listing the offending keys. Relative positional biases of another kernel
             size are interpolated (bicubic) with a warning. When ``num_classes`` is given
-            and differs from the checkpoint's, the classifier is left freshly initialized
-            (fine-tuning); in backbone mode (``features_only=True``) the classifier and
-            final norm of the checkpoint are ignored and the per-output norms start fresh.
+            and differs from the checkpoint's, or the checkpoint has no classifier, the
+            classifier is left freshly initialized (fine-tuning); in backbone mode
+            (``features_only=True``) the checkpoint's classifier, final norm and output
+            norms of levels not in ``out_indices`` are ignored, and missing output norms
+            start fresh.
         **kwargs: ``num_classes``, ``in_chans``, ``drop_path_rate``, ``features_only``,
             ``out_indices``, and architecture overrides (``depths``, ``num_heads``,
             ``embed_dim``, ``kernel_size``, ``dilations``, ``mlp_ratio``, ``layer_scale``,
