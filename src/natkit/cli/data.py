@@ -154,12 +154,35 @@ def scan_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, samples
 
 
+def _to_8bit(img):
+    """16-bit, 32-bit-integer and float images as 8-bit ``L`` (Pillow's ``convert`` would
+    clip them, most to solid white): integer modes (``I;16*``, ``I``: a 16-bit PNG opens as
+    one of them, 0..65535) are divided by 257 with rounding; ``F`` in [0, 1] is multiplied
+    by 255, other ``F`` ranges are scaled like 16-bit values; then clipped to 0..255."""
+    import numpy as np
+    from PIL import Image
+    arr = np.asarray(img).astype(np.float64)
+    finite = arr[np.isfinite(arr)]
+    if img.mode == "F" and (finite.size == 0 or (finite.min() >= 0 and finite.max() <= 1)):
+        arr = arr * 255
+    else:
+        arr = arr / 257
+    arr = np.nan_to_num(np.rint(arr), nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+
+
 def open_image(path: str, in_chans: int):
-    """PIL image in the model's channel mode; a clear DataError if unreadable."""
+    """PIL image in the model's channel mode (``L`` or ``RGB``); a clear DataError if
+    unreadable. 16-bit, 32-bit-integer and float images are rescaled to 8 bits first
+    (``_to_8bit``: 16-bit integers / 257, floats in [0, 1] * 255), so that a 16-bit PNG gives
+    the input its 8-bit version gives. The EXIF orientation tag is not applied, as in timm
+    and torchvision (whose ImageNet evaluation numbers assume that)."""
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode.startswith("I") or img.mode == "F":
+                img = _to_8bit(img)
             return img.convert("L" if in_chans == 1 else "RGB")
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError,
             Image.DecompressionBombError) as err:
@@ -167,13 +190,18 @@ def open_image(path: str, in_chans: int):
 
 
 def image_channels(path: str) -> int:
+    """1 for grayscale modes (8-bit, 16-bit, integer, float, bilevel), 3 otherwise."""
     from PIL import Image
     try:
         with Image.open(path) as img:
             mode = img.mode
     except (OSError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot read image {path!r}: {err}") from None
-    return 1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+    return _mode_channels(mode)
+
+
+def _mode_channels(mode: str) -> int:
+    return 1 if mode in ("1", "L", "LA", "F") or mode.startswith("I") else 3
 
 
 def default_img_size(path: str) -> int:
