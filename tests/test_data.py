@@ -50,3 +50,31 @@ def test_16bit_32bit_and_float_images_match_their_8bit_version(tmp_path):
             assert x.shape == ref.shape and torch.equal(x, ref), name
     big_endian = Image.frombytes("I;16B", (24, 20), (a.astype(">u2") * 257).tobytes())
     assert np.array_equal(np.asarray(D._to_8bit(big_endian)), a)
+
+
+# ----------------------------------------------------------------------------- eval geometry
+
+@pytest.mark.parametrize("w, h, size, crop, resized, offsets", [
+    # short side 353 -> 256, long int(500 * 256 / 353) = int(362.6) = 362 (natkit had 363)
+    (500, 353, 224, 0.875, (362, 256), (69, 16)),
+    (353, 500, 224, 0.875, (256, 362), (16, 69)),
+    # long int(640 * 256 / 427) = int(383.7) = 383; left round(159 / 2) = 80 (floor: 79)
+    (640, 427, 224, 0.875, (383, 256), (80, 16)),
+    # crop 1: no resize of a square image; odd margins round half to even: round(2.5) = 2
+    (224, 224, 224, 1.0, (224, 224), (0, 0)),
+    (229, 100, 32, 1.0, (73, 32), (20, 0)),  # int(32 * 229 / 100) = 73, round(20.5) = 20
+])
+def test_eval_geometry_matches_torchvision(w, h, size, crop, resized, offsets):
+    """torchvision Resize truncates the long side and CenterCrop rounds its offsets;
+    natkit rounded the long side and floored the offsets."""
+    assert D.eval_geometry(w, h, size, crop) == (resized, offsets)
+
+
+def test_eval_transform_resizes_and_crops_like_torchvision():
+    rgb = np.random.default_rng(3).integers(0, 256, (427, 640, 3), dtype=np.uint8)
+    img = Image.fromarray(rgb)
+    pre = {"kind": "folder", "in_chans": 3, "img_size": 224, "crop_pct": 0.875,
+           "mean": [0.0] * 3, "std": [1.0] * 3}
+    expect = img.resize((383, 256), Image.BICUBIC).crop((80, 16, 304, 240))
+    x = D.eval_transform(img, pre)
+    assert torch.equal(x, torch.from_numpy(np.asarray(expect, np.float32) / 255).permute(2, 0, 1))

@@ -215,12 +215,16 @@ def default_img_size(path: str) -> int:
     return 224 if side >= 224 else max(32, -(-side // 32) * 32)
 
 
-def _resize_shorter(img, size: int):
-    from PIL import Image
-    w, h = img.size
-    if w <= h:
-        return img.resize((size, max(1, round(h * size / w))), Image.BICUBIC)
-    return img.resize((max(1, round(w * size / h)), size), Image.BICUBIC)
+def eval_geometry(w: int, h: int, size: int, crop_pct: float):
+    """Where the evaluation transform of a ``w x h`` image resizes it and crops: exactly
+    timm's eval transform (torchvision ``Resize(floor(size / crop_pct))`` of the shorter side,
+    the longer side truncated, then ``CenterCrop(size)`` with rounded offsets).
+    Returns ``((new_w, new_h), (left, top))``."""
+    short_target = math.floor(size / crop_pct)
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(short_target * long / short)
+    new_w, new_h = (short_target, new_long) if w <= h else (new_long, short_target)
+    return (new_w, new_h), (int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0)))
 
 
 def _to_tensor(img, mean, std) -> torch.Tensor:
@@ -235,17 +239,15 @@ def _to_tensor(img, mean, std) -> torch.Tensor:
 
 def eval_transform(img, preprocess: dict) -> torch.Tensor:
     """File image -> normalized ``[C, S, S]`` input, as the model saw validation images."""
+    from PIL import Image
     size = preprocess["img_size"]
     if preprocess["kind"] == "digits":
-        from PIL import Image
         # digits are 8x8 block averages; re-create that, then upsample as training did
         small = img.convert("L").resize((8, 8), Image.BOX)
         t = _to_tensor(small, [0.0], [1.0])
         return _digits_tensor(t)[0]
-    crop = preprocess.get("crop_pct", 1.0)
-    img = _resize_shorter(img, int(math.floor(size / crop)))
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
+    new_size, (left, top) = eval_geometry(*img.size, size, preprocess.get("crop_pct", 1.0))
+    img = img.resize(new_size, Image.BICUBIC)  # PIL returns a copy when the size is the same
     img = img.crop((left, top, left + size, top + size))
     return _to_tensor(img, preprocess["mean"], preprocess["std"])
 
