@@ -78,3 +78,34 @@ def test_eval_transform_resizes_and_crops_like_torchvision():
     expect = img.resize((383, 256), Image.BICUBIC).crop((80, 16, 304, 240))
     x = D.eval_transform(img, pre)
     assert torch.equal(x, torch.from_numpy(np.asarray(expect, np.float32) / 255).permute(2, 0, 1))
+
+
+# ----------------------------------------------------------------------------- folders
+
+def _save(path, arr):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def test_hidden_folders_and_files_are_skipped(tmp_path):
+    """``val/.ipynb_checkpoints`` was a class (an error when empty, else an extra class)."""
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            _save(str(tmp_path / split / c / "0.png"), _gray(h=8, w=8))
+    (tmp_path / "val" / ".ipynb_checkpoints").mkdir()
+    _save(str(tmp_path / "train" / ".ipynb_checkpoints" / "0.png"), _gray(h=8, w=8))
+    _save(str(tmp_path / "train" / "a" / ".hidden" / "1.png"), _gray(h=8, w=8))
+    _save(str(tmp_path / "train" / "a" / "._2.png"), _gray(h=8, w=8))  # macOS resource fork
+    classes, samples = D.scan_folder(str(tmp_path / "train"))
+    assert classes == ["a", "b"] and len(samples) == 2
+    spec = D.make_data(str(tmp_path), img_size=8, workers=0)
+    assert spec.classes == ["a", "b"] and len(spec.train) == 2 and len(spec.val) == 2
+
+
+def test_data_digits_warns_when_a_digits_folder_exists(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert D.make_data("digits").name == "digits"
+    assert "warning" not in capsys.readouterr().err
+    (tmp_path / "digits").mkdir()
+    assert D.make_data("digits").name == "digits"  # still the built-in set
+    assert "--data ./digits" in capsys.readouterr().err

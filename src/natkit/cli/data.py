@@ -33,6 +33,12 @@ class DataError(ValueError):
     """A dataset path or file the user gave cannot be used (message says why)."""
 
 
+def _warn(msg: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun
+        from .common import warn
+        warn(msg)
+
+
 @dataclass
 class DataSpec:
     name: str
@@ -125,28 +131,38 @@ def export_digits(out: str) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- folders
 
+def list_images(folder: str) -> list[str]:
+    """The image files under ``folder``, sorted: sub-folders included (a symlinked folder
+    once), names starting with '.' skipped (``.ipynb_checkpoints``, ``._x.jpg``...)."""
+    files, seen = [], set()
+    for dirpath, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop, or a second link to a folder: once only
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [os.path.join(dirpath, n) for n in names
+                  if not n.startswith(".") and n.lower().endswith(IMG_EXTENSIONS)]
+    return sorted(files)
+
+
 def scan_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class names (sorted sub-folder names) and ``(path, class_index)`` samples."""
+    """Class names (sorted sub-folder names, those starting with '.' skipped) and
+    ``(path, class_index)`` samples (``list_images`` of each class folder)."""
     if not os.path.isdir(root):
         raise DataError(f"dataset folder {root!r} does not exist or is not a directory")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    classes = sorted(e.name for e in os.scandir(root)
+                     if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"dataset folder {root!r} has no class sub-folders "
                         f"(expected {root}/<class>/<image files>)")
     samples, empty = [], []
     for i, c in enumerate(classes):
-        files, seen = [], set()
-        for dirpath, dirs, names in os.walk(os.path.join(root, c), followlinks=True):
-            real = os.path.realpath(dirpath)
-            if real in seen:  # a symlink loop, or a second link to a folder: once only
-                dirs[:] = []
-                continue
-            seen.add(real)
-            files += [os.path.join(dirpath, n) for n in names
-                      if n.lower().endswith(IMG_EXTENSIONS)]
+        files = list_images(os.path.join(root, c))
         if not files:
             empty.append(c)
-        samples += [(f, i) for f in sorted(files)]
+        samples += [(f, i) for f in files]
     if empty:
         shown = ", ".join(repr(c) for c in empty[:10]) + (" ..." if len(empty) > 10 else "")
         raise DataError(f"dataset folder {root!r}: {len(empty)} class folder(s) contain no "
@@ -338,8 +354,12 @@ def folder_data(root: str, img_size: Optional[int] = None, workers: Optional[int
 def make_data(data: str, img_size: Optional[int] = None, workers: Optional[int] = None,
               hflip: float = 0.5, need_train: bool = True,
               preprocess: Optional[dict] = None) -> DataSpec:
-    """``data='digits'`` (built-in) or an ImageFolder root."""
+    """``data='digits'`` (built-in, also when a folder ``./digits`` exists: a warning says
+    so) or an ImageFolder root."""
     if data == "digits":
+        if os.path.isdir("digits"):
+            _warn(f"--data digits is the built-in dataset; the folder "
+                  f"{os.path.abspath('digits')!r} is not used (for it: --data ./digits)")
         if img_size not in (None, DIGITS_SIZE):
             raise DataError(f"--img-size must be {DIGITS_SIZE} (or unset) for the digits dataset,"
                             f" got {img_size}")
