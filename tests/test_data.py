@@ -109,3 +109,40 @@ def test_data_digits_warns_when_a_digits_folder_exists(tmp_path, monkeypatch, ca
     (tmp_path / "digits").mkdir()
     assert D.make_data("digits").name == "digits"  # still the built-in set
     assert "--data ./digits" in capsys.readouterr().err
+
+
+def _rgb(seed=0, h=52, w=60):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_channels_and_size_come_from_a_sample_of_the_folder(tmp_path, capsys):
+    """They came from the first file: one small grayscale thumbnail sorting first turned an
+    RGB 60x52 dataset into 1x32x32 training."""
+    for split in ("train", "val"):
+        for c in ("a", "b", "c"):
+            for i in range(3):
+                _save(str(tmp_path / split / c / f"{i + 1}.jpg"), _rgb(i))
+    _save(str(tmp_path / "train" / "a" / "0.jpg"), _gray(h=12, w=12))
+    spec = D.make_data(str(tmp_path), workers=0)
+    assert (spec.in_chans, spec.img_size) == (3, 64)
+    assert spec.train[0][0].shape == (3, 64, 64)  # the thumbnail, as RGB
+    err = capsys.readouterr().err
+    assert "1 of 10 sampled images are grayscale" in err and "using 3 channels" in err
+    assert "range from 12 to 60 pixels: input size 64 from their median 60" in err
+    spec = D.make_data(str(tmp_path), img_size=40, workers=0)  # --img-size wins, no warning
+    assert (spec.in_chans, spec.img_size) == (3, 40)
+    assert "range from" not in capsys.readouterr().err
+
+
+def test_folder_sample_is_spread_over_the_classes(tmp_path, capsys):
+    """A large first class of grayscale images no longer decides for a colour dataset."""
+    for split in ("train", "val"):
+        for i in range(40):
+            _save(str(tmp_path / split / "a" / f"{i:02d}.png"), _gray(i, 8, 8))
+            _save(str(tmp_path / split / "b" / f"{i:02d}.png"), _rgb(i, 8, 8))
+    paths = [p for p, _ in D.scan_folder(str(tmp_path / "train"))[1]]
+    assert D.inspect_images(paths) == (3, 32)
+    assert "16 of 32 sampled images are grayscale" in capsys.readouterr().err
+    assert D.inspect_images(paths[:40]) == (1, 32)  # all grayscale: no warning
+    assert D.inspect_images(paths, in_chans=1, img_size=8) == (1, 8)
+    assert capsys.readouterr().err == ""

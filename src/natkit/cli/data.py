@@ -5,7 +5,7 @@
   split. Augmentation (small random affine) runs batch-wise on the training device.
 - an ImageFolder root: ``ROOT/train/<class>/*.png|jpg...`` and ``ROOT/val/<class>/...``
   (the ImageNet layout). Channels (grayscale or RGB) and the default image size come
-  from the data.
+  from the data: ``inspect_images`` reads up to 32 files spread over the classes.
 
 ``preprocess`` (a plain dict saved in every checkpoint) says how to turn an image file
 into the model's input, so ``natkit eval``/``natkit predict`` match training.
@@ -207,28 +207,57 @@ def open_image(path: str, in_chans: int):
 
 def image_channels(path: str) -> int:
     """1 for grayscale modes (8-bit, 16-bit, integer, float, bilevel), 3 otherwise."""
-    from PIL import Image
-    try:
-        with Image.open(path) as img:
-            mode = img.mode
-    except (OSError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot read image {path!r}: {err}") from None
-    return _mode_channels(mode)
+    return _mode_channels(_header(path)[0])
 
 
 def _mode_channels(mode: str) -> int:
     return 1 if mode in ("1", "L", "LA", "F") or mode.startswith("I") else 3
 
 
-def default_img_size(path: str) -> int:
-    """224 for ImageNet-sized images; smaller images keep their size (rounded up to 32)."""
+def _header(path: str) -> tuple[str, tuple[int, int]]:
+    """``(mode, (w, h))`` of an image file, without decoding its pixels."""
     from PIL import Image
     try:
         with Image.open(path) as img:
-            side = max(img.size)
+            return img.mode, img.size
     except (OSError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot read image {path!r}: {err}") from None
+
+
+def _default_size(side: int) -> int:
+    """224 for ImageNet-sized images; smaller images keep their size (rounded up to 32)."""
     return 224 if side >= 224 else max(32, -(-side // 32) * 32)
+
+
+SAMPLE_IMAGES = 32
+
+
+def inspect_images(paths: list[str], in_chans: Optional[int] = None,
+                   img_size: Optional[int] = None) -> tuple[int, int]:
+    """A dataset's channels and input size (``in_chans``/``img_size`` when given) from up to
+    ``SAMPLE_IMAGES`` of its files, evenly spaced through ``paths`` (sorted by class, so
+    spread over the classes): 3 channels if any sampled file is colour; the size from the
+    median of their longer sides (224 from 224 pixels up, else rounded up to a multiple of
+    32). A warning says what was chosen when the sampled files disagree."""
+    k = min(SAMPLE_IMAGES, len(paths))
+    sample = [paths[i * len(paths) // k] for i in range(k)]
+    headers = [_header(p) for p in sample] if in_chans is None or img_size is None else []
+    if in_chans is None:
+        gray = [p for p, (mode, _) in zip(sample, headers) if _mode_channels(mode) == 1]
+        in_chans = 1 if len(gray) == len(sample) else 3
+        if gray and in_chans == 3:
+            _warn(f"{len(gray)} of {len(sample)} sampled images are grayscale (e.g. "
+                  f"{gray[0]!r}), the others colour: using 3 channels (grayscale images are "
+                  f"repeated over R, G, B)")
+    if img_size is None:
+        sides = sorted(max(wh) for _, wh in headers)
+        median = sides[(len(sides) - 1) // 2]
+        img_size = _default_size(median)
+        if _default_size(sides[0]) != _default_size(sides[-1]):
+            _warn(f"the longer sides of {len(sides)} sampled images range from {sides[0]} to "
+                  f"{sides[-1]} pixels: input size {img_size} from their median {median} "
+                  f"(--img-size sets it)")
+    return in_chans, img_size
 
 
 def eval_geometry(w: int, h: int, size: int, crop_pct: float):
@@ -306,10 +335,12 @@ class FolderDataset(Dataset):
         return fn(img, self.preprocess), label
 
 
-def folder_preprocess(first_image: str, img_size: Optional[int], in_chans: Optional[int] = None,
+def folder_preprocess(images, img_size: Optional[int], in_chans: Optional[int] = None,
                       hflip: float = 0.5) -> dict:
-    chans = in_chans or image_channels(first_image)
-    size = img_size or default_img_size(first_image)
+    """The preprocessing of an ImageFolder dataset whose files are ``images`` (a path or a
+    sorted list; ``inspect_images`` reads channels and size unless given)."""
+    chans, size = inspect_images([images] if isinstance(images, str) else images, in_chans,
+                                 img_size)
     gray = chans == 1
     return {"kind": "folder", "in_chans": chans, "img_size": size,
             "crop_pct": 0.875 if size >= 128 else 1.0,
@@ -340,8 +371,8 @@ def folder_data(root: str, img_size: Optional[int] = None, workers: Optional[int
         raise DataError(f"dataset folder {root!r}: train/ and val/ have different class "
                         f"folders (differing: {missing})")
     classes = val_classes if not need_train else classes
-    pre = preprocess or folder_preprocess((train_samples if need_train else val_samples)[0][0],
-                                          img_size, hflip=hflip)
+    pre = preprocess or folder_preprocess(
+        [p for p, _ in (train_samples if need_train else val_samples)], img_size, hflip=hflip)
     if need_train:
         train = FolderDataset(train_samples, pre, train=True)
     if workers is None:
