@@ -56,10 +56,34 @@ def check_number(value, option: str, low=None, high=None, high_open: bool = Fals
         raise CLIError(f"{option} must be {rng}, got {value}")
 
 
+MAX_IMG_SIZE = 4096  # larger inputs would fail later, allocating the activations
+MAX_RESIZE = 8192  # the eval transform's short side: 8192 x 8192 RGB is 200 MB in PIL
+
+
+def check_img_size(value) -> None:
+    """``--img-size``: None or an integer in ``[1, MAX_IMG_SIZE]``."""
+    check_number(value, "--img-size", 1)
+    if value is not None and value > MAX_IMG_SIZE:
+        raise CLIError(f"--img-size must be at most {MAX_IMG_SIZE}, got {value}")
+
+
 def check_crop_pct(value) -> None:
-    """``--crop-pct`` of eval and predict: None or a fraction in (0, 1]."""
+    """``--crop-pct`` of eval and predict: None or a fraction in (0, 1] (``check_resize``
+    bounds it from below once the input size is known)."""
     if value is not None and not (math.isfinite(value) and 0 < value <= 1):
         raise CLIError(f"--crop-pct must be in (0, 1], got {value}")
+
+
+def check_resize(preprocess: dict) -> None:
+    """The evaluation transform resizes the short side of every image to
+    ``floor(img_size / crop_pct)`` pixels: at most ``MAX_RESIZE`` (a tiny ``--crop-pct``
+    made PIL fail allocating the resized image)."""
+    size, crop = preprocess["img_size"], preprocess.get("crop_pct", 1.0)
+    side = math.floor(size / crop)
+    if preprocess["kind"] != "digits" and side > MAX_RESIZE:
+        raise CLIError(f"--crop-pct {crop} with input size {size} would resize images to "
+                       f"{side} pixels on the short side (floor(size / crop-pct); at most "
+                       f"{MAX_RESIZE}): use a larger --crop-pct or a smaller --img-size")
 
 
 def check_writable(path: str, option: str, folder: bool, inputs=()) -> None:

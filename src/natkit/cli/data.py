@@ -5,7 +5,7 @@
   split. Augmentation (small random affine) runs batch-wise on the training device.
 - an ImageFolder root: ``ROOT/train/<class>/*.png|jpg...`` and ``ROOT/val/<class>/...``
   (the ImageNet layout). Channels (grayscale or RGB) and the default image size come
-  from the data.
+  from the data: ``inspect_images`` reads up to 32 files spread over the classes.
 
 ``preprocess`` (a plain dict saved in every checkpoint) says how to turn an image file
 into the model's input, so ``natkit eval``/``natkit predict`` match training.
@@ -31,6 +31,12 @@ DIGITS_MEAN, DIGITS_STD = (0.5,), (0.5,)
 
 class DataError(ValueError):
     """A dataset path or file the user gave cannot be used (message says why)."""
+
+
+def _warn(msg: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun
+        from .common import warn
+        warn(msg)
 
 
 @dataclass
@@ -125,28 +131,38 @@ def export_digits(out: str) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- folders
 
+def list_images(folder: str) -> list[str]:
+    """The image files under ``folder``, sorted: sub-folders included (a symlinked folder
+    once), names starting with '.' skipped (``.ipynb_checkpoints``, ``._x.jpg``...)."""
+    files, seen = [], set()
+    for dirpath, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop, or a second link to a folder: once only
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [os.path.join(dirpath, n) for n in names
+                  if not n.startswith(".") and n.lower().endswith(IMG_EXTENSIONS)]
+    return sorted(files)
+
+
 def scan_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class names (sorted sub-folder names) and ``(path, class_index)`` samples."""
+    """Class names (sorted sub-folder names, those starting with '.' skipped) and
+    ``(path, class_index)`` samples (``list_images`` of each class folder)."""
     if not os.path.isdir(root):
         raise DataError(f"dataset folder {root!r} does not exist or is not a directory")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    classes = sorted(e.name for e in os.scandir(root)
+                     if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"dataset folder {root!r} has no class sub-folders "
                         f"(expected {root}/<class>/<image files>)")
     samples, empty = [], []
     for i, c in enumerate(classes):
-        files, seen = [], set()
-        for dirpath, dirs, names in os.walk(os.path.join(root, c), followlinks=True):
-            real = os.path.realpath(dirpath)
-            if real in seen:  # a symlink loop, or a second link to a folder: once only
-                dirs[:] = []
-                continue
-            seen.add(real)
-            files += [os.path.join(dirpath, n) for n in names
-                      if n.lower().endswith(IMG_EXTENSIONS)]
+        files = list_images(os.path.join(root, c))
         if not files:
             empty.append(c)
-        samples += [(f, i) for f in sorted(files)]
+        samples += [(f, i) for f in files]
     if empty:
         shown = ", ".join(repr(c) for c in empty[:10]) + (" ..." if len(empty) > 10 else "")
         raise DataError(f"dataset folder {root!r}: {len(empty)} class folder(s) contain no "
@@ -154,12 +170,35 @@ def scan_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, samples
 
 
+def _to_8bit(img):
+    """16-bit, 32-bit-integer and float images as 8-bit ``L`` (Pillow's ``convert`` would
+    clip them, most to solid white): integer modes (``I;16*``, ``I``: a 16-bit PNG opens as
+    one of them, 0..65535) are divided by 257 with rounding; ``F`` in [0, 1] is multiplied
+    by 255, other ``F`` ranges are scaled like 16-bit values; then clipped to 0..255."""
+    import numpy as np
+    from PIL import Image
+    arr = np.asarray(img).astype(np.float64)
+    finite = arr[np.isfinite(arr)]
+    if img.mode == "F" and (finite.size == 0 or (finite.min() >= 0 and finite.max() <= 1)):
+        arr = arr * 255
+    else:
+        arr = arr / 257
+    arr = np.nan_to_num(np.rint(arr), nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+
+
 def open_image(path: str, in_chans: int):
-    """PIL image in the model's channel mode; a clear DataError if unreadable."""
+    """PIL image in the model's channel mode (``L`` or ``RGB``); a clear DataError if
+    unreadable. 16-bit, 32-bit-integer and float images are rescaled to 8 bits first
+    (``_to_8bit``: 16-bit integers / 257, floats in [0, 1] * 255), so that a 16-bit PNG gives
+    the input its 8-bit version gives. The EXIF orientation tag is not applied, as in timm
+    and torchvision (whose ImageNet evaluation numbers assume that)."""
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode.startswith("I") or img.mode == "F":
+                img = _to_8bit(img)
             return img.convert("L" if in_chans == 1 else "RGB")
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError,
             Image.DecompressionBombError) as err:
@@ -167,32 +206,70 @@ def open_image(path: str, in_chans: int):
 
 
 def image_channels(path: str) -> int:
+    """1 for grayscale modes (8-bit, 16-bit, integer, float, bilevel), 3 otherwise."""
+    return _mode_channels(_header(path)[0])
+
+
+def _mode_channels(mode: str) -> int:
+    return 1 if mode in ("1", "L", "LA", "F") or mode.startswith("I") else 3
+
+
+def _header(path: str) -> tuple[str, tuple[int, int]]:
+    """``(mode, (w, h))`` of an image file, without decoding its pixels."""
     from PIL import Image
     try:
         with Image.open(path) as img:
-            mode = img.mode
+            return img.mode, img.size
     except (OSError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot read image {path!r}: {err}") from None
-    return 1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3
 
 
-def default_img_size(path: str) -> int:
+def _default_size(side: int) -> int:
     """224 for ImageNet-sized images; smaller images keep their size (rounded up to 32)."""
-    from PIL import Image
-    try:
-        with Image.open(path) as img:
-            side = max(img.size)
-    except (OSError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot read image {path!r}: {err}") from None
     return 224 if side >= 224 else max(32, -(-side // 32) * 32)
 
 
-def _resize_shorter(img, size: int):
-    from PIL import Image
-    w, h = img.size
-    if w <= h:
-        return img.resize((size, max(1, round(h * size / w))), Image.BICUBIC)
-    return img.resize((max(1, round(w * size / h)), size), Image.BICUBIC)
+SAMPLE_IMAGES = 32
+
+
+def inspect_images(paths: list[str], in_chans: Optional[int] = None,
+                   img_size: Optional[int] = None) -> tuple[int, int]:
+    """A dataset's channels and input size (``in_chans``/``img_size`` when given) from up to
+    ``SAMPLE_IMAGES`` of its files, evenly spaced through ``paths`` (sorted by class, so
+    spread over the classes): 3 channels if any sampled file is colour; the size from the
+    median of their longer sides (224 from 224 pixels up, else rounded up to a multiple of
+    32). A warning says what was chosen when the sampled files disagree."""
+    k = min(SAMPLE_IMAGES, len(paths))
+    sample = [paths[i * len(paths) // k] for i in range(k)]
+    headers = [_header(p) for p in sample] if in_chans is None or img_size is None else []
+    if in_chans is None:
+        gray = [p for p, (mode, _) in zip(sample, headers) if _mode_channels(mode) == 1]
+        in_chans = 1 if len(gray) == len(sample) else 3
+        if gray and in_chans == 3:
+            _warn(f"{len(gray)} of {len(sample)} sampled images are grayscale (e.g. "
+                  f"{gray[0]!r}), the others colour: using 3 channels (grayscale images are "
+                  f"repeated over R, G, B)")
+    if img_size is None:
+        sides = sorted(max(wh) for _, wh in headers)
+        median = sides[(len(sides) - 1) // 2]
+        img_size = _default_size(median)
+        if _default_size(sides[0]) != _default_size(sides[-1]):
+            _warn(f"the longer sides of {len(sides)} sampled images range from {sides[0]} to "
+                  f"{sides[-1]} pixels: input size {img_size} from their median {median} "
+                  f"(--img-size sets it)")
+    return in_chans, img_size
+
+
+def eval_geometry(w: int, h: int, size: int, crop_pct: float):
+    """Where the evaluation transform of a ``w x h`` image resizes it and crops: exactly
+    timm's eval transform (torchvision ``Resize(floor(size / crop_pct))`` of the shorter side,
+    the longer side truncated, then ``CenterCrop(size)`` with rounded offsets).
+    Returns ``((new_w, new_h), (left, top))``."""
+    short_target = math.floor(size / crop_pct)
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(short_target * long / short)
+    new_w, new_h = (short_target, new_long) if w <= h else (new_long, short_target)
+    return (new_w, new_h), (int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0)))
 
 
 def _to_tensor(img, mean, std) -> torch.Tensor:
@@ -207,17 +284,15 @@ def _to_tensor(img, mean, std) -> torch.Tensor:
 
 def eval_transform(img, preprocess: dict) -> torch.Tensor:
     """File image -> normalized ``[C, S, S]`` input, as the model saw validation images."""
+    from PIL import Image
     size = preprocess["img_size"]
     if preprocess["kind"] == "digits":
-        from PIL import Image
         # digits are 8x8 block averages; re-create that, then upsample as training did
         small = img.convert("L").resize((8, 8), Image.BOX)
         t = _to_tensor(small, [0.0], [1.0])
         return _digits_tensor(t)[0]
-    crop = preprocess.get("crop_pct", 1.0)
-    img = _resize_shorter(img, int(math.floor(size / crop)))
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
+    new_size, (left, top) = eval_geometry(*img.size, size, preprocess.get("crop_pct", 1.0))
+    img = img.resize(new_size, Image.BICUBIC)  # PIL returns a copy when the size is the same
     img = img.crop((left, top, left + size, top + size))
     return _to_tensor(img, preprocess["mean"], preprocess["std"])
 
@@ -260,10 +335,12 @@ class FolderDataset(Dataset):
         return fn(img, self.preprocess), label
 
 
-def folder_preprocess(first_image: str, img_size: Optional[int], in_chans: Optional[int] = None,
+def folder_preprocess(images, img_size: Optional[int], in_chans: Optional[int] = None,
                       hflip: float = 0.5) -> dict:
-    chans = in_chans or image_channels(first_image)
-    size = img_size or default_img_size(first_image)
+    """The preprocessing of an ImageFolder dataset whose files are ``images`` (a path or a
+    sorted list; ``inspect_images`` reads channels and size unless given)."""
+    chans, size = inspect_images([images] if isinstance(images, str) else images, in_chans,
+                                 img_size)
     gray = chans == 1
     return {"kind": "folder", "in_chans": chans, "img_size": size,
             "crop_pct": 0.875 if size >= 128 else 1.0,
@@ -294,8 +371,8 @@ def folder_data(root: str, img_size: Optional[int] = None, workers: Optional[int
         raise DataError(f"dataset folder {root!r}: train/ and val/ have different class "
                         f"folders (differing: {missing})")
     classes = val_classes if not need_train else classes
-    pre = preprocess or folder_preprocess((train_samples if need_train else val_samples)[0][0],
-                                          img_size, hflip=hflip)
+    pre = preprocess or folder_preprocess(
+        [p for p, _ in (train_samples if need_train else val_samples)], img_size, hflip=hflip)
     if need_train:
         train = FolderDataset(train_samples, pre, train=True)
     if workers is None:
@@ -308,8 +385,12 @@ def folder_data(root: str, img_size: Optional[int] = None, workers: Optional[int
 def make_data(data: str, img_size: Optional[int] = None, workers: Optional[int] = None,
               hflip: float = 0.5, need_train: bool = True,
               preprocess: Optional[dict] = None) -> DataSpec:
-    """``data='digits'`` (built-in) or an ImageFolder root."""
+    """``data='digits'`` (built-in, also when a folder ``./digits`` exists: a warning says
+    so) or an ImageFolder root."""
     if data == "digits":
+        if os.path.isdir("digits"):
+            _warn(f"--data digits is the built-in dataset; the folder "
+                  f"{os.path.abspath('digits')!r} is not used (for it: --data ./digits)")
         if img_size not in (None, DIGITS_SIZE):
             raise DataError(f"--img-size must be {DIGITS_SIZE} (or unset) for the digits dataset,"
                             f" got {img_size}")

@@ -8,8 +8,8 @@ import time
 import torch
 
 from . import distributed
-from .common import (CLIError, autocast_dtype, check_crop_pct, check_number, check_writable,
-                     evaluate, info, write_json)
+from .common import (CLIError, autocast_dtype, check_crop_pct, check_img_size, check_number,
+                     check_resize, check_writable, evaluate, info, write_json)
 from .data import DataError, make_data, scan_folder
 from .loading import load_for_inference, num_outputs, official_preprocess
 
@@ -28,9 +28,12 @@ def add_parser(sub) -> None:
                                    "checkpoints it must match the checkpoint's")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a last.pt")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--img-size", type=int, help="official checkpoints: input size (224)")
-    p.add_argument("--crop-pct", type=float, help="official checkpoints: center-crop "
-                                                  "fraction (0.875)")
+    p.add_argument("--img-size", type=int, help="official checkpoints: input size (the "
+                                                "model's, 224; at most 4096)")
+    p.add_argument("--crop-pct", type=float,
+                   help="official checkpoints: the short side is resized to img-size / "
+                        "crop-pct, then the center img-size square is cropped (the model's, "
+                        "0.875; in (0, 1])")
     p.add_argument("--workers", type=int, help="data-loading processes (min(8, cpus))")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--device", default="auto")
@@ -42,7 +45,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     check_number(args.batch_size, "--batch-size", 1)
     check_number(args.workers, "--workers", 0)
-    check_number(args.img_size, "--img-size", 1)
+    check_img_size(args.img_size)
     check_crop_pct(args.crop_pct)
     if args.json_out is not None:
         check_writable(args.json_out, "--json", folder=False, inputs=[args.checkpoint])
@@ -68,6 +71,7 @@ def _eval(args, d) -> int:
             else data_arg
         _, samples = scan_folder(root)
         pre = official_preprocess(model, samples[0][0], args.img_size, args.crop_pct)
+        check_resize(pre)
     elif args.img_size is not None or args.crop_pct is not None:
         raise CLIError("--img-size/--crop-pct apply to official checkpoints only (a natkit "
                        "checkpoint carries its preprocessing)")
