@@ -224,3 +224,27 @@ def test_cli_accepts_a_run_folder_and_reads_its_best_pt(tmp_path):
         load_for_inference(str(tmp_path / "empty"), None)
     with pytest.raises(ckpt_io.CheckpointError, match="is a folder; name the checkpoint file"):
         ckpt_io.read(str(run))
+
+
+def test_eval_and_predict_build_the_model_at_img_size(tmp_path, monkeypatch):
+    """``--img-size`` reaches the model that eval and predict build for an official-layout
+    checkpoint (not only the preprocessing)."""
+    from PIL import Image
+    from natkit.cli import evaluate, main, predict
+    built = []
+
+    def spy(*args, **kwargs):
+        model, meta = load_for_inference(*args, **kwargs)
+        built.append(model.pretrained_cfg["input_size"])
+        return model, meta
+
+    for module in (evaluate, predict):
+        monkeypatch.setattr(module, "load_for_inference", spy)
+    ckpt = str(tmp_path / "micro.pth")
+    torch.save(create_model("nat_micro").state_dict(), ckpt)
+    Image.new("L", (40, 40), 128).save(tmp_path / "x.png")
+    assert main(["predict", ckpt, str(tmp_path / "x.png"), "--model", "nat_micro",
+                 "--img-size", "48"]) == 0
+    main(["eval", ckpt, "--model", "nat_micro", "--img-size", "40", "--data",
+          str(tmp_path / "no-such-folder")])  # fails on the data, after building the model
+    assert built == [(1, 48, 48), (1, 40, 40)]

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _eval(args, d) -> int:
-    model, meta = load_for_inference(args.checkpoint, args.model, args.ema)
+    model, meta = load_for_inference(args.checkpoint, args.model, args.ema, args.img_size)
     data_arg = args.data or meta["data"]
     if data_arg is None:
         raise CLIError("--data is required (an ImageFolder root, or 'digits')")

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     files = image_files(args.images)
     if args.json_out is not None:
         check_writable(args.json_out, "--json", folder=False, inputs=[args.checkpoint, *files])
-    model, meta = load_for_inference(args.checkpoint, args.model, args.ema)
+    model, meta = load_for_inference(args.checkpoint, args.model, args.ema, args.img_size)
     if meta["preprocess"] is not None and (args.img_size, args.crop_pct) != (None, None):
         raise CLIError("--img-size/--crop-pct apply to official checkpoints only (a natkit "
                        "checkpoint carries its preprocessing)")

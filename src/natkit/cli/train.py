@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from .._determinism import restored, set_deterministic
 from . import checkpoint as ckpt_io
 from . import distributed
-from .common import (CLIError, autocast_dtype, build_model, check_number, check_writable,
-                     evaluate, info, make_folder, warn)
+from .common import (CLIError, autocast_dtype, build_model, check_img_size, check_number,
+                     check_writable, evaluate, info, make_folder, warn)
 from .data import make_data
 
 DEFAULTS = dict(data="digits", model="nat_micro", epochs=40, batch_size=64, lr=5e-3,
@@ -125,7 +125,7 @@ def resolve_config(args: argparse.Namespace, saved: dict | None) -> dict:
     check_number(cfg["label_smoothing"], "--label-smoothing", 0, 1, high_open=True)
     check_number(cfg["hflip"], "--hflip", 0, 1)
     check_number(cfg["drop_path"], "--drop-path", 0, 1, high_open=True)
-    check_number(cfg["img_size"], "--img-size", 1)
+    check_img_size(cfg["img_size"])
     check_number(cfg["workers"], "--workers", 0)
     check_number(cfg["seed"], "--seed", 0, 2 ** 31, high_open=True, allow_none=False)
     if cfg["lr"] > 0 and cfg["min_lr"] > cfg["lr"]:
