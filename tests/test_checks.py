@@ -181,3 +181,26 @@ def test_merge_attentions_argument_errors():
         natkit.merge_attentions([o.long()], [lse])
     with pytest.raises(ValueError, match=r"lses\[1\] is on meta, outputs\[0\] on cpu"):
         natkit.merge_attentions([o, o], [lse, lse.to("meta")])
+
+
+Q = torch.randn(1, 10, 12, 4, 8)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(kernel_size=(3, 4), rpb=torch.zeros(4, 5, 7)), ValueError, r"rpb requires an odd"),
+    (dict(kernel_size=3, is_causal=(False, True), rpb=torch.zeros(4, 5, 5)), ValueError,
+     r"rpb is not supported with causal"),
+    (dict(kernel_size=3, rpb=torch.zeros(4, 5, 5, device="meta")), ValueError,
+     r"rpb is on meta but query is on cpu"),
+    (dict(kernel_size=3, additional_keys=torch.zeros(1, 2, 4, 8, device="meta"),
+          additional_values=torch.zeros(1, 2, 4, 8, device="meta")), ValueError,
+     r"additional_keys is on meta but query is on cpu"),
+])
+def test_more_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        natkit.na2d(Q, Q, Q, **kwargs)
+
+
+def test_value_dtype_is_checked():
+    with pytest.raises(TypeError, match="value dtype torch.float64 differs"):
+        natkit.na2d(Q, Q, Q.double(), 3)

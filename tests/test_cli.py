@@ -7,6 +7,7 @@ epoch on 2 CPU cores). One two-epoch run is shared by the tests that need a chec
 import csv
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -622,3 +623,32 @@ def test_ema_run_best_checkpoint_and_no_ema_resume(tmp_path, capsys):
     assert main(["train", "--resume", out, "--epochs", "2", "--no-ema", "--no-progress"]) == 0
     assert "ema_val_top1" not in _metrics(out)[1]
     assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["ema"] is None
+
+
+def test_ema_update_moves_a_small_step():
+    from natkit.cli.train import EMA
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = EMA(model, 0.9)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.module.weight, torch.full((2, 2), 1.2))
+
+
+def test_warmup_cosine_values():
+    from natkit.cli.train import warmup_cosine
+    f = warmup_cosine(total_steps=110, warmup_steps=10, min_ratio=0.01)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)   # first step not 0
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert f(109) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
+
+
+def test_label_smoothing_targets():
+    from natkit.cli.train import mix_batch
+    x = torch.zeros(2, 3, 4, 4)
+    _, t = mix_batch(x, torch.tensor([0, 2]), 4, 0.0, 0.0, 0.1)
+    torch.testing.assert_close(t, torch.tensor([[0.925, 0.025, 0.025, 0.025],
+                                                [0.025, 0.025, 0.925, 0.025]]))

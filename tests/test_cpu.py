@@ -43,7 +43,7 @@ def run_cpu(cfg: Config, inputs):
         additional_values=inputs["additional_values"], return_lse=True, backend="cpu")
 
 
-def run_ref(cfg, inputs, upcast=True):
+def run_reference(cfg, inputs, upcast=True):
     return na_reference(inputs["query"], inputs["key"], inputs["value"], params(cfg, inputs),
                         inputs["rpb"], inputs["additional_keys"], inputs["additional_values"],
                         upcast=upcast)
@@ -56,9 +56,9 @@ def check_against_reference(cfg, dtype, seed, rel_floor):
     out, lse = run_cpu(cfg, inputs)
     assert out.dtype == dtype and out.shape == inputs["query"].shape
     assert lse.dtype == torch.float32 and lse.shape == inputs["query"].shape[:-1]
-    ref, ref_lse = run_ref(cfg, exact)
+    ref, ref_lse = run_reference(cfg, exact)
     low_inputs = cast(inputs, dtype)
-    low, low_lse = run_ref(cfg, low_inputs, upcast=False)
+    low, low_lse = run_reference(cfg, low_inputs, upcast=False)
     assert_fa_close("out", out, ref, low, dtype, rel_floor, abs_floor=0)
     assert_fa_close("lse", lse, ref_lse, low_lse, torch.float32, rel_floor, abs_floor=0)
     g_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
@@ -380,3 +380,33 @@ def test_second_process_uses_the_cached_build():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     seconds = float(subprocess.check_output([sys.executable, "-c", code], env=env, text=True))
     assert seconds < 10, f"loading the cached kernel took {seconds:.1f} s (recompiled?)"
+
+
+def _reference(q, k, v, kernel, **kw):
+    return natkit.neighborhood_attention(q, k, v, kernel, backend="reference", **kw)
+
+
+def test_cpu_kernel_copies_views_it_cannot_stride_through():
+    torch.manual_seed(0)
+    base = torch.randn(2, 11, 16, 4, 16)
+    q = base[:, :, 3:13, :, :8]            # spatial slice: rows are 16 tokens apart, not 10
+    k = torch.randn(2, 11, 10, 4, 16)[..., ::2]   # tokens flatten, head_dim stride 2
+    v = base[:, :, 4:14, :, 8:]
+    for t in (q, k, v):
+        t.requires_grad_()
+    out = natkit.na2d(q, k, v, (3, 5), dilation=(2, 1), backend="cpu")
+    qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
+    want = _reference(qc, kc, vc, (3, 5), dilation=(2, 1))
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)),
+                    torch.autograd.grad((want * g).sum(), (qc, kc, vc))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_cpu_kernel_same_shape_different_stride():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 17, 2, 8) for _ in "qkv")
+    for stride in (1, 2, 3, 1):
+        torch.testing.assert_close(natkit.na1d(q, k, v, 5, stride=stride, backend="cpu"),
+                                   _reference(q, k, v, 5, stride=stride), atol=1e-5, rtol=0)

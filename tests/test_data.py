@@ -231,3 +231,32 @@ def test_huge_img_size_and_tiny_crop_pct_fail_clearly(micro, tmp_path, capsys):
         _bad(capsys, argv + ["--img-size", "4096", "--crop-pct", "0.4"],
              "use a larger --crop-pct or a smaller --img-size")
     assert main(predict_ + ["--crop-pct", "0.004"]) == 0  # 8000 pixels: allowed
+
+
+def test_eval_transform_crops_the_center():
+    from PIL import Image
+    from natkit.cli.data import eval_transform
+    import numpy as np
+    arr = np.zeros((40, 40), dtype=np.uint8)
+    arr[10:30, 10:30] = 255                     # a centered white square
+    img = Image.fromarray(arr).convert("RGB")
+    pre = {"kind": "folder", "img_size": 20, "crop_pct": 1.0, "mean": [0.0] * 3,
+           "std": [1.0] * 3}
+    pre["crop_pct"] = 0.5                        # resized to 40, center 20x20 = the square
+    t = eval_transform(img, pre)
+    assert t.shape == (3, 20, 20)
+    assert t.min() > 0.9
+
+
+def test_train_flip_is_horizontal():
+    import numpy as np
+    from PIL import Image
+    from natkit.cli.data import train_transform
+    arr = np.zeros((16, 16), dtype=np.uint8)
+    arr[:, :8] = 255                              # left half white
+    img = Image.fromarray(arr).convert("RGB")
+    pre = {"kind": "folder", "img_size": 16, "min_crop_scale": 1.0, "hflip": 1.0,
+           "mean": [0.0] * 3, "std": [1.0] * 3}
+    torch.manual_seed(0)
+    t = train_transform(img, pre)                  # the whole image, always flipped
+    assert t[:, :, 8:].min() > 0.99 and t[:, :, :8].max() < 0.01

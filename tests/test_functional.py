@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import natkit
+from natkit._checks import check_inputs
+from natkit.backends.reference import na_reference
 from natkit.bench.baselines import full_attention, relative_bias_table, window_attention
 from sweep import (SWEEP, assert_fa_close, grads, make_inputs, params, random_config,
                    reference_pairs)
@@ -563,3 +565,83 @@ def test_dispatch_explains_refusals(monkeypatch):
         natkit.na1d(q, q, q, 3, backend="triton")
     torch.testing.assert_close(natkit.na1d(q, q, q, 3),
                                natkit.na1d(q, q, q, 3, backend="reference"))
+
+
+def test_portable_chunked_rpb_matches_reference():
+    from natkit.backends.portable import na_portable
+    torch.manual_seed(0)
+    q = torch.randn(2, 11, 13, 4, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 11, 13, 2, 8, dtype=torch.float64, requires_grad=True)
+            for _ in "kv")
+    rpb = torch.randn(4, 5, 9, dtype=torch.float64, requires_grad=True)
+    p = check_inputs(2, q, k, v, (3, 5), (2, 1), 1, False, rpb, None, None, None)
+    want, want_lse = na_reference(q, k, v, p, rpb)
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad((want * g).sum(), (q, k, v, rpb))
+    for chunk in (1, 200, 1 << 22):   # one tile per chunk, a few tiles, everything at once
+        out, lse = na_portable(q, k, v, p, rpb, tiles=[3, 4], chunk_elements=chunk)
+        torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
+        torch.testing.assert_close(lse, want_lse, atol=1e-10, rtol=0)
+        for got, exp in zip(torch.autograd.grad((out * g).sum(), (q, k, v, rpb)), want_grads):
+            torch.testing.assert_close(got, exp, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_backend_half_computes_in_float32(dtype):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 24, 2, 64).to(dtype) for _ in "qkv")
+    out, lse = natkit.na1d(q, k, v, 7, scale=1.0, return_lse=True, backend="reference")
+    assert lse.dtype == torch.float32
+    want, want_lse = natkit.na1d(q.float(), k.float(), v.float(), 7, scale=1.0,
+                                 return_lse=True, backend="reference")
+    assert torch.equal(out, want.to(dtype))
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=0)
+
+
+def test_merge_attentions_half_inputs():
+    torch.manual_seed(0)
+    o = [torch.randn(2, 5, 3, 8) for _ in range(2)]
+    l = [torch.randn(2, 5, 3) * 30 for _ in range(2)]
+    want, want_lse = natkit.merge_attentions(o, l)
+    for dtype in (torch.float16, torch.bfloat16):
+        out, lse = natkit.merge_attentions([t.to(dtype) for t in o], [t.to(dtype) for t in l])
+        assert out.dtype == dtype and lse.dtype == torch.float32
+        exact_lse = torch.logsumexp(torch.stack([t.to(dtype).float() for t in l]), 0)
+        torch.testing.assert_close(lse, exact_lse, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_portable_half_output_is_float32_result_rounded(dtype):
+    """Computed in float32, the output is within float32 noise of the float32 result on the
+    same (rounded) inputs, then rounded once: at most one rounding step of ``dtype`` away."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 40, 2, 64).to(dtype) for _ in "qkv")
+    out = natkit.na1d(q, k, v, 9, scale=0.5, backend="torch")
+    want = natkit.na1d(q.double(), k.double(), v.double(), 9, scale=0.5, backend="reference")
+    err = (out.double() - want).abs()
+    ulp = want.abs().to(dtype).double() * torch.finfo(dtype).eps   # a step of dtype
+    assert (err <= ulp + 1e-6).all(), float((err - ulp).max())
+
+
+def test_huge_extra_token_logits_do_not_overflow():
+    q = torch.ones(1, 9, 1, 4, dtype=torch.float64)
+    k = torch.zeros(1, 9, 1, 4, dtype=torch.float64)
+    v = torch.zeros(1, 9, 1, 4, dtype=torch.float64)
+    ek = torch.full((1, 1, 1, 4), 500.0, dtype=torch.float64)   # logit 1000 (scale 1/2)
+    ev = torch.randn(1, 1, 1, 4, dtype=torch.float64)
+    for backend in ("torch", "reference"):
+        out, lse = natkit.na1d(q, k, v, 3, additional_keys=ek, additional_values=ev,
+                               return_lse=True, backend=backend)
+        torch.testing.assert_close(out, ev.expand(1, 9, 1, 4), atol=1e-12, rtol=0)
+        torch.testing.assert_close(lse, torch.full_like(lse, 1000.0), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_gqa_head_grouping_matches_sdpa(backend):
+    torch.manual_seed(0)
+    q = torch.randn(2, 9, 6, 8)
+    k, v = (torch.randn(2, 9, 2, 8) for _ in "kv")
+    out = natkit.na1d(q, k, v, 9, backend=backend)            # kernel = length: full attention
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)

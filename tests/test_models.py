@@ -954,3 +954,65 @@ def test_timm_stays_optional(monkeypatch):
         assert isinstance(model, M.NAT) and model.num_classes == 7
     monkeypatch.setitem(sys.modules, "timm", None)   # as if timm were not installed
     assert M.register_with_timm() == []
+
+
+def test_linear_init_is_trunc_normal_std_002():
+    import natkit.models as M
+    torch.manual_seed(0)
+    model = M.create_model("nat_mini")
+    lin = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.numel()
+           > 20000]
+    assert lin
+    for m in lin:
+        assert abs(m.weight.std().item() - 0.02) < 0.001
+        assert not m.bias.any()
+
+
+def test_rpb_interpolation_is_bicubic():
+    from natkit.models.convert import interpolate_rpb
+    torch.manual_seed(0)
+    table = torch.randn(2, 9, 9)
+    got = interpolate_rpb(table, (13, 13))
+    # bicubic (a = -0.75, half-pixel centers) of a quadratic ramp, computed by hand below
+    src = torch.arange(9, dtype=torch.float64)
+    ramp = (src[:, None] ** 2 + 0 * src[None, :]).float()[None]
+    out = interpolate_rpb(ramp, (13, 13))[0, :, 0].double()
+    x = (torch.arange(13, dtype=torch.float64) + 0.5) * 9 / 13 - 0.5
+
+    def cubic(t, a=-0.75):
+        t = t.abs()
+        return torch.where(t <= 1, (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1,
+                           torch.where(t < 2, a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a,
+                                       torch.zeros_like(t)))
+    want = []
+    for xi in x:
+        base = math.floor(xi)
+        s = 0.0
+        for j in range(base - 1, base + 3):
+            s += cubic(xi - j) * float(src[min(max(j, 0), 8)] ** 2)
+        want.append(s)
+    torch.testing.assert_close(out, torch.stack(want), atol=1e-4, rtol=0)
+    assert got.shape == (2, 13, 13)
+
+
+def test_backbone_norms_round_trip_through_transformers_names():
+    import natkit.models as M
+    model = M.create_model("dinat_tiny", features_only=True, embed_dim=16, depths=[1, 1, 1, 1],
+                           num_heads=[1, 2, 4, 8], kernel_size=3,
+                           dilations=[[1], [1], [1], [1]])
+    sd = model.state_dict()
+    hf = M.to_hf_state_dict(sd, prefix="")
+    assert "hidden_states_norms.stage1.weight" in hf and "hidden_states_norms.stage4.bias" in hf
+    assert torch.equal(hf["hidden_states_norms.stage1.weight"], sd["norm0.weight"])
+    back = M.from_hf_state_dict(hf)
+    assert sorted(back) == sorted(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_drop_path_rates_are_linspace_over_all_blocks():
+    import natkit.models as M
+    from natkit.models._layers import DropPath
+    model = M.create_model("nat_mini", drop_path_rate=0.2)
+    rates = [blk.drop_path.p if isinstance(blk.drop_path, DropPath) else 0.0
+             for level in model.levels for blk in level.blocks]
+    assert len(rates) == 18
+    torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.2, 18))

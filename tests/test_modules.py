@@ -145,3 +145,30 @@ def test_module_torch_compile_fullgraph():
     x = torch.randn(2, 7, 9, 16)
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), m(x), atol=1e-6, rtol=0)
+
+
+def test_padding_mask_holds_for_huge_negative_logits():
+    """float64 logits far below -1e6 (every real key) still leave padded keys at 0."""
+    from test_modules import module_reference
+    m = natkit.NeighborhoodAttention1D(2, 1, kernel_size=4, qk_scale=1e5).double()
+    with torch.no_grad():
+        m.qkv.weight.copy_(torch.cat([-60 * torch.eye(2), 60 * torch.eye(2), torch.eye(2)]))
+        m.qkv.bias.zero_()
+    x = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]], dtype=torch.float64)
+    torch.testing.assert_close(m(x), module_reference(m, x), atol=1e-8, rtol=0)
+
+
+def test_proj_drop_applies_in_training_only():
+    torch.manual_seed(0)
+    m = natkit.NeighborhoodAttention2D(16, 2, 3, proj_drop=0.5)
+    x = torch.randn(1, 6, 6, 16)
+    ev = m.eval()(x)
+    out = m.train()(x)
+    zero = out == 0
+    assert 0.3 < zero.float().mean() < 0.7
+    torch.testing.assert_close(out[~zero], 2 * ev[~zero])
+
+
+def test_module_refuses_rpb_with_causal_at_construction():
+    with pytest.raises(ValueError, match="rel_pos_bias needs odd kernel sizes and no causal"):
+        natkit.NeighborhoodAttention2D(32, 4, 3, rel_pos_bias=True, is_causal=(True, False))
