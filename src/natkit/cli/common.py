@@ -60,6 +60,16 @@ MAX_IMG_SIZE = 4096  # larger inputs would fail later, allocating the activation
 MAX_RESIZE = 8192  # the eval transform's short side: 8192 x 8192 RGB is 200 MB in PIL
 
 
+def add_preprocess_options(p) -> None:
+    """eval's and predict's ``--img-size`` and ``--crop-pct`` (official checkpoints)."""
+    p.add_argument("--img-size", type=int, help="official checkpoints: input size (the "
+                                                "model's, 224; at most 4096)")
+    p.add_argument("--crop-pct", type=float,
+                   help="official checkpoints: the short side is resized to img-size / "
+                        "crop-pct, then the center img-size square is cropped (the model's, "
+                        "0.875; in (0, 1])")
+
+
 def check_img_size(value) -> None:
     """``--img-size``: None or an integer in ``[1, MAX_IMG_SIZE]``."""
     check_number(value, "--img-size", 1)

@@ -8,8 +8,9 @@ import time
 import torch
 
 from . import distributed
-from .common import (CLIError, autocast_dtype, check_crop_pct, check_img_size, check_number,
-                     check_resize, check_writable, evaluate, info, write_json)
+from .common import (CLIError, add_preprocess_options, autocast_dtype, check_crop_pct,
+                     check_img_size, check_number, check_resize, check_writable, evaluate,
+                     info, write_json)
 from .data import DataError, make_data, scan_folder
 from .loading import load_for_inference, num_outputs, official_preprocess
 
@@ -28,12 +29,7 @@ def add_parser(sub) -> None:
                                    "checkpoints it must match the checkpoint's")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a last.pt")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--img-size", type=int, help="official checkpoints: input size (the "
-                                                "model's, 224; at most 4096)")
-    p.add_argument("--crop-pct", type=float,
-                   help="official checkpoints: the short side is resized to img-size / "
-                        "crop-pct, then the center img-size square is cropped (the model's, "
-                        "0.875; in (0, 1])")
+    add_preprocess_options(p)
     p.add_argument("--workers", type=int, help="data-loading processes (min(8, cpus))")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--device", default="auto")

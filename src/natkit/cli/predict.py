@@ -9,8 +9,8 @@ import os
 
 import torch
 
-from .common import (CLIError, check_crop_pct, check_img_size, check_number, check_resize,
-                     check_writable, info, write_json)
+from .common import (CLIError, add_preprocess_options, check_crop_pct, check_img_size,
+                     check_number, check_resize, check_writable, info, write_json)
 from .data import (IMG_EXTENSIONS, DataError, eval_transform, image_channels, list_images,
                    open_image)
 from .distributed import resolve_device
@@ -34,12 +34,7 @@ def add_parser(sub) -> None:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (32)")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of a last.pt")
-    p.add_argument("--img-size", type=int, help="official checkpoints: input size (the "
-                                                "model's, 224; at most 4096)")
-    p.add_argument("--crop-pct", type=float,
-                   help="official checkpoints: the short side is resized to img-size / "
-                        "crop-pct, then the center img-size square is cropped (the model's, "
-                        "0.875; in (0, 1])")
+    add_preprocess_options(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", dest="json_out", help="also write the predictions to this file")
     p.set_defaults(func=run)

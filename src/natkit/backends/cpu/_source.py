@@ -309,6 +309,20 @@ static void query_lanes(const Dim& X, int x0, Lanes& ln) {
   finish_lanes(ln);
 }
 
+// Calls f(g, h, z, y, n0, lanes) for every SIMD query tile of a (sub-)block, head by head
+// of the GQA group (g; h = hk * G + g); n0 is the tile's first token.
+template <class F>
+static void for_query_tiles(const Prob& p, int hk, const Block& bl, F&& f) {
+  const Dim &Y = p.dim[1], &X = p.dim[2];
+  for (int g = 0; g < p.G; ++g)
+    for (int row = bl.ra; row < bl.rb; ++row)
+      for (int x0 = bl.xa; x0 < bl.xb; x0 += VL) {
+        const int z = row / Y.L, y = row % Y.L;
+        Lanes ln; query_lanes(X, x0, ln);
+        f(g, hk * p.G + g, z, y, (z * Y.L + y) * X.L + x0, ln);
+      }
+}
+
 // Key tile of the key pass: the queries attending keys x0 .. x0+nv-1.
 static void key_lanes(const Dim& X, int x0, Lanes& ln) {
   ln.nv = std::min(VL, X.L - x0);
@@ -614,44 +628,37 @@ std::vector<torch::Tensor> na_forward(torch::Tensor q, torch::Tensor k, torch::T
         touched(p, bl, false, klo, khi);
         const Slabs s = load_slabs(p, b, hk, qp, kp, vp, qmul, klo, khi, block_lo(p, bl),
                                    block_hi(p, bl));
-        for (int g = 0; g < p.G; ++g) {
-          const int h = hk * p.G + g;
-          for (int row = bl.ra; row < bl.rb; ++row)
-          for (int x0 = bl.xa; x0 < bl.xb; x0 += VL) {
-            const int z = row / Y.L, y = row % Y.L;
-            Lanes ln; query_lanes(X, x0, ln);
-            const int n0 = (z * Y.L + y) * X.L + x0;
-            const float* Qt = s.Q + s.plane * g + (n0 - s.base);
-            vf m = splat(NEG), lsum = splat(0.f);
-            std::fill(O, O + (size_t)p.D * VL, 0.f);
-            for_key_rows(Z, Y, X, z, y, [&](int rowoff, int rbias) {
-              const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + rbias : nullptr;
-              for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
-                run_chunk(ln, rowoff - s.base, X.dil, t0, std::min(CH, ln.tmax - t0),
-                          [&]<int NJ, int MODE>(const Src& src, const vi* ok) {
-                  vf bias[NJ];
-                  if (brow) bias_chunk<NJ>(ln, brow, t0, 1, bias);
-                  fwd_chunk<NJ, MODE>(Qt, s.NP, s.K, s.V, s.NP, src, ok, brow ? bias : nullptr,
-                                      p.D, m, lsum, O);
-                });
-              }
-            });
-            for (int e0 = 0; e0 < E; e0 += CH) {
-              const int nj = std::min<int>(CH, E - e0);
-              Src src; src.off = e0 * ex_tok; src.step = ex_tok; src.idx = nullptr;
-              dispatch_nj(nj, [&]<int NJ>() {
-                fwd_chunk<NJ, 2>(Qt, s.NP, ekb, evb, 1, src, nullptr, nullptr, p.D, m, lsum, O);
+        for_query_tiles(p, hk, bl, [&](int g, int h, int z, int y, int n0, const Lanes& ln) {
+          const float* Qt = s.Q + s.plane * g + (n0 - s.base);
+          vf m = splat(NEG), lsum = splat(0.f);
+          std::fill(O, O + (size_t)p.D * VL, 0.f);
+          for_key_rows(Z, Y, X, z, y, [&](int rowoff, int rbias) {
+            const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + rbias : nullptr;
+            for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
+              run_chunk(ln, rowoff - s.base, X.dil, t0, std::min(CH, ln.tmax - t0),
+                        [&]<int NJ, int MODE>(const Src& src, const vi* ok) {
+                vf bias[NJ];
+                if (brow) bias_chunk<NJ>(ln, brow, t0, 1, bias);
+                fwd_chunk<NJ, MODE>(Qt, s.NP, s.K, s.V, s.NP, src, ok, brow ? bias : nullptr,
+                                    p.D, m, lsum, O);
               });
             }
-            vf inv = splat(1.f) / lsum;
-            for (int l = 0; l < ln.nv; ++l) {
-              const int64_t n = (int64_t)b * p.N + n0 + l;
-              float* o = op + (n * p.H + h) * p.D;
-              for (int d = 0; d < p.D; ++d) o[d] = O[d * VL + l] * inv[l];
-              lp[n * p.H + h] = (m[l] + std::log2(lsum[l])) * LN2;
-            }
+          });
+          for (int e0 = 0; e0 < E; e0 += CH) {
+            const int nj = std::min<int>(CH, E - e0);
+            Src src; src.off = e0 * ex_tok; src.step = ex_tok; src.idx = nullptr;
+            dispatch_nj(nj, [&]<int NJ>() {
+              fwd_chunk<NJ, 2>(Qt, s.NP, ekb, evb, 1, src, nullptr, nullptr, p.D, m, lsum, O);
+            });
           }
-        }
+          vf inv = splat(1.f) / lsum;
+          for (int l = 0; l < ln.nv; ++l) {
+            const int64_t n = (int64_t)b * p.N + n0 + l;
+            float* o = op + (n * p.H + h) * p.D;
+            for (int d = 0; d < p.D; ++d) o[d] = O[d * VL + l] * inv[l];
+            lp[n * p.H + h] = (m[l] + std::log2(lsum[l])) * LN2;
+          }
+        });
       });
     }
     trim_scratch();
@@ -736,47 +743,40 @@ std::vector<std::optional<torch::Tensor>> na_backward(
         }
 
         // ---- query pass: dQ, bias gradient, extra-token gradients
-        for (int g = 0; g < p.G; ++g) {
-          const int h = hk * p.G + g;
-          for (int row = bl.ra; row < bl.rb; ++row)
-          for (int x0 = bl.xa; x0 < bl.xb; x0 += VL) {
-            const int z = row / Y.L, y = row % Y.L;
-            Lanes ln; query_lanes(X, x0, ln);
-            const int n0 = (z * Y.L + y) * X.L + x0;
-            QPass c;
-            c.Q = s.Q + plane * g + (n0 - base); c.dO = Gs + plane * g + (n0 - base);
-            c.NP = NP; c.D = p.D;
-            c.ln = &ln; c.dQ = acc; c.dek = exa; c.dev = E ? exa + (size_t)E * p.D * VL : nullptr;
-            vf l2 = ld(L2 + (size_t)g * NP + (n0 - base)), dl = ld(DL + (size_t)g * NP + (n0 - base));
-            for (int l = ln.nv; l < VL; ++l) { l2[l] = 1e30f; dl[l] = 0.f; }
-            c.lse2 = l2; c.delta = dl;
-            std::fill(acc, acc + (size_t)p.D * VL, 0.f);
-            for_key_rows(Z, Y, X, z, y, [&](int rowoff, int rbias) {
-              const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + rbias : nullptr;
-              c.drpb_row = drp ? drp + (((size_t)b * nblk + blk) * p.H + h) * p.Rt + rbias : nullptr;
-              for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
-                run_chunk(ln, rowoff - base, X.dil, t0, std::min(CH, ln.tmax - t0),
-                          [&]<int NJ, int MODE>(const Src& src, const vi* ok) {
-                  vf bias[NJ];
-                  if (brow) bias_chunk<NJ>(ln, brow, t0, 1, bias);
-                  qpass_chunk<NJ, MODE>(c, s.K, s.V, NP, src, ok, brow ? bias : nullptr, t0, 0);
-                });
-              }
-            });
-            c.drpb_row = nullptr;
-            for (int e0 = 0; e0 < E; e0 += CH) {
-              const int nj = std::min<int>(CH, E - e0);
-              Src src; src.off = e0 * ex_tok; src.step = ex_tok; src.idx = nullptr;
-              dispatch_nj(nj, [&]<int NJ>() {
-                qpass_chunk<NJ, 2>(c, ekb, evb, 1, src, nullptr, nullptr, 0, e0);
+        for_query_tiles(p, hk, bl, [&](int g, int h, int z, int y, int n0, const Lanes& ln) {
+          QPass c;
+          c.Q = s.Q + plane * g + (n0 - base); c.dO = Gs + plane * g + (n0 - base);
+          c.NP = NP; c.D = p.D;
+          c.ln = &ln; c.dQ = acc; c.dek = exa; c.dev = E ? exa + (size_t)E * p.D * VL : nullptr;
+          vf l2 = ld(L2 + (size_t)g * NP + (n0 - base)), dl = ld(DL + (size_t)g * NP + (n0 - base));
+          for (int l = ln.nv; l < VL; ++l) { l2[l] = 1e30f; dl[l] = 0.f; }
+          c.lse2 = l2; c.delta = dl;
+          std::fill(acc, acc + (size_t)p.D * VL, 0.f);
+          for_key_rows(Z, Y, X, z, y, [&](int rowoff, int rbias) {
+            const float* brow = p.rpb ? p.rpb + (size_t)h * p.Rt + rbias : nullptr;
+            c.drpb_row = drp ? drp + (((size_t)b * nblk + blk) * p.H + h) * p.Rt + rbias : nullptr;
+            for (int t0 = 0; t0 < ln.tmax; t0 += CH) {
+              run_chunk(ln, rowoff - base, X.dil, t0, std::min(CH, ln.tmax - t0),
+                        [&]<int NJ, int MODE>(const Src& src, const vi* ok) {
+                vf bias[NJ];
+                if (brow) bias_chunk<NJ>(ln, brow, t0, 1, bias);
+                qpass_chunk<NJ, MODE>(c, s.K, s.V, NP, src, ok, brow ? bias : nullptr, t0, 0);
               });
             }
-            for (int l = 0; l < ln.nv; ++l) {
-              float* o = dqp + (((int64_t)b * p.N + n0 + l) * p.H + h) * p.D;
-              for (int d = 0; d < p.D; ++d) o[d] = acc[d * VL + l] * (float)scale;
-            }
+          });
+          c.drpb_row = nullptr;
+          for (int e0 = 0; e0 < E; e0 += CH) {
+            const int nj = std::min<int>(CH, E - e0);
+            Src src; src.off = e0 * ex_tok; src.step = ex_tok; src.idx = nullptr;
+            dispatch_nj(nj, [&]<int NJ>() {
+              qpass_chunk<NJ, 2>(c, ekb, evb, 1, src, nullptr, nullptr, 0, e0);
+            });
           }
-        }
+          for (int l = 0; l < ln.nv; ++l) {
+            float* o = dqp + (((int64_t)b * p.N + n0 + l) * p.H + h) * p.D;
+            for (int d = 0; d < p.D; ++d) o[d] = acc[d * VL + l] * (float)scale;
+          }
+        });
 
         // ---- key pass: dK, dV (summed over the heads of the group)
         for (int row = bl.ra; row < bl.rb; ++row)
