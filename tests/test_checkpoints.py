@@ -5,6 +5,9 @@ compiled / averaged models, timm and mmcv training checkpoints, transformers lay
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -157,6 +160,42 @@ def test_training_checkpoints_are_read_alike_by_the_api_and_the_cli(tmp_path):
         ckpt_io.read(str(tmp_path / "cut.pth"))
 
 
+class _PointerDtype:   # a structured dtype whose state claims no object field ...
+    def __init__(self, flags):
+        self.flags = flags
+
+    def __reduce__(self):
+        return (np.dtype, ("V8", False, True),
+                (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, self.flags))
+
+
+class _PointerArray:   # ... over raw bytes numpy would take for an object pointer
+    def __init__(self, flags):
+        self.flags = flags
+
+    def __reduce__(self):
+        core = np._core if hasattr(np, "_core") else np.core
+        return (core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
+                (1, (1,), _PointerDtype(self.flags), False, (0x4141414141414141).to_bytes(8,
+                                                                                   "little")))
+
+
+@pytest.mark.parametrize("flags", [0, 1])
+def test_numpy_metadata_never_runs_numpys_code(tmp_path, flags):
+    """A crafted numpy array in a checkpoint's metadata made numpy read file bytes as object
+    pointers (a segfault on load: numpy's own code ran on the file's dtype state). numpy
+    names resolve to inert stand-ins; the weights load. Run in a subprocess: a crash fails
+    the test instead of the test run."""
+    sd = create_model("nat_micro").state_dict()
+    torch.save({"state_dict": sd, "meta": {"x": _PointerArray(flags)}}, tmp_path / "ptr.pth")
+    code = ("import torch; from natkit.models.convert import read_state_dict; "
+            f"sd = read_state_dict({str(tmp_path / 'ptr.pth')!r}); print(len(sd))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert run.returncode == 0, (run.returncode, run.stderr[-500:])
+    assert run.stdout.strip() == str(len(sd))
+
+
 # -- official checkpoints in eval / predict -------------------------------------------------
 
 def test_cli_builds_the_checkpoints_model_at_the_given_size(tmp_path):
@@ -219,6 +258,11 @@ def test_cli_accepts_a_run_folder_and_reads_its_best_pt(tmp_path):
     _natkit_checkpoint(run / "best.pt", best)
     model, _ = load_for_inference(str(run), None)
     assert _equal(model, best)
+    ema = create_model("nat_micro").state_dict()   # --ema: last.pt's EMA weights
+    ckpt = ckpt_io.read(str(run / "last.pt"))
+    ckpt_io.save_atomic({**ckpt, "ema": ema}, str(run / "last.pt"))
+    model, _ = load_for_inference(str(run), None, use_ema=True)
+    assert _equal(model, ema)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CLIError, match="is a folder without best.pt or last.pt"):
         load_for_inference(str(tmp_path / "empty"), None)

@@ -410,3 +410,16 @@ def test_cpu_kernel_same_shape_different_stride():
     for stride in (1, 2, 3, 1):
         torch.testing.assert_close(natkit.na1d(q, k, v, 5, stride=stride, backend="cpu"),
                                    _reference(q, k, v, 5, stride=stride), atol=1e-5, rtol=0)
+
+
+def test_sub_block_tokens_are_bounded_by_the_grid():
+    """At least SLAB_TOKENS and SLAB_REACHES neighborhood reaches, never more than the grid
+    (the kernel reads it as a 32-bit int)."""
+    q = torch.zeros(1, 300, 300, 1, 4)
+    wide = check_inputs(2, q, q, q, 299, 1, 1, False, None, None, None, None)
+    assert cpu_backend._sub_block_tokens(wide) == 300 * 300   # 8 reaches: 717,584
+    small = check_inputs(2, q, q, q, 3, 1, 1, False, None, None, None, None)
+    assert cpu_backend._sub_block_tokens(small) == 8 * (2 * 300 + 2)  # reach: 2 rows + 2
+    line = torch.zeros(1, 5000, 1, 4)
+    short = check_inputs(1, line, line, line, 3, 1, 1, False, None, None, None, None)
+    assert cpu_backend._sub_block_tokens(short) == cpu_backend.SLAB_TOKENS

@@ -24,14 +24,17 @@ def _gray(seed=0, h=20, w=24):
 # ----------------------------------------------------------------------------- bit depths
 
 def test_16bit_32bit_and_float_images_match_their_8bit_version(tmp_path):
-    """16-bit PNGs (and I/F images) were clipped to solid white by Pillow's convert."""
+    """16-bit PNGs (and I/F images) were clipped to solid white by Pillow's convert; I/F
+    images of 8-bit values stay as they are."""
     a = _gray()
     paths = {"8bit.png": Image.fromarray(a),
              "16bit.png": Image.fromarray(a.astype(np.uint16) * 257),
              "16bit.pgm": Image.fromarray(a.astype(np.uint16) * 257),
              "int32.tif": Image.fromarray(a.astype(np.int32) * 257),
              "float01.tif": Image.fromarray(a.astype(np.float32) / 255),
-             "float16range.tif": Image.fromarray(a.astype(np.float32) * 257)}
+             "float16range.tif": Image.fromarray(a.astype(np.float32) * 257),
+             "int32_8bit.tif": Image.fromarray(a.astype(np.int32)),      # kept as they are
+             "float_8bit.tif": Image.fromarray(a.astype(np.float32))}
     modes = {}
     for name, img in paths.items():
         img.save(tmp_path / name)

@@ -217,6 +217,9 @@ def test_merge_attentions_leaves_out_parts_that_attended_nothing():
         assert torch.isfinite(t.grad).all()
     out, lse = natkit.merge_attentions([nan, nan], [none, none])
     assert not out.any() and (lse == -math.inf).all()
+    nan.grad = none.grad = None
+    (out.sum() + torch.where(lse.isinf(), 0, lse).sum()).backward()
+    assert torch.isfinite(nan.grad).all() and torch.isfinite(none.grad).all()
 
 
 def test_merge_attentions_errors():
@@ -602,10 +605,12 @@ def test_merge_attentions_half_inputs():
     torch.manual_seed(0)
     o = [torch.randn(2, 5, 3, 8) for _ in range(2)]
     l = [torch.randn(2, 5, 3) * 30 for _ in range(2)]
-    want, want_lse = natkit.merge_attentions(o, l)
     for dtype in (torch.float16, torch.bfloat16):
         out, lse = natkit.merge_attentions([t.to(dtype) for t in o], [t.to(dtype) for t in l])
         assert out.dtype == dtype and lse.dtype == torch.float32
+        rounded, _ = natkit.merge_attentions([t.to(dtype).float() for t in o],
+                                             [t.to(dtype).float() for t in l])
+        assert torch.equal(out, rounded.to(dtype))  # computed in float32, rounded once
         exact_lse = torch.logsumexp(torch.stack([t.to(dtype).float() for t in l]), 0)
         torch.testing.assert_close(lse, exact_lse, atol=1e-5, rtol=0)
 
@@ -645,3 +650,14 @@ def test_gqa_head_grouping_matches_sdpa(backend):
     want = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True).transpose(1, 2)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+
+
+def test_meta_tensors_run_for_shapes_and_flops():
+    """Meta tensors (shape inference, FLOP counting of models built on the meta device) run
+    on the portable backend, also outside any autocast (the meta device has none)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    q = torch.randn(2, 8, 9, 2, 4, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        out = natkit.na2d(q, q, q, 3)
+    assert out.shape == q.shape and out.device.type == "meta"
+    assert counter.get_total_flops() > 0

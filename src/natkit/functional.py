@@ -150,13 +150,14 @@ def merge_attentions(outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tenso
                              f"{tuple(l.shape)}")
     compute = torch.float64 if outputs[0].dtype == torch.float64 else torch.float32
     lse_all = torch.stack([l.to(compute) for l in lses])
-    lse = torch.logsumexp(lse_all, dim=0)
     # A part with lse -inf attended no key: weight 0, and its output (possibly NaN) is not
     # read, nor is anything when every part is empty (output 0, lse -inf); no NaN reaches
-    # the gradients either.
+    # the gradients either (logsumexp's backward over only -inf would be 0 * NaN).
     empty = lse_all == -math.inf
+    none = empty.all(0)
+    lse = torch.where(none, -math.inf, torch.logsumexp(torch.where(none, 0, lse_all), dim=0))
     weights = torch.exp(torch.where(empty, -math.inf,
-                                    lse_all - torch.where(lse == -math.inf, 0, lse)))
+                                    lse_all - torch.where(none, 0, lse)))
     out = sum(w[..., None] * torch.where(e[..., None], 0, o.to(compute))
               for w, e, o in zip(weights, empty, outputs))
     return out.to(outputs[0].dtype), lse

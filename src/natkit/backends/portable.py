@@ -224,10 +224,11 @@ def na_portable(query, key, value, p: NAParams, rpb=None, additional_keys=None,
     ``tiles`` overrides the per-dimension query tile and ``chunk_elements`` the score
     elements computed at once (tests).
     """
-    if torch.is_autocast_enabled(query.device.type):
+    kind = query.device.type  # (is_autocast_enabled raises for devices without autocast)
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
         # The inputs are cast to the compute dtype below; autocast would run the products
         # in half precision again (float16 logits overflow where float32 ones do not).
-        with torch.autocast(query.device.type, enabled=False):
+        with torch.autocast(kind, enabled=False):
             return na_portable(query, key, value, p, rpb, additional_keys, additional_values,
                                dropout_p, tiles, chunk_elements)
     dtype = query.dtype

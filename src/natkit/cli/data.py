@@ -172,17 +172,20 @@ def scan_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
 
 def _to_8bit(img):
     """16-bit, 32-bit-integer and float images as 8-bit ``L`` (Pillow's ``convert`` would
-    clip them, most to solid white): integer modes (``I;16*``, ``I``: a 16-bit PNG opens as
-    one of them, 0..65535) are divided by 257 with rounding; ``F`` in [0, 1] is multiplied
-    by 255, other ``F`` ranges are scaled like 16-bit values; then clipped to 0..255."""
+    clip them, most to solid white), by the range the values fit: ``I;16*`` (16-bit) is
+    divided by 257 with rounding; ``I`` and ``F`` (a 16-bit PGM or TIFF opens as ``I``, a
+    float TIFF as ``F``) are kept when they fit 0..255, divided by 257 when larger (16-bit
+    data), and ``F`` within [0, 1] is multiplied by 255; then clipped to 0..255 (negative
+    values are 0)."""
     import numpy as np
     from PIL import Image
     arr = np.asarray(img).astype(np.float64)
     finite = arr[np.isfinite(arr)]
-    if img.mode == "F" and (finite.size == 0 or (finite.min() >= 0 and finite.max() <= 1)):
-        arr = arr * 255
-    else:
+    top = finite.max() if finite.size else 0.0
+    if img.mode.startswith("I;16") or top > 255:
         arr = arr / 257
+    elif img.mode == "F" and top <= 1:
+        arr = arr * 255
     arr = np.nan_to_num(np.rint(arr), nan=0.0, posinf=255.0, neginf=0.0)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
 
@@ -190,8 +193,8 @@ def _to_8bit(img):
 def open_image(path: str, in_chans: int):
     """PIL image in the model's channel mode (``L`` or ``RGB``); a clear DataError if
     unreadable. 16-bit, 32-bit-integer and float images are rescaled to 8 bits first
-    (``_to_8bit``: 16-bit integers / 257, floats in [0, 1] * 255), so that a 16-bit PNG gives
-    the input its 8-bit version gives. The EXIF orientation tag is not applied, as in timm
+    (``_to_8bit``: 16-bit values / 257, floats in [0, 1] * 255, values within 0..255 kept),
+    so that a 16-bit PNG gives the input its 8-bit version gives. The EXIF orientation tag is not applied, as in timm
     and torchvision (whose ImageNet evaluation numbers assume that)."""
     from PIL import Image, UnidentifiedImageError
     try:

@@ -19,13 +19,14 @@ def load_for_inference(path: str, model_name: Optional[str], use_ema: bool = Fal
     """Returns ``(model, info)``; ``info`` has ``classes`` (or None), ``preprocess`` (or None
     for official checkpoints: derived from the data) and ``model_name``.
 
-    ``path`` is a checkpoint file or a run folder (its ``best.pt``, else its ``last.pt``).
+    ``path`` is a checkpoint file or a run folder (its ``best.pt``, else its ``last.pt``;
+    with ``use_ema`` its ``last.pt``, which keeps the EMA weights beside the raw ones).
     natkit checkpoints carry their model name; ``model_name``, if given, must match.
     Official NAT/DiNAT checkpoints (a state dict, bare or under ``model``/``state_dict``,
     timm's and transformers' layouts included) need ``model_name``; see ``official_model``
     (``img_size``: the input size, which sets DiNAT's dilations)."""
     if os.path.isdir(path):
-        path = run_folder_checkpoint(path)
+        path = run_folder_checkpoint(path, use_ema)
     ckpt = ckpt_io.read(path)
     if ckpt_io.is_natkit(ckpt):
         ckpt = ckpt_io.load_natkit(path, model=model_name)
@@ -53,14 +54,14 @@ def load_for_inference(path: str, model_name: Optional[str], use_ema: bool = Fal
                           "data": None, "official": True}
 
 
-def run_folder_checkpoint(folder: str) -> str:
+def run_folder_checkpoint(folder: str, use_ema: bool = False) -> str:
     """The checkpoint a run folder stands for: ``best.pt`` (the weights that validated
-    best, what a run delivers), else ``last.pt``."""
-    for name in ("best.pt", "last.pt"):
+    best, what a run delivers), else ``last.pt``; for its EMA weights, ``last.pt``."""
+    for name in ("last.pt",) if use_ema else ("best.pt", "last.pt"):
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
-    raise CLIError(f"checkpoint {folder!r} is a folder without best.pt or last.pt; name a "
-                   f"checkpoint file")
+    raise CLIError(f"checkpoint {folder!r} is a folder without "
+                   f"{'last.pt' if use_ema else 'best.pt or last.pt'}; name a checkpoint file")
 
 
 def official_model(ckpt: dict, path: str, name: str, img_size: Optional[int] = None):

@@ -60,15 +60,32 @@ def _clip(items, limit: int = 20) -> str:
 
 # -- reading -------------------------------------------------------------------------------
 
+class _Inert:
+    """Stands in for the numpy arrays, scalars and dtypes that training checkpoints carry in
+    their metadata (mmcv/mmdetection's ``meta``; natkit reads only the weights): built from
+    the file's data without running numpy's code on it, which a crafted dtype state can
+    turn into reading raw bytes as object pointers (a crash, or worse)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _inert(*args):
+    return _Inert()
+
+
 def _safe_globals() -> list:
-    """Objects besides tensors that training checkpoints carry and that unpickle without
-    running code: timm's ``argparse.Namespace`` (``args``), and the numpy scalars, dtypes and
-    arrays that mmcv/mmdetection store in ``meta``."""
-    core = np._core if hasattr(np, "_core") else np.core   # numpy 2 / numpy 1
-    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes)   # numpy >= 1.25
-              if n.endswith("DType")] if hasattr(np, "dtypes") else []
-    return [argparse.Namespace, core.multiarray.scalar, core.multiarray._reconstruct,
-            np.ndarray, np.dtype, *dtypes]
+    """What ``torch.load(weights_only=True)`` may build besides tensors: timm's
+    ``argparse.Namespace`` (``args``), and inert stand-ins under numpy's names."""
+    names = ["numpy.ndarray", "numpy.dtype"]
+    if hasattr(np, "dtypes"):   # numpy >= 1.25: dtype classes, by name only
+        names += [f"numpy.dtypes.{n}" for n in dir(np.dtypes) if n.endswith("DType")]
+    calls = [f"numpy.{core}.multiarray.{f}" for core in ("core", "_core")
+             for f in ("_reconstruct", "scalar")]
+    return [argparse.Namespace, *((_Inert, n) for n in names), *((_inert, n) for n in calls)]
 
 
 def load_file(path: str, source: str):

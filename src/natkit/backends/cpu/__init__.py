@@ -107,9 +107,11 @@ def _strided(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
 
 
 # A task works through its block in sub-blocks of about this many query tokens, each with
-# slabs holding only the sub-block and its neighbors: scratch memory stays bounded whatever
-# the grid's size. A sub-block spans at least SLAB_REACHES neighborhood reaches, so the
-# neighbors that two sub-blocks both load are a small share of the copying.
+# slabs holding only the sub-block and its neighbors: scratch memory follows the sub-block
+# and the neighborhood's reach, not the grid's size. A sub-block spans at least
+# SLAB_REACHES reaches, so the neighbors that two sub-blocks both load are a small share of
+# the copying (a 3-D or widely dilated neighborhood reaches across most of its grid: there
+# the slabs hold most of it anyway).
 SLAB_TOKENS = 4096
 SLAB_REACHES = 8
 
@@ -119,7 +121,7 @@ def _sub_block_tokens(p: NAParams) -> int:
     for size, k, d in zip(reversed(p.spatial), reversed(p.kernel_size), reversed(p.dilation)):
         reach += (k - 1) * d * inner
         inner *= size
-    return max(SLAB_TOKENS, SLAB_REACHES * reach)
+    return min(max(SLAB_TOKENS, SLAB_REACHES * reach), p.num_tokens)  # fits the kernel's int
 
 
 def _geometry(p: NAParams, strides: list[int]) -> list[int]:
