@@ -194,8 +194,9 @@ def open_image(path: str, in_chans: int):
     """PIL image in the model's channel mode (``L`` or ``RGB``); a clear DataError if
     unreadable. 16-bit, 32-bit-integer and float images are rescaled to 8 bits first
     (``_to_8bit``: 16-bit values / 257, floats in [0, 1] * 255, values within 0..255 kept),
-    so that a 16-bit PNG gives the input its 8-bit version gives. The EXIF orientation tag is not applied, as in timm
-    and torchvision (whose ImageNet evaluation numbers assume that)."""
+    so that a 16-bit PNG gives the input its 8-bit version gives. The EXIF orientation tag
+    is not applied, as in timm and torchvision (whose ImageNet evaluation numbers assume
+    that)."""
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as img:

@@ -11,7 +11,7 @@ from . import distributed
 from .common import (CLIError, add_preprocess_options, autocast_dtype, check_crop_pct,
                      check_img_size, check_number, check_resize, check_writable, evaluate,
                      info, write_json)
-from .data import DataError, make_data, scan_folder
+from .data import DataError, make_data
 from .loading import load_for_inference, num_outputs, official_preprocess
 
 
@@ -62,11 +62,7 @@ def _eval(args, d) -> int:
         if data_arg == "digits":
             raise DataError("official checkpoints are ImageNet models; pass an ImageFolder "
                             "with --data")
-        import os
-        root = os.path.join(data_arg, "val") if os.path.isdir(os.path.join(data_arg, "val")) \
-            else data_arg
-        _, samples = scan_folder(root)
-        pre = official_preprocess(model, samples[0][0], args.img_size, args.crop_pct)
+        pre = official_preprocess(model, args.img_size, args.crop_pct)
         check_resize(pre)
     elif args.img_size is not None or args.crop_pct is not None:
         raise CLIError("--img-size/--crop-pct apply to official checkpoints only (a natkit "

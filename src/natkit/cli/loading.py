@@ -97,13 +97,14 @@ def num_outputs(model: torch.nn.Module, in_chans: int, size: int, device) -> int
         return model(torch.zeros(1, in_chans, size, size, device=device)).shape[-1]
 
 
-def official_preprocess(model: torch.nn.Module, first_image: str, img_size: Optional[int],
+def official_preprocess(model: torch.nn.Module, img_size: Optional[int],
                         crop_pct: Optional[float]) -> dict:
     """The model's ImageNet evaluation transform (``pretrained_cfg``: input size, mean/std,
-    crop fraction; 224 / ImageNet statistics / 0.875 without one), then the overrides."""
+    crop fraction; 224 / ImageNet statistics / 0.875 without one), then the overrides. It
+    comes from the model alone: no image file is read."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     in_chans, size, _ = cfg.get("input_size", (3, 224, 224))
-    pre = folder_preprocess(first_image, img_size or size, in_chans=in_chans)
+    pre = folder_preprocess([], img_size or size, in_chans=in_chans)
     pre["crop_pct"] = crop_pct if crop_pct is not None else cfg.get("crop_pct", 0.875)
     if "mean" in cfg and "std" in cfg:
         pre["mean"], pre["std"] = list(cfg["mean"]), list(cfg["std"])

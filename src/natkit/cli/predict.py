@@ -100,8 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if meta["preprocess"] is not None and (args.img_size, args.crop_pct) != (None, None):
         raise CLIError("--img-size/--crop-pct apply to official checkpoints only (a natkit "
                        "checkpoint carries its preprocessing)")
-    pre = meta["preprocess"] or official_preprocess(model, files[0], args.img_size,
-                                                    args.crop_pct)
+    pre = meta["preprocess"] or official_preprocess(model, args.img_size, args.crop_pct)
     check_resize(pre)
     names = read_class_names(args.classes) if args.classes else meta["classes"]
     device = resolve_device(args.device)
